@@ -1,0 +1,77 @@
+"""`crosstrim` command line: generate (one request in process), bench, batch, eval."""
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import CrosstrimError
+
+
+def _generate_args(sub) -> None:
+    p = sub.add_parser("generate", help="run one request through encoder -> trimmer -> decoder in this process")
+    p.add_argument("--model", default="bundled:tiny-mllama", help="local dir, s3://bucket/prefix, hub id, bundled:NAME")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    trim = p.add_mutually_exclusive_group()
+    trim.add_argument("--k-ratio", type=float, help="Trimmed-Llama: per head keep ceil(k_ratio * tokens)")
+    trim.add_argument("--no-trim", action="store_true", help="keep every visual token")
+    p.add_argument("--policy", choices=["topk_union", "budget", "mass"], default="topk_union")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_generate(args) -> int:
+    from .config import ModelConfig, TrimConfig
+    from .decoder import Pipeline
+    from .inputs import read_image_file
+    from .sampling import SamplingParams
+
+    trim = TrimConfig(policy="none") if args.no_trim else TrimConfig(policy=args.policy)
+    if args.k_ratio is not None:
+        trim = TrimConfig(policy="topk_union", k_ratio=args.k_ratio)  # pydantic checks 0 < k_ratio <= 1
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    images = [read_image_file(path) for path in args.image]
+    t0 = time.perf_counter()
+    pipe = Pipeline(ModelConfig(source=args.model), trim)
+    t_load = time.perf_counter()
+    out = pipe.generate(args.prompt, images, params)
+    t_gen = time.perf_counter()
+    if args.json:
+        result = out.as_dict() | {"load_s": round(t_load - t0, 3), "generate_s": round(t_gen - t_load, 3)}
+        print(json.dumps(result))
+    else:
+        print(out.text)
+        if out.visual_tokens:
+            print(f"[kept {out.kept_tokens}/{out.visual_tokens} visual tokens; cross-attention KV "
+                  f"{out.cross_kv_bytes} of {out.cross_kv_bytes_full} bytes]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="crosstrim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_args(sub)
+    commands = {"generate": cmd_generate}
+    for name, module in (("bench", "bench"), ("batch", "batch"), ("eval", "evaluate")):
+        try:
+            mod = __import__(f"pipeline.{module}", fromlist=["add_args", "run"])
+        except ImportError:
+            continue
+        mod.add_args(sub)
+        commands[name] = mod.run
+    args = parser.parse_args(argv)
+    try:
+        return commands[args.command](args)
+    except CrosstrimError as exc:
+        print(f"crosstrim: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # pydantic validation errors (bad k_ratio, bad sampling parameters)
+        print(f"crosstrim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Typed configuration for the pipeline stages; the YAML under configs/ mirrors these models."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Where the checkpoint lives and how to place it."""
+
+    source: str = "bundled:tiny-mllama"  # local dir, s3://bucket/prefix, a hub id, or bundled:NAME
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: str | None = None  # where s3:// checkpoints are downloaded; default ~/.cache/crosstrim
+    max_images: int = Field(2, ge=1)  # images per prompt the deployment accepts
+    max_prompt_tokens: int = Field(1024, ge=1)
+
+
+class TrimConfig(_Strict):
+    """Which visual tokens the cross-attention layers keep (the Trimmed-Llama selection and ablations)."""
+
+    policy: Literal["topk_union", "budget", "mass", "none"] = "topk_union"
+    k_ratio: float = Field(0.15, gt=0.0, le=1.0)  # topk_union: per head, keep ceil(k_ratio * tokens)
+    budget_tokens: int = Field(64, ge=1)  # budget: the same per-head top-k, k fixed per image
+    mass: float = Field(0.5, gt=0.0, le=1.0)  # mass: per head, fewest tokens holding this share of attention
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+
+class EngineConfig(_Strict):
+    """The decoder engine: KV memory budget and queue."""
+
+    kv_budget_bytes: int = Field(64 * 2**20, ge=1)
+    max_running: int = Field(64, ge=1)  # sequences decoded together at most
+    max_waiting: int = Field(256, ge=0)  # bounded queue; beyond it requests are refused as overloaded
+    max_model_len: int = Field(2048, ge=2)  # prompt + generated tokens of one sequence

@@ -1,0 +1,44 @@
+"""Stage 1, VisionEncoder: image tiles -> projected visual features, as MllamaModel.forward computes them."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .inputs import PreparedPrompt
+from .loader import LoadedModel
+
+
+@dataclass
+class VisualFeatures:
+    """Projected features of a prompt's images: what the cross-attention layers read."""
+
+    features: torch.Tensor  # (images, tiles * patches, hidden), padding tiles included
+    token_valid: torch.Tensor  # (images, tiles * patches) bool: False for tokens of padding tiles
+
+    @property
+    def num_images(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+
+class VisionEncoder:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.vision = loaded.model.model.vision_model
+        self.projector = loaded.model.model.multi_modal_projector
+
+    @torch.inference_mode()
+    def encode(self, prompt: PreparedPrompt) -> VisualFeatures:
+        dev = self.loaded.device
+        out = self.vision(
+            pixel_values=prompt.pixel_values.to(dev),
+            aspect_ratio_ids=prompt.aspect_ratio_ids.to(dev),
+            aspect_ratio_mask=prompt.aspect_ratio_mask.to(dev),
+        ).last_hidden_state  # (1, images, tiles, patches, vision_output_dim)
+        _, images, tiles, patches, _ = out.shape
+        features = self.projector(out).reshape(images, tiles * patches, -1)
+        token_valid = prompt.aspect_ratio_mask[0].bool().repeat_interleave(patches, dim=1)
+        return VisualFeatures(features=features, token_valid=token_valid.to(dev))

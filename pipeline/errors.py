@@ -1,0 +1,17 @@
+"""Errors the pipeline raises on purpose; the Serve layer maps them to HTTP statuses."""
+
+
+class CrosstrimError(Exception):
+    """Base class: a message fit to show a client or an operator."""
+
+
+class InvalidRequest(CrosstrimError, ValueError):
+    """The request itself is wrong (bad image, too long, bad parameter): HTTP 400."""
+
+
+class Overloaded(CrosstrimError):
+    """Every slot and the waiting queue are full: HTTP 503, try again later."""
+
+
+class ModelSourceError(CrosstrimError):
+    """The checkpoint could not be found or fetched."""

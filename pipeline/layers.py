@@ -1,0 +1,57 @@
+"""The text decoder's two layer kinds, run from HF's own submodules and weights.
+
+Mirrors MllamaSelfAttentionDecoderLayer and MllamaCrossAttentionDecoderLayer, split at the attention so
+callers can feed K/V from wherever it lives (shipped, trimmed, or in the decoder's preallocated cache).
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
+
+
+def self_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Normed input -> q (B, H, S, hd), k and v (B, KVH, S, hd) with rotary embeddings applied."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    b, s, _ = x.shape
+    q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, s, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def self_finish(layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """attn_out (B, H, S, hd) -> the layer's output hidden states."""
+    b, _, s, _ = attn_out.shape
+    h = h + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(b, s, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def cross_q(layer, h: torch.Tensor) -> torch.Tensor:
+    attn = layer.cross_attn
+    x = layer.input_layernorm(h)
+    b, s, _ = x.shape
+    return attn.q_norm(attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2))
+
+
+def cross_kv(layer, features: torch.Tensor):
+    """Visual features (N, hidden) -> this layer's k, v (KVH, N, hd)."""
+    attn = layer.cross_attn
+    n = features.shape[0]
+    k = attn.k_proj(features).view(n, attn.num_key_value_heads, attn.head_dim).transpose(0, 1)
+    v = attn.v_proj(features).view(n, attn.num_key_value_heads, attn.head_dim).transpose(0, 1)
+    return attn.k_norm(k), v
+
+
+def cross_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, row_sees_image: torch.Tensor) -> torch.Tensor:
+    """attn_out (B, H, S, hd) -> output; rows that see no image skip the MLP branch, as in HF."""
+    b, _, s, _ = attn_out.shape
+    h = h + layer.cross_attn_attn_gate.tanh() * layer.cross_attn.o_proj(attn_out.transpose(1, 2).reshape(b, s, -1))
+    mlp = layer.mlp(layer.post_attention_layernorm(h)) * row_sees_image[..., None].to(h.dtype)
+    return h + layer.cross_attn_mlp_gate.tanh() * mlp
+
+
+def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """q (B, H, S, hd) over k, v (B, KVH, T, hd); mask is boolean (True = attend) or additive."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)

@@ -1,0 +1,93 @@
+"""The oracle: the same trimming algorithm on the unmodified HF model, in one process, by masking.
+
+Pass 1 runs HF's forward with hooks that capture the first cross-attention layer's softmax and selects
+tokens with the same policy code. Pass 2 runs HF's own `generate` with forward pre-hooks that mask the
+dropped tokens in every later cross-attention layer and, during decoding, in the first one too (masking a
+token is mathematically the same as removing it). Rows that see no image keep HF's mask untouched.
+"""
+
+import torch
+from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+
+from .config import TrimConfig
+from .inputs import PreparedPrompt
+from .selection import head_scores, select_tokens
+
+
+def _capture_first_cross_probs(model, inputs: dict) -> torch.Tensor:
+    """Softmax of the first cross-attention layer, recomputed from HF's own q and cached k (H, S, V)."""
+    text = model.model.language_model
+    first = text.cross_attention_layers[0]
+    attn = text.layers[first].cross_attn
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["hidden"], captured["mask"] = kwargs["hidden_states"], kwargs["attention_mask"]
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = model(**inputs, use_cache=True)
+    finally:
+        handle.remove()
+    layer_cache = out.cache.layers[first]
+    q = attn.q_norm(attn.q_proj(captured["hidden"]).view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2))
+    k = layer_cache.keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+    logits = q @ k.transpose(-1, -2) * attn.scaling + captured["mask"]
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)[0]
+
+
+@torch.inference_mode()
+def reference_select(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Tensor:
+    """Kept token mask (images * tiles * patches,) bool, over HF's own visual token layout."""
+    probs = _capture_first_cross_probs(model, prompt.hf_inputs())
+    tile_mask = prompt.cross_attention_mask.bool()
+    s, images, tiles = tile_mask.shape
+    per_image = probs.shape[-1] // images
+    token_visible = tile_mask.repeat_interleave(per_image // tiles, dim=2).reshape(s, -1)
+    scores = head_scores(probs, token_visible)
+    valid = prompt.aspect_ratio_mask[0].bool().repeat_interleave(per_image // tiles, dim=1)
+    keep = torch.zeros(images * per_image, dtype=torch.bool)
+    for i in range(images):
+        idx = valid[i].nonzero().squeeze(1)
+        keep[i * per_image + idx[select_tokens(scores[:, i * per_image + idx], cfg)]] = True
+    return keep
+
+
+@torch.inference_mode()
+def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_tokens: int) -> list[int]:
+    """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked."""
+    inputs = prompt.hf_inputs()
+    handles = []
+    if prompt.num_images and cfg.enabled:
+        keep = reference_select(model, prompt, cfg)
+        text = model.model.language_model
+        first = text.cross_attention_layers[0]
+
+        def mask_dropped(module, args, kwargs):
+            mask = kwargs["cross_attention_mask"]
+            if module.layer_idx == first and mask.shape[2] > 1:
+                return None  # the first layer's prefill sees every token: that is where scores come from
+            sees_image = kwargs["full_text_row_masked_out_mask"].bool()  # (B, 1, S, 1)
+            dropped = (~keep)[None, None, None, :] & sees_image
+            kwargs["cross_attention_mask"] = mask.masked_fill(dropped, torch.finfo(mask.dtype).min)
+            return args, kwargs
+
+        for layer in text.layers:
+            if isinstance(layer, MllamaCrossAttentionDecoderLayer):
+                handles.append(layer.register_forward_pre_hook(mask_dropped, with_kwargs=True))
+    try:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return trim_generated(out[0, prompt.input_ids.numel() :].tolist(), model)
+
+
+def trim_generated(ids: list[int], model) -> list[int]:
+    """HF pads finished sequences; cut after the first EOS."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids

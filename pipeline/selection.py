@@ -1,0 +1,67 @@
+"""Which visual tokens to keep, from per-head attention scores: Trimmed-Llama's union of per-head top-k, and
+two ablations (a fixed token budget, an attention-mass threshold). Pure functions on tensors."""
+
+import math
+
+import torch
+
+from .config import TrimConfig
+
+
+def head_scores(probs: torch.Tensor, token_visible: torch.Tensor) -> torch.Tensor:
+    """probs (H, S, V) softmax attention; token_visible (S, V) True where row s sees token v.
+
+    A token's score in a head is the attention it gets summed over the rows that can see it, so rows before
+    an image (which HF lets attend uniformly) do not vote. Returns (H, V) in float32.
+    """
+    return (probs.float() * token_visible).sum(dim=1)
+
+
+def _ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Per head, token indices best first; ties go to the earlier token, so selection is deterministic."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def topk_count(k_ratio: float, n: int) -> int:
+    # The epsilon keeps ceil(0.3 * 10) at 3 despite 0.3 * 10 == 3.0000000000000004.
+    return min(n, max(1, math.ceil(k_ratio * n - 1e-9)))
+
+
+def select_topk_union(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.unique(_ranked(scores)[:, :k])
+
+
+def select_budget(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """Exactly min(budget, V) tokens: the per-head rankings are merged rank by rank, head by head."""
+    n = scores.shape[1]
+    order = _ranked(scores).T.reshape(-1).tolist()  # rank 0 of every head, then rank 1, ...
+    kept: dict[int, None] = {}
+    for idx in order:
+        kept.setdefault(idx)
+        if len(kept) == min(budget, n):
+            break
+    return torch.tensor(sorted(kept), dtype=torch.long)
+
+
+def select_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """Per head, the fewest tokens holding `mass` of its attention; the union over heads."""
+    ranked = _ranked(scores)
+    sorted_scores = torch.gather(scores, 1, ranked)
+    cum = sorted_scores.cumsum(dim=1)
+    need = (cum < mass * cum[:, -1:]).sum(dim=1) + 1  # tokens needed per head
+    keep = torch.arange(scores.shape[1])[None, :] < need.clamp(max=scores.shape[1])[:, None]
+    return torch.unique(ranked[keep])
+
+
+def select_tokens(scores: torch.Tensor, cfg: TrimConfig) -> torch.Tensor:
+    """scores (H, N) for one image's non-padding tokens -> sorted kept positions in [0, N)."""
+    n = scores.shape[1]
+    if cfg.policy == "none":
+        return torch.arange(n)
+    if cfg.policy == "topk_union":
+        return select_topk_union(scores, topk_count(cfg.k_ratio, n))
+    if cfg.policy == "budget":
+        return select_budget(scores, cfg.budget_tokens)
+    if cfg.policy == "mass":
+        return select_mass(scores, cfg.mass)
+    raise ValueError(f"unknown trim policy {cfg.policy!r}")

@@ -1,0 +1,57 @@
+"""A request inside the decoder engine: its prompt (or trimmed resume state), sampling state and KV slot."""
+
+import time
+from enum import Enum, auto
+
+from .sampling import SamplingParams
+from .trimmer import TrimResult
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 trim: TrimResult | None = None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.trim = trim  # None for a text-only prompt: the decoder prefills it from the first layer
+        self.status = Status.WAITING
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""  # detokenized output, cut at a stop string
+        self.emitted = ""  # the prefix of `text` already streamed
+        self.finish_reason: str | None = None
+        self.kv = None  # SeqKV once admitted
+        self.generator = None
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    @property
+    def self_tokens(self) -> int:
+        """Self-attention K/V positions to reserve: the prompt and every token it may generate."""
+        return self.prompt_len + self.params.max_tokens
+
+    @property
+    def cross_tokens(self) -> int:
+        return 0 if self.trim is None else self.trim.num_kept
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED

@@ -1,0 +1,185 @@
+"""Stage 2, Trimmer: run the prompt to the first cross-attention layer (which sees every visual token), score
+and select tokens there, and compute every cross-attention layer's K/V from the kept tokens only."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrimConfig
+from .encoder import VisualFeatures
+from .inputs import PreparedPrompt
+from .layers import attend, cross_finish, cross_kv, cross_q, self_finish, self_qkv
+from .loader import LoadedModel
+from .selection import head_scores, select_tokens
+
+
+@dataclass
+class TrimResult:
+    """Everything the decoder needs to resume the prefill right after the first cross-attention layer."""
+
+    prompt_token_ids: list[int]
+    hidden: torch.Tensor  # (S - prefix_len, hidden): first cross-attention layer's output, rows that see an image
+    self_kv: torch.Tensor  # (first_cross, 2, KVH, S, hd): self-attention K/V of the layers before it
+    prefix_kv: torch.Tensor  # (later self layers, 2, KVH, prefix_len, hd): the blind prefix, finished here
+    cross_kv: torch.Tensor  # (cross_layers, 2, KVH, kept, hd): K/V of the kept tokens, every cross layer
+    kept_image: torch.Tensor  # (kept,) which image each kept token comes from
+    kept_index: torch.Tensor  # (kept,) its position among that image's tiles * patches tokens
+    row_visibility: torch.Tensor  # (S, images) bool: which images each prompt row sees
+    visual_tokens: list[int]  # non-padding tokens per image
+    kept_tokens: list[int]  # kept tokens per image
+    kept_features: torch.Tensor | None = None  # (kept, hidden): shipped instead of cross_kv in "features" mode
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def prefix_len(self) -> int:
+        """Rows before the first image token: they see no image, and HF lets them attend to every visual
+        token (its mask row is all zeros), so the trimmer runs them through all layers untrimmed."""
+        return self.prompt_len - self.hidden.shape[0]
+
+    kv_bytes_per_visual_token: int = 0  # K and V of one visual token across all cross-attention layers
+
+    @property
+    def num_kept(self) -> int:
+        return len(self.kept_image)
+
+    @property
+    def cross_kv_bytes(self) -> int:
+        """Cross-attention K/V the decoder holds for this request (whether shipped or projected there)."""
+        return self.num_kept * self.kv_bytes_per_visual_token
+
+    @property
+    def cross_kv_bytes_full(self) -> int:
+        return sum(self.visual_tokens) * self.kv_bytes_per_visual_token
+
+    @property
+    def kept_fraction(self) -> float:
+        return sum(self.kept_tokens) / sum(self.visual_tokens)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes handed to the decoder in all."""
+        tensors = (self.hidden, self.self_kv, self.prefix_kv, self.cross_kv, self.kept_image, self.kept_index,
+                   self.row_visibility, self.kept_features)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def as_features(self) -> "TrimResult":
+        """The same result shipping kept features (hidden floats a token) instead of every layer's K/V."""
+        assert self.kept_features is not None, "trim(..., keep_features=True) keeps them"
+        return TrimResult(**{**self.__dict__, "cross_kv": self.cross_kv.new_zeros(0)})
+
+    def without_features(self) -> "TrimResult":
+        return TrimResult(**{**self.__dict__, "kept_features": None})
+
+    def to(self, device) -> "TrimResult":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return TrimResult(**moved)
+
+
+def project_cross_kv(text_model, cross_layers: list[int], features: torch.Tensor) -> torch.Tensor:
+    """Every cross-attention layer's K/V of `features` (N, hidden) -> (layers, 2, KVH, N, hd)."""
+    return torch.stack([torch.stack(cross_kv(text_model.layers[i], features)) for i in cross_layers])
+
+
+class Trimmer:
+    def __init__(self, loaded: LoadedModel, cfg: TrimConfig | None = None):
+        self.loaded = loaded
+        self.cfg = cfg or TrimConfig()
+        self.text = loaded.text
+        self.first = loaded.first_cross
+
+    @torch.inference_mode()
+    def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None,
+             keep_features: bool = False) -> TrimResult:
+        """Select tokens and hand over their K/V; with keep_features the kept features come along too."""
+        cfg = cfg or self.cfg
+        dev = self.loaded.device
+        ids = prompt.input_ids.to(dev)
+        h, self_kv, (cos, sin) = self._run_to_first_cross(ids)
+
+        # Which tokens each row sees, exactly as HF expands the processor's (S, images, tiles) mask.
+        images, tokens_per_image, _ = visual.features.shape
+        tiles = prompt.cross_attention_mask.shape[-1]
+        tile_mask = prompt.cross_attention_mask.to(dev).bool()
+        token_visible = tile_mask.repeat_interleave(tokens_per_image // tiles, dim=2).reshape(len(ids), -1)
+        row_visibility = tile_mask.any(dim=2)
+        feats = visual.features.reshape(images * tokens_per_image, -1)
+
+        sees = row_visibility.any(dim=1)
+        prefix = int(sees.long().argmax())  # rows after the first image token all see an image
+        assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
+        h, probs, k, v = self._first_cross_layer(h, feats, token_visible, sees)
+        scores = head_scores(probs, token_visible)  # (H, images * tokens_per_image)
+        prefix_kv = self._finish_blind_prefix(h[:, :prefix], feats, cos[:, :prefix], sin[:, :prefix])
+
+        kept = []
+        for i in range(images):
+            valid = visual.token_valid[i].nonzero().squeeze(1)
+            local = select_tokens(scores[:, i * tokens_per_image + valid].cpu(), cfg).to(dev)
+            kept.append(i * tokens_per_image + valid[local])
+        kept = torch.cat(kept)
+
+        later = [i for i in self.loaded.cross_layers if i != self.first]
+        cross = torch.cat([torch.stack([k[:, kept], v[:, kept]])[None],
+                           project_cross_kv(self.text, later, feats[kept])])
+        kept_image = kept // tokens_per_image
+        return TrimResult(
+            prompt_token_ids=ids.tolist(),
+            hidden=h[0, prefix:],
+            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros(0),
+            prefix_kv=prefix_kv,
+            cross_kv=cross,
+            kept_image=kept_image,
+            kept_index=kept % tokens_per_image,
+            row_visibility=row_visibility,
+            visual_tokens=visual.token_valid.sum(dim=1).tolist(),
+            kept_tokens=torch.bincount(kept_image, minlength=images).tolist(),
+            kept_features=feats[kept] if keep_features else None,
+            kv_bytes_per_visual_token=cross[:, :, :, 0].numel() * cross.element_size(),
+        )
+
+    def _run_to_first_cross(self, ids: torch.Tensor):
+        h = self.text.embed_tokens(ids)[None]
+        cos, sin = self.text.rotary_emb(h, torch.arange(len(ids), device=ids.device)[None])
+        self_kv = []
+        for layer in self.text.layers[: self.first]:
+            q, k, v = self_qkv(layer, h, cos, sin)
+            self_kv.append(torch.stack([k[0], v[0]]))
+            h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
+        return h, self_kv, (cos, sin)
+
+    def _finish_blind_prefix(self, h, feats, cos, sin) -> torch.Tensor:
+        """Run the rows that see no image through the remaining layers, attending to every visual token as
+        HF does; return their self-attention K/V for the decoder. Transient full K/V, nothing kept."""
+        kv = []
+        for layer in self.text.layers[self.first + 1 :]:
+            if hasattr(layer, "cross_attn"):
+                if h.shape[1]:
+                    k, v = cross_kv(layer, feats)
+                    out = attend(cross_q(layer, h), k[None], v[None], layer.cross_attn.scaling)
+                    h = cross_finish(layer, h, out, torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device))
+                continue
+            q, k, v = self_qkv(layer, h, cos, sin)
+            kv.append(torch.stack([k[0], v[0]]))
+            if h.shape[1]:
+                h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
+        return torch.stack(kv) if kv else h.new_zeros(0)
+
+    def _first_cross_layer(self, h, feats, token_visible, row_sees_image):
+        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring."""
+        layer = self.text.layers[self.first]
+        attn = layer.cross_attn
+        q = cross_q(layer, h)[0]  # (H, S, hd)
+        k, v = cross_kv(layer, feats)  # (KVH, V, hd)
+        groups = attn.num_key_value_groups
+        # Rows that see no image get an all-zero mask (a uniform average), as HF's mask preparation gives them.
+        allowed = token_visible | ~row_sees_image[:, None]
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
+        logits = q @ k.repeat_interleave(groups, dim=0).transpose(1, 2) * attn.scaling + bias
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = probs @ v.repeat_interleave(groups, dim=0)
+        h = cross_finish(layer, h, out[None], row_sees_image[None])
+        return h, probs, k, v

@@ -1,0 +1,16 @@
+"""Shared test inputs: generated images of 1, 2 and 4 tiles and a few prompts."""
+
+import numpy as np
+from PIL import Image
+
+PROMPTS = ["What colour is the square?", "describe this image please", "where is the red one", "count the shapes"]
+
+
+def image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def images() -> dict[str, Image.Image]:
+    # The tiny model's tiles are 64 px: 64x64 is one tile, 100x40 two, 128x128 four.
+    return {"1tile": image(64, 64, 0), "2tile": image(100, 40, 1), "4tile": image(128, 128, 2)}

@@ -1,0 +1,228 @@
+"""The continuous-batching engine: batched equals alone, seeded sampling, KV budget accounting, streaming."""
+
+import asyncio
+
+import pytest
+import torch
+from helpers import PROMPTS
+
+from pipeline.config import EngineConfig, TrimConfig
+from pipeline.engine import AsyncLLMEngine, LLMEngine
+from pipeline.errors import InvalidRequest, Overloaded
+from pipeline.sampling import SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_pipeline, imgs):
+    """Different prompts, images, kept counts and lengths, plus a text-only prompt."""
+    pipe = tiny_pipeline
+    specs = [
+        (PROMPTS[0], ["1tile"], TrimConfig(policy="none")),
+        (PROMPTS[1], ["4tile"], TrimConfig(k_ratio=0.1)),
+        (PROMPTS[2], ["2tile"], TrimConfig(k_ratio=0.3)),
+        (PROMPTS[3], ["4tile"], TrimConfig(policy="none")),
+        (PROMPTS[1], ["1tile", "4tile"], TrimConfig(policy="mass", mass=0.4)),
+        (PROMPTS[3] + " and then tell me a story about it", [], None),
+    ]
+    return [pipe.trim(pipe.prepare(p, [imgs[n] for n in names]), cfg) for p, names, cfg in specs]
+
+
+def _alone(loaded, source, params):
+    engine = LLMEngine(loaded)
+    (seq,) = engine.generate([source], params)
+    return seq.output_ids
+
+
+def test_batched_equals_alone_with_staggered_arrivals(tiny_pipeline, sources):
+    loaded = tiny_pipeline.loaded
+    lengths = [12, 5, 9, 16, 7, 11]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
+    alone = [_alone(loaded, s, p) for s, p in zip(sources, params)]
+
+    engine = LLMEngine(loaded)
+    seqs, max_batch = [], 0
+    for i, (s, p) in enumerate(zip(sources, params)):
+        seqs.append(engine.add_request(s, p))
+        for _ in range(i % 3):  # new sequences join between decode steps of the running ones
+            engine.step()
+            max_batch = max(max_batch, engine.stats().last_batch_size)
+    while engine.has_work():
+        engine.step()
+        max_batch = max(max_batch, engine.stats().last_batch_size)
+    assert max_batch >= 4, "sequences must actually share decode steps"
+    assert [s.output_ids for s in seqs] == alone
+    assert [len(s.output_ids) for s in seqs] == lengths
+    assert engine.kv.used_bytes == 0
+
+
+def test_greedy_alone_equals_hf(tiny_pipeline, sources):
+    """Batched == alone above; alone == HF here (the core tests cover more cases)."""
+    from pipeline.reference import trim_generated
+
+    model = tiny_pipeline.loaded.model
+    ids = torch.tensor(sources[5])
+    out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=10, do_sample=False)
+    assert _alone(tiny_pipeline.loaded, sources[5], SamplingParams(max_tokens=10)) == trim_generated(out[0, len(ids):].tolist(), model)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_pipeline, sources):
+    loaded = tiny_pipeline.loaded
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = _alone(loaded, sources[1], params)
+    engine = LLMEngine(loaded)
+    others = [engine.add_request(s, SamplingParams(max_tokens=8, temperature=1.0, seed=i)) for i, s in enumerate(sources)]
+    engine.step()
+    target = engine.add_request(sources[1], params)
+    while engine.has_work():
+        engine.step()
+    assert target.output_ids == alone
+    assert _alone(loaded, sources[1], params.model_copy(update={"seed": 99})) != alone
+    assert len({tuple(o.output_ids) for o in others}) > 1
+
+
+def test_sampler_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        tok, _ = sample(logits, SamplingParams(temperature=1.0, top_k=2), gen)
+        assert tok in (0, 1)
+        tok, _ = sample(logits, SamplingParams(temperature=1.0, top_p=0.5), gen)
+        assert tok == 0  # token 0 alone holds 66% of the mass
+    assert sample(logits, SamplingParams(), None)[0] == 0
+    _, lp = sample(logits, SamplingParams(logprobs=True), None)
+    assert lp == pytest.approx(float(torch.log_softmax(logits, -1)[0]))
+
+
+def test_stop_strings_stop_ids_and_max_tokens(tiny_pipeline, sources):
+    loaded = tiny_pipeline.loaded
+    full = LLMEngine(loaded).generate([sources[3]], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert full.finish_reason == "length" and len(full.output_ids) == 16
+    stop_tok = full.output_ids[5]
+    by_id = LLMEngine(loaded).generate([sources[3]], SamplingParams(max_tokens=16, stop_token_ids=[stop_tok]))[0]
+    first = full.output_ids.index(stop_tok)
+    assert by_id.finish_reason == "stop" and by_id.output_ids == full.output_ids[: first + 1]
+    stop_str = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    by_str = LLMEngine(loaded).generate([sources[3]], SamplingParams(max_tokens=16, stop=[stop_str], ignore_eos=True))[0]
+    assert by_str.finish_reason == "stop" and by_str.text == full.text[: full.text.index(stop_str)]
+
+
+# --- KV budget ---------------------------------------------------------------------------------------
+
+def test_admission_by_budget_never_exceeds_and_frees(tiny_pipeline, sources):
+    loaded = tiny_pipeline.loaded
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**24))
+    need = probe.kv.bytes_needed(sources[3].prompt_len + 8, sources[3].num_kept)
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2 * need + need // 2))  # room for two
+    seqs = [engine.add_request(sources[3], SamplingParams(max_tokens=8, ignore_eos=True)) for _ in range(5)]
+    peak = 0
+    while engine.has_work():
+        engine.step()
+        stats = engine.stats()
+        assert stats.kv_used_bytes <= stats.kv_budget_bytes
+        assert stats.running <= 2
+        peak = max(peak, stats.running)
+    assert peak == 2 and all(len(s.output_ids) == 8 for s in seqs)
+    assert engine.kv.used_bytes == 0 and engine.kv.free == [(0, engine.kv.capacity)]
+
+
+def test_trimmed_requests_fit_more(tiny_pipeline, imgs):
+    pipe = tiny_pipeline
+    prepared = pipe.prepare(PROMPTS[1], [imgs["4tile"]])
+    full, cut = pipe.trim(prepared, TrimConfig(policy="none")), pipe.trim(prepared, TrimConfig(k_ratio=0.05))
+    engine = LLMEngine(pipe.loaded, EngineConfig(kv_budget_bytes=2**20))
+    count = {}
+    for name, src in (("full", full), ("cut", cut)):
+        seqs = [engine.add_request(src, SamplingParams(max_tokens=4)) for _ in range(30)]
+        count[name] = len(engine.scheduler.admit())
+        for s in seqs:
+            engine.abort(s.request_id)
+        assert engine.kv.used_bytes == 0
+    assert count["cut"] > count["full"] >= 1
+
+
+def test_refusals(tiny_pipeline, sources):
+    loaded = tiny_pipeline.loaded
+    small = LLMEngine(loaded, EngineConfig(kv_budget_bytes=4096))
+    with pytest.raises(InvalidRequest, match="whole budget"):
+        small.add_request(sources[3], SamplingParams(max_tokens=4))
+    short = LLMEngine(loaded, EngineConfig(max_model_len=40))
+    with pytest.raises(InvalidRequest, match="max_model_len"):
+        short.add_request(sources[3], SamplingParams(max_tokens=30))
+    queued = LLMEngine(loaded, EngineConfig(max_waiting=2))
+    queued.add_request(sources[0], SamplingParams())
+    queued.add_request(sources[0], SamplingParams())
+    with pytest.raises(Overloaded):
+        queued.add_request(sources[0], SamplingParams())
+
+
+def test_abort_frees_kv_at_once(tiny_pipeline, sources):
+    engine = LLMEngine(tiny_pipeline.loaded)
+    a = engine.add_request(sources[1], SamplingParams(max_tokens=50, ignore_eos=True))
+    b = engine.add_request(sources[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    used = engine.kv.used_bytes
+    engine.abort(a.request_id)
+    assert 0 < engine.kv.used_bytes < used and a.finish_reason == "abort"
+    engine.abort(b.request_id)
+    assert engine.kv.used_bytes == 0 and not engine.has_work()
+
+
+# --- async streaming -----------------------------------------------------------------------------------
+
+def test_streaming_deltas_and_cancel(tiny_pipeline, sources):
+    loaded = tiny_pipeline.loaded
+    expected = LLMEngine(loaded).generate([sources[1]], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    aeng = AsyncLLMEngine(LLMEngine(loaded))
+
+    async def run():
+        text, ids = "", []
+        async for out in aeng.generate(sources[1], SamplingParams(max_tokens=10, ignore_eos=True)):
+            text += out.new_text
+            ids += out.new_token_ids
+        assert ids == expected.output_ids and text == expected.text
+
+        async def consume_two():
+            n = 0
+            async for _ in aeng.generate(sources[2], SamplingParams(max_tokens=200, ignore_eos=True)):
+                n += 1
+                if n == 2:
+                    return  # the client went away
+        await asyncio.gather(*(consume_two() for _ in range(3)))
+        for _ in range(100):
+            if aeng.stats().kv_used_bytes == 0 and aeng.stats().running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert aeng.stats().kv_used_bytes == 0 and aeng.stats().running == 0
+
+    try:
+        asyncio.run(run())
+    finally:
+        aeng.shutdown()
+
+
+def test_async_engine_fails_requests_not_the_replica(tiny_pipeline, sources, monkeypatch):
+    aeng = AsyncLLMEngine(LLMEngine(tiny_pipeline.loaded))
+    boom = {"n": 0}
+    real_decode = aeng.engine.runner.decode
+
+    def flaky(seqs):
+        boom["n"] += 1
+        if boom["n"] == 2:
+            raise RuntimeError("injected")
+        return real_decode(seqs)
+
+    monkeypatch.setattr(aeng.engine.runner, "decode", flaky)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="injected"):
+            async for _ in aeng.generate(sources[1], SamplingParams(max_tokens=20, ignore_eos=True)):
+                pass
+        assert aeng.stats().kv_used_bytes == 0
+        outs = [o async for o in aeng.generate(sources[0], SamplingParams(max_tokens=3, ignore_eos=True))]
+        assert outs[-1].finished and outs[-1].completion_tokens == 3
+
+    try:
+        asyncio.run(run())
+    finally:
+        aeng.shutdown()
