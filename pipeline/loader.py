@@ -1,6 +1,7 @@
 """Resolve a model source (local dir, s3://, hub id, bundled:NAME) and load processor and weights."""
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,9 @@ def resolve_source(source: str, cache_dir: str | None = None) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if source.startswith((".", "/", "~")) or path.suffix:
-        raise ModelSourceError(f"model directory {source!r} does not exist")
-    return download_hub(source, cache_dir)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
+        return download_hub(source, cache_dir)  # looks like a hub id: owner/name
+    raise ModelSourceError(f"model directory {source!r} does not exist")
 
 
 def download_s3(uri: str, cache_root: Path) -> Path:

@@ -125,6 +125,7 @@ def main(out: Path = OUT) -> None:
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    image_processor.save_pretrained(out)  # preprocessor_config.json, as Llama-3.2-Vision checkpoints ship it
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 2**20:.2f} MiB, {sum(p.numel() for p in model.parameters())} params)")
 
