@@ -55,3 +55,18 @@ def cross_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, row_sees_image:
 def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """q (B, H, S, hd) over k, v (B, KVH, T, hd); mask is boolean (True = attend) or additive."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+
+
+def attend_one(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query row: q (H, hd) over k, v (KVH, T, hd) read in place; returns (H, hd).
+
+    Each KV head's query group becomes one small matmul (HF's pack_gqa idea): SDPA's CPU kernel is slow
+    for a single row, and repeating K/V per head would copy them every step."""
+    kvh, _, hd = k.shape
+    qg = q.view(kvh, -1, hd)  # (KVH, groups, hd)
+    # einsum picks a layout that streams K and V once; a plain (groups x T) matmul was 10x slower here.
+    scores = torch.einsum("gtd,gqd->gqt", k, qg) * scale  # (KVH, groups, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.einsum("gqt,gtd->gqd", probs, v).reshape(-1, hd)

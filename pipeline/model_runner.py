@@ -5,7 +5,7 @@ decode step, where projections and MLPs run on the whole batch and attention run
 import torch
 
 from .kv_cache import KVCache
-from .layers import attend, cross_finish, cross_q, self_finish, self_qkv
+from .layers import attend, attend_one, cross_finish, cross_q, self_finish, self_qkv
 from .loader import LoadedModel
 from .sequence import Sequence
 from .trimmer import project_cross_kv
@@ -82,7 +82,7 @@ class ModelRunner:
                 store = s.kv.self_kv[slot]
                 store[0, :, pos[i]], store[1, :, pos[i]] = k[i, :, 0], v[i, :, 0]
                 keys, values = store[0, :, : pos[i] + 1], store[1, :, : pos[i] + 1]
-                out[i] = attend(q[i : i + 1], keys[None], values[None], layer.self_attn.scaling)[0]
+                out[i, :, 0] = attend_one(q[i, :, 0], keys, values, layer.self_attn.scaling)
             h = self_finish(layer, h, out)
         return self._logits(h)
 
@@ -95,8 +95,8 @@ class ModelRunner:
             kv = s.kv.cross_kv[slot]
             # A generated token sees what the prompt's last row sees (HF repeats that mask row).
             mask = s.trim.row_visibility[-1][s.trim.kept_image]
-            mask = None if bool(mask.all()) else mask[None, None, None]
-            out[i] = attend(q[i : i + 1], kv[0][None], kv[1][None], layer.cross_attn.scaling, mask=mask)[0]
+            mask = None if bool(mask.all()) else mask
+            out[i, :, 0] = attend_one(q[i, :, 0], kv[0], kv[1], layer.cross_attn.scaling, mask=mask)
         h = h.clone()
         h[rows] = cross_finish(layer, x, out, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         return h

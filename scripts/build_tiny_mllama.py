@@ -5,12 +5,12 @@ Shaped like Llama-3.2-11B-Vision in miniature: GQA, cross-attention layers not a
 Llama-3.2-Vision-style chat template. Run: python scripts/build_tiny_mllama.py [OUT_DIR]
 """
 
-import math
 import sys
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from pipeline.bench_model import init_weights
 from transformers import (
     MllamaConfig,
     MllamaForConditionalGeneration,
@@ -47,23 +47,28 @@ WORDS = (
 ).split()
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(base_vocab: int = BASE_VOCAB, words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on random sentences of `words`; <|image|> gets id `base_vocab`.
+
+    The defaults build the bundled tiny-mllama tokenizer; a larger base_vocab merges whole words.
+    """
+    words = WORDS if words is None else words
     rng = torch.Generator().manual_seed(SEED)
     corpus = [
-        " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (12,), generator=rng)) + "?"
+        " ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=rng)) + "?"
         for _ in range(2000)
     ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BASE_VOCAB - len(SPECIALS),
+        vocab_size=base_vocab - len(SPECIALS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens(SPECIALS)  # ids BASE_VOCAB-8 .. BASE_VOCAB-1
-    tok.add_special_tokens(["<|image|>"])  # id BASE_VOCAB
+    tok.add_special_tokens(["<|image|>"])  # id base_vocab
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
@@ -71,7 +76,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<|finetune_right_pad_id|>",
         model_max_length=2048,
     )
-    assert fast.convert_tokens_to_ids("<|image|>") == BASE_VOCAB, "image token must sit at vocab_size"
+    assert fast.convert_tokens_to_ids("<|image|>") == base_vocab, "image token must sit at vocab_size"
     return fast
 
 
@@ -91,34 +96,12 @@ def build_config(tok: PreTrainedTokenizerFast) -> MllamaConfig:
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=BASE_VOCAB)
 
 
-@torch.no_grad()
-def init_weights(model: MllamaForConditionalGeneration) -> None:
-    """Scale weights near 1/sqrt(fan_in) so activations neither vanish nor saturate, and open the gates.
-
-    HF's default init (std 0.02, cross-attention gates 0) makes a model that ignores its image and
-    repeats one token; exactness tests on such a model prove nothing.
-    """
-    gen = torch.Generator().manual_seed(SEED)
-    for name, p in model.named_parameters():
-        if name.endswith("_gate"):
-            p.fill_(1.0)
-        elif "norm" in name and name.endswith("weight"):
-            p.fill_(1.0)
-        elif p.dim() >= 2:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
-            if "embed" in name:
-                p.mul_(math.sqrt(fan_in))
-        elif name.endswith("bias"):
-            p.zero_()
-
-
 def main(out: Path = OUT) -> None:
     torch.manual_seed(SEED)
     tok = build_tokenizer()
     config = build_config(tok)
     model = MllamaForConditionalGeneration(config).eval()
-    init_weights(model)
+    init_weights(model, SEED)
     image_processor = MllamaImageProcessorPil(size={"height": 64, "width": 64}, max_image_tiles=4)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,209 @@
+"""`crosstrim bench decoder`: at one KV budget on the bench model, how many image requests fit and how fast
+they decode, trimmed vs untrimmed vs HF generate (static batches, the same budget), plus the batch-1 step
+against the memory-bandwidth bound. Prints a table and writes JSON."""
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import EngineConfig, TrimConfig
+from .engine import LLMEngine
+from .inputs import prepare_prompt, user_message
+from .reference import trim_generated
+from .sampling import SamplingParams
+
+PROMPT = "Describe the picture in detail, please."
+
+
+def add_args(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (decoder: engine vs HF generate at one KV budget)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    d = bench.add_parser("decoder", help="decoder engine on the bench model preset")
+    d.add_argument("--json", dest="json_path", default="bench-results/decoder.json")
+    d.add_argument("--requests", type=int, default=24)
+    d.add_argument("--max-tokens", type=int, default=32)
+    d.add_argument("--untrimmed-slots", type=int, default=6, help="the KV budget fits this many untrimmed requests")
+    d.add_argument("--k-ratio", type=float, default=None, help="default: the TrimConfig default policy")
+    d.add_argument("--hf-batches", default="1,2,4,6")
+
+
+def run(args) -> int:
+    if args.bench == "decoder":
+        return run_decoder(args)
+    raise SystemExit(f"unknown bench {args.bench}")
+
+
+def _images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """n distinct square images of 2x2 tiles."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (2 * size, 2 * size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second moved by a large tensor copy (read + write), best of a few."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def _run_engine(loaded, sources, budget, params):
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=budget, max_running=256, max_waiting=4096,
+                                            max_model_len=4096))
+    seqs = [engine.add_request(s, params) for s in sources]
+    admitted_at_once = len(engine.scheduler.admit())
+    # put them back in the queue so the timed run starts from a clean state
+    for s in list(engine.scheduler.running):
+        engine.kv.release(s.kv)
+        s.kv = None
+    engine.scheduler.waiting.extendleft(reversed(engine.scheduler.running))
+    engine.scheduler.running.clear()
+    for s in engine.scheduler.waiting:
+        s.status = s.status.WAITING
+    batch_sizes, step_ms = [], []
+    t0 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+        st = engine.stats()
+        if st.last_batch_size:
+            batch_sizes.append(st.last_batch_size)
+            step_ms.append(st.last_step_ms)
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(s.output_ids) for s in seqs)
+    return dict(admitted_at_once=admitted_at_once, tokens=tokens, seconds=elapsed, tokens_per_s=tokens / elapsed,
+                mean_batch=statistics.mean(batch_sizes), step_ms_mean=statistics.mean(step_ms)), seqs
+
+
+def _hf_generate(loaded, prepared_list, max_tokens):
+    """HF generate over one static batch (same prompt, so no padding); returns (tokens, seconds)."""
+    model = loaded.model
+    batch = {k: torch.cat([p.hf_inputs()[k] for p in prepared_list]) for k in prepared_list[0].hf_inputs()}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+    return out.shape[0] * max_tokens, time.perf_counter() - t0, out[:, prepared_list[0].input_ids.numel():]
+
+
+def run_decoder(args) -> int:
+    from .bench_model import build_bench_model
+    from .decoder import Pipeline
+
+    torch.manual_seed(0)
+    loaded = build_bench_model()
+    pipe = Pipeline(loaded, engine=EngineConfig(kv_budget_bytes=2**20))
+    trim_cfg = TrimConfig() if args.k_ratio is None else TrimConfig(k_ratio=args.k_ratio)
+    n_distinct = min(args.requests, 8)
+    images = _images(n_distinct, loaded.model.config.vision_config.image_size)
+    prepared = [prepare_prompt(loaded.processor, user_message(PROMPT, 1), [img], 1, 4096) for img in images]
+
+    stage_ms = {"encoder": [], "trimmer_trimmed": [], "trimmer_untrimmed": []}
+    trimmed, untrimmed = [], []
+    for p in prepared:
+        t0 = time.perf_counter()
+        visual = pipe.encoder.encode(p)
+        t1 = time.perf_counter()
+        trimmed.append(pipe.trimmer.trim(p, visual, trim_cfg))
+        t2 = time.perf_counter()
+        untrimmed.append(pipe.trimmer.trim(p, visual, TrimConfig(policy="none")))
+        t3 = time.perf_counter()
+        stage_ms["encoder"].append((t1 - t0) * 1e3)
+        stage_ms["trimmer_trimmed"].append((t2 - t1) * 1e3)
+        stage_ms["trimmer_untrimmed"].append((t3 - t2) * 1e3)
+    pick = lambda xs: [xs[i % n_distinct] for i in range(args.requests)]  # noqa: E731
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, max_model_len=4096))
+    need_full = probe.kv.bytes_needed(untrimmed[0].prompt_len + args.max_tokens, untrimmed[0].num_kept)
+    budget = need_full * args.untrimmed_slots + need_full // 2
+    del probe
+
+    res_trim, seqs_trim = _run_engine(loaded, pick(trimmed), budget, params)
+    res_full, seqs_full = _run_engine(loaded, pick(untrimmed), budget, params)
+
+    # HF generate: static batches of the same requests, batch sizes whose KV fits the same budget.
+    hf_runs = {}
+    for b in [int(x) for x in args.hf_batches.split(",")]:
+        if b > res_full["admitted_at_once"]:
+            continue
+        tokens, seconds, out = _hf_generate(loaded, [prepared[i % n_distinct] for i in range(b)], args.max_tokens)
+        hf_runs[b] = tokens / seconds
+        if b == 1:  # the engine's untrimmed greedy tokens equal HF's on the bench model too
+            hf_first = trim_generated(out[0].tolist(), loaded.model)[: args.max_tokens]
+            exact = seqs_full[0].output_ids[: len(hf_first)] == hf_first
+    best_b = max(hf_runs, key=hf_runs.get)
+
+    # Batch-1 decode step against the bandwidth bound: weights + KV read per step over copy bandwidth.
+    one, _ = _run_engine(loaded, [trimmed[0]], budget, params)
+    text = loaded.text
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in text.named_parameters() if "embed_tokens" not in n)
+    weight_bytes += loaded.model.lm_head.weight.numel() * loaded.model.lm_head.weight.element_size()
+    tc = loaded.text_config
+    per_tok_layer = 2 * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * loaded.dtype.itemsize
+    n_self = tc.num_hidden_layers - len(tc.cross_attention_layers)
+    mean_pos = trimmed[0].prompt_len + args.max_tokens / 2
+    kv_bytes = per_tok_layer * (n_self * mean_pos + len(tc.cross_attention_layers) * trimmed[0].num_kept)
+    bandwidth = copy_bandwidth()
+    bound_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+
+    kept_fraction = statistics.mean(t.kept_fraction for t in trimmed)
+    result = {
+        "model": {"text_params_M": round(sum(p.numel() for p in text.parameters()) / 1e6, 1),
+                  "visual_tokens_per_image": untrimmed[0].num_kept, "dtype": str(loaded.dtype),
+                  "cross_kv_bytes_per_image_full": untrimmed[0].cross_kv_bytes,
+                  "self_kv_bytes_per_1000_text_tokens": per_tok_layer * n_self * 1000},
+        "policy": trim_cfg.model_dump(),
+        "requests": args.requests, "max_tokens": args.max_tokens, "kv_budget_bytes": budget,
+        "kept_fraction": round(kept_fraction, 4),
+        "max_concurrent_untrimmed": res_full["admitted_at_once"],
+        "max_concurrent_trimmed": res_trim["admitted_at_once"],
+        "concurrency_ratio": round(res_trim["admitted_at_once"] / res_full["admitted_at_once"], 3),
+        "tokens_per_s_untrimmed": round(res_full["tokens_per_s"], 2),
+        "tokens_per_s_trimmed": round(res_trim["tokens_per_s"], 2),
+        "tokens_per_s_hf_generate": round(hf_runs[best_b], 2),
+        "hf_generate_best_batch": best_b, "hf_generate_tokens_per_s_by_batch": {str(k): round(v, 2) for k, v in hf_runs.items()},
+        "trimmed_vs_untrimmed": round(res_trim["tokens_per_s"] / res_full["tokens_per_s"], 3),
+        "trimmed_vs_hf_generate": round(res_trim["tokens_per_s"] / hf_runs[best_b], 3),
+        "mean_batch_untrimmed": round(res_full["mean_batch"], 2), "mean_batch_trimmed": round(res_trim["mean_batch"], 2),
+        "decode_step_ms_batch1": round(one["step_ms_mean"], 2),
+        "bandwidth_bound_ms_batch1": round(bound_ms, 2),
+        "step_vs_bound_batch1": round(one["step_ms_mean"] / bound_ms, 3),
+        "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "stage_ms_mean": {k: round(statistics.mean(v), 1) for k, v in stage_ms.items()},
+        "engine_untrimmed_equals_hf_greedy_batch1": exact,
+        "note": "engine tokens/s time the decoder engine (prefill resume + decode) on precomputed TrimResults; "
+                "HF generate's include its vision encoder and full prefill (see stage_ms_mean for those costs)",
+    }
+    _print_table(result)
+    path = Path(args.json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_table(r: dict) -> None:
+    rows = [
+        ("kept_fraction", r["kept_fraction"]),
+        ("max_concurrent untrimmed / trimmed", f'{r["max_concurrent_untrimmed"]} / {r["max_concurrent_trimmed"]} '
+                                               f'(x{r["concurrency_ratio"]})'),
+        ("tokens/s untrimmed", r["tokens_per_s_untrimmed"]),
+        ("tokens/s trimmed", f'{r["tokens_per_s_trimmed"]} (x{r["trimmed_vs_untrimmed"]} untrimmed)'),
+        ("tokens/s HF generate (best batch)", f'{r["tokens_per_s_hf_generate"]} (batch {r["hf_generate_best_batch"]}; '
+                                              f'trimmed is x{r["trimmed_vs_hf_generate"]})'),
+        ("mean decode batch untrimmed / trimmed", f'{r["mean_batch_untrimmed"]} / {r["mean_batch_trimmed"]}'),
+        ("decode step batch 1 (ms)", f'{r["decode_step_ms_batch1"]} vs bound {r["bandwidth_bound_ms_batch1"]} '
+                                     f'(x{r["step_vs_bound_batch1"]})'),
+        ("copy bandwidth (GB/s)", r["copy_bandwidth_GBps"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
