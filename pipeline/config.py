@@ -12,7 +12,7 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Where the checkpoint lives and how to place it."""
 
-    source: str = "bundled:tiny-mllama"  # local dir, s3://bucket/prefix, a hub id, or bundled:NAME
+    source: str = "bundled:tiny-mllama"  # local dir, s3://bucket/prefix, hub id, bundled:NAME, preset:bench
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str | None = None  # where s3:// checkpoints are downloaded; default ~/.cache/crosstrim

@@ -126,6 +126,10 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     """Load the checkpoint; `parts` drops what a stage never runs (the encoder needs no text layers, the
     decoder no vision tower) before moving to the device, so each replica holds only its share."""
     cfg = cfg or ModelConfig()
+    if cfg.source == "preset:bench":  # random weights built in memory, for benchmarks
+        from .bench_model import build_bench_model
+
+        return build_bench_model(cfg)
     path = resolve_source(cfg.source, cfg.cache_dir)
     device, dtype = pick_device_dtype(cfg)
     processor = AutoProcessor.from_pretrained(path)
