@@ -1,0 +1,1 @@
+"""Ray Serve deployments over the pipeline stages, the request router and the application builder."""

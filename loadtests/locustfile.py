@@ -53,7 +53,7 @@ def _(parser):
     parser.add_argument("--k-ratio", type=float, default=None)
     parser.add_argument("--image-mix", default="1,4", help="tile counts to draw images from (1, 2, 4); 0 = text only")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--model", default="crosstrim")
+    parser.add_argument("--model", default=None, help="default: the first model GET /v1/models lists")
     parser.add_argument("--images-per-tile-count", type=int, default=4)
 
 
@@ -80,6 +80,10 @@ class ChatUser(FastHttpUser):
         opts = self.environment.parsed_options
         self.mix = [int(x) for x in opts.image_mix.split(",")]
         self.rng = random.Random()
+        self.model = opts.model
+        if self.model is None:
+            with self.client.get("/v1/models", name="models", catch_response=True) as resp:
+                self.model = resp.json()["data"][0]["id"] if resp.status_code == 200 else "unknown"
 
     def _body(self) -> dict:
         opts = self.environment.parsed_options
@@ -87,7 +91,7 @@ class ChatUser(FastHttpUser):
         content = [{"type": "text", "text": self.rng.choice(PROMPTS)}]
         if tiles:
             content.insert(0, {"type": "image_url", "image_url": {"url": self.rng.choice(IMAGES[tiles])}})
-        body = {"model": opts.model, "messages": [{"role": "user", "content": content}], "stream": True,
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "stream": True,
                 "max_tokens": opts.max_tokens, "temperature": 0.0}
         if opts.trim == "off":
             body["trim"] = {"enabled": False}

@@ -188,6 +188,7 @@ class AsyncLLMEngine:
 
     async def generate(self, source, params: SamplingParams, request_id: str | None = None):
         seq = self.engine.make_sequence(source, params, request_id)  # raises InvalidRequest at once
+        del source  # the engine drops the big tensors after prefill; this frame must not pin them
         with self._lock:
             if len(self.engine.scheduler.waiting) + self._pending >= self.engine.cfg.max_waiting:
                 raise Overloaded("the decoder queue is full; try again later")

@@ -1,0 +1,38 @@
+"""Typed application config: mirrors `applications[].args` of the Serve YAML under configs/."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.config import EngineConfig, ModelConfig, TrimConfig
+
+
+class AppConfig(BaseModel):
+    """What `build_app(args)` accepts; per-deployment Ray options live in the YAML's `deployments:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    trim: TrimConfig = Field(default_factory=TrimConfig)  # the default; a request may override it
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    # What crosses from trimmer to decoder: every cross layer's K/V of the kept tokens ("kv"), or the kept
+    # features ("features", the decoder projects K/V; fewer bytes when there are many cross layers).
+    ship: Literal["kv", "features"] = "kv"
+    served_model_name: str = "crosstrim-tiny"
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # per image, after decoding (decompression bombs fail)
+    max_image_bytes: int = Field(20 * 2**20, ge=1)  # per image, encoded
+    max_prompt_chars: int = Field(64 * 1024, ge=1)  # cheap guard before tokenizing
+    default_max_tokens: int = Field(256, ge=1)  # when a request gives none (it reserves KV for all of them)
+    s3_buckets: list[str] = Field(default_factory=list)  # s3://BUCKET/... image URLs allowed from these only
+    http_allowlist: list[str] = Field(default_factory=list)  # URL prefixes; empty refuses http(s) images
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    feature_cache_size: int = Field(64, ge=0)  # images whose encoder features are kept (LRU); 0 disables
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 503
+
+    @field_validator("http_allowlist")
+    @classmethod
+    def _http_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for p in prefixes:
+            if not p.startswith(("http://", "https://")):
+                raise ValueError(f"http_allowlist entry {p!r} must start with http:// or https://")
+        return prefixes

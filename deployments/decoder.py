@@ -1,0 +1,88 @@
+"""DecoderPool deployment: the continuous-batching engine (`parts=("text",)`) inside each replica; streams
+token deltas per request and reports its free KV budget to the KVBudgetRouter."""
+
+import contextlib
+import dataclasses
+import time
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.metrics import Gauge
+
+from pipeline.config import EngineConfig, ModelConfig
+from pipeline.engine import AsyncLLMEngine, LLMEngine
+from pipeline.errors import InvalidRequest, Overloaded
+from pipeline.loader import load_model
+from pipeline.sampling import SamplingParams
+
+from .handoff import Handoff
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    # Above the engine's running + waiting slots, so the engine (not Serve's queue) decides when to refuse.
+    max_ongoing_requests=512,
+    request_router_config=RequestRouterConfig(
+        request_router_class="deployments.router:KVBudgetRouter",
+        request_routing_stats_period_s=1.0,
+        request_routing_stats_timeout_s=1.0,
+    ),
+)
+class DecoderPool:
+    def __init__(self, model: ModelConfig, engine: EngineConfig):
+        self.cfg = engine
+        self.engine = AsyncLLMEngine(LLMEngine(load_model(model, parts=("text",)), engine))
+        self.peak_running = self.peak_batch = 0
+        self.avg_request_kv_bytes = 0.0
+        self.gauges = {name: Gauge(f"crosstrim_decoder_{name}", description=desc) for name, desc in (
+            ("running", "Sequences being decoded"), ("waiting", "Sequences waiting for KV budget"),
+            ("kv_used_bytes", "KV bytes reserved"), ("kv_budget_bytes", "KV budget of the replica"),
+        )}
+
+    async def generate(self, source: Handoff | list[int], params: dict, request_id: str):
+        """Yields dicts: RequestOutput fields (the first also carries `trim`), or one {"error": ...}."""
+        summary = source.summary(received_at=time.time()) if isinstance(source, Handoff) else None
+        stream = self.engine.generate(source.trim if summary else source, SamplingParams(**params), request_id)
+        del source  # the engine drops the big resume tensors after the prefill; hold no other reference
+        first = True
+        async with contextlib.aclosing(stream):  # an abandoned stream frees its KV at once
+            try:
+                async for out in stream:
+                    item = dataclasses.asdict(out)
+                    if first:
+                        item["trim"], first = summary, False
+                    self._observe()
+                    yield item
+            except InvalidRequest as exc:
+                yield {"error": {"status": 400, "message": str(exc)}}
+            except Overloaded as exc:
+                yield {"error": {"status": 503, "message": str(exc)}}
+            except Exception as exc:  # a failed step: the engine already freed what was in flight
+                yield {"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}"}}
+        self._observe()
+
+    def _observe(self) -> dict:
+        s = self.engine.stats()
+        self.peak_running = max(self.peak_running, s.running)
+        self.peak_batch = max(self.peak_batch, s.last_batch_size)
+        if s.running:
+            self.avg_request_kv_bytes = s.kv_used_bytes / s.running
+        for name in self.gauges:
+            self.gauges[name].set(getattr(s, name))
+        return dataclasses.asdict(s)
+
+    async def stats(self) -> dict:
+        return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
+
+    async def reset_peaks(self) -> None:
+        self.peak_running = self.peak_batch = 0
+
+    async def record_routing_stats(self) -> dict:
+        """Called by Serve every request_routing_stats_period_s; read by KVBudgetRouter."""
+        s = self._observe()
+        return {
+            "kv_free_bytes": s["kv_budget_bytes"] - s["kv_used_bytes"],
+            "requests": s["running"] + s["waiting"],
+            "capacity": self.cfg.max_running + self.cfg.max_waiting,
+            "avg_request_kv_bytes": self.avg_request_kv_bytes,
+        }

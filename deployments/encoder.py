@@ -1,0 +1,83 @@
+"""VisionEncoder deployment: the vision tower and projector (`parts=("vision",)`), with an LRU cache of
+per-image features keyed by the image's hash, so a repeated image skips the tower."""
+
+import asyncio
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from ray import serve
+from ray.serve.metrics import Counter
+
+from pipeline.config import ModelConfig
+from pipeline.encoder import VisionEncoder as EncoderStage
+from pipeline.encoder import VisualFeatures
+from pipeline.inputs import PreparedPrompt
+from pipeline.loader import load_model
+
+
+class FeatureCache:
+    """image key -> (features (tokens, hidden), token_valid (tokens,)); bounded by entries, least recent out."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str):
+        item = self.entries.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key: str, item) -> None:
+        if self.size == 0:
+            return
+        self.entries[key] = item
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+def select_images(prompt: PreparedPrompt, idx: list[int]) -> PreparedPrompt:
+    """The same prompt's pixel inputs restricted to images `idx` (the tower treats images independently)."""
+    return PreparedPrompt(
+        input_ids=prompt.input_ids,
+        pixel_values=prompt.pixel_values[:, idx],
+        aspect_ratio_ids=prompt.aspect_ratio_ids[:, idx],
+        aspect_ratio_mask=prompt.aspect_ratio_mask[:, idx],
+    )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+class VisionEncoder:
+    def __init__(self, model: ModelConfig, cache_size: int = 64):
+        self.stage = EncoderStage(load_model(model, parts=("vision",)))
+        self.cache = FeatureCache(cache_size)
+        self.pool = ThreadPoolExecutor(max_workers=1)  # one forward at a time; the event loop stays free
+        self.lookups = Counter("crosstrim_encoder_cache_lookups", description="Feature cache lookups by result",
+                               tag_keys=("result",))
+
+    async def encode(self, prompt: PreparedPrompt, image_keys: list[str]) -> VisualFeatures:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, prompt, image_keys)
+
+    def _encode(self, prompt: PreparedPrompt, keys: list[str]) -> VisualFeatures:
+        cached = [self.cache.get(k) for k in keys]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        for result, n in (("hit", len(keys) - len(missing)), ("miss", len(missing))):
+            if n:  # Ray counters refuse 0
+                self.lookups.inc(n, tags={"result": result})
+        if missing:
+            fresh = self.stage.encode(select_images(prompt, missing) if len(missing) < len(keys) else prompt)
+            for j, i in enumerate(missing):
+                cached[i] = (fresh.features[j].clone(), fresh.token_valid[j].clone())  # own storage, not a view
+                self.cache.put(keys[i], cached[i])
+        return VisualFeatures(features=torch.stack([c[0] for c in cached]),
+                              token_valid=torch.stack([c[1] for c in cached]))
+
+    def cache_stats(self) -> dict:
+        c = self.cache
+        return {"entries": len(c.entries), "size": c.size, "hits": c.hits, "misses": c.misses}

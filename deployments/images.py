@@ -1,0 +1,115 @@
+"""Fetch the bytes of an image URL: `data:` base64, `s3://` from allowed buckets (boto3), http(s) from an
+allowlist. Every refusal is an InvalidRequest with the reason; nothing is fetched without a size cap."""
+
+import asyncio
+import base64
+import binascii
+import hashlib
+from urllib.parse import urlsplit
+
+from pipeline.errors import InvalidRequest
+
+from .config import AppConfig
+
+DATA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """PNG, JPEG or WebP by magic bytes; None for anything else (PIL's rarer decoders are not exposed)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def image_key(data: bytes) -> str:
+    """The encoder's feature-cache key: the same bytes always decode and preprocess to the same pixels."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def allowed_http(url: str, prefixes: list[str]) -> bool:
+    """Scheme, host and port must equal a prefix's, and the path must extend its path."""
+    u = urlsplit(url)
+    for prefix in prefixes:
+        p = urlsplit(prefix)
+        if (u.scheme, u.hostname, u.port) == (p.scheme, p.hostname, p.port) and u.path.startswith(p.path or "/"):
+            return True
+    return False
+
+
+class ImageFetcher:
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+        self._s3 = None
+        self._http = None
+
+    async def fetch(self, url: str, what: str) -> bytes:
+        if url.startswith("data:"):
+            data = self._from_data_url(url, what)
+        elif url.startswith("s3://"):
+            data = await asyncio.to_thread(self._from_s3, url, what)
+        elif url.startswith(("http://", "https://")):
+            data = await self._from_http(url, what)
+        else:
+            raise InvalidRequest(f"{what}: unsupported URL scheme in {url[:40]!r}; use data:, s3:// or https://")
+        if sniff_format(data) is None:
+            raise InvalidRequest(f"{what} is not a PNG, JPEG or WebP image")
+        return data
+
+    def _check_size(self, n: int, what: str) -> None:
+        if n > self.cfg.max_image_bytes:
+            raise InvalidRequest(f"{what} is {n} bytes; the limit is {self.cfg.max_image_bytes}")
+
+    def _from_data_url(self, url: str, what: str) -> bytes:
+        header, sep, payload = url.partition(",")
+        media, *params = header.removeprefix("data:").split(";")
+        if not sep or "base64" not in params:
+            raise InvalidRequest(f"{what}: a data URL must be data:<image type>;base64,<data>")
+        if media.lower() not in DATA_TYPES:
+            raise InvalidRequest(f"{what}: media type {media!r} is not one of {', '.join(DATA_TYPES)}")
+        self._check_size(len(payload) * 3 // 4, what)  # before decoding anything
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest(f"{what}: invalid base64 ({exc})") from exc
+
+    def _from_s3(self, url: str, what: str) -> bytes:
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        if bucket not in self.cfg.s3_buckets:
+            raise InvalidRequest(f"{what}: bucket {bucket!r} is not one this deployment reads images from")
+        import boto3  # only deployments reading s3 images need it
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self._s3 is None:
+            self._s3 = boto3.client("s3")  # honours AWS_ENDPOINT_URL and the usual credential chain
+        try:
+            obj = self._s3.get_object(Bucket=bucket, Key=key)
+            self._check_size(obj["ContentLength"], what)
+            return obj["Body"].read(self.cfg.max_image_bytes + 1)
+        except ClientError as exc:
+            raise InvalidRequest(f"{what}: could not read {url}: {exc.response['Error'].get('Code')}") from exc
+        except BotoCoreError as exc:
+            raise InvalidRequest(f"{what}: could not read {url}: {exc}") from exc
+
+    async def _from_http(self, url: str, what: str) -> bytes:
+        if not allowed_http(url, self.cfg.http_allowlist):
+            raise InvalidRequest(f"{what}: http(s) image URLs are refused unless they match the allowlist")
+        import httpx
+
+        if self._http is None:
+            # No redirects: a redirect could leave the allowlisted host.
+            self._http = httpx.AsyncClient(timeout=self.cfg.image_fetch_timeout_s, follow_redirects=False)
+        try:
+            async with self._http.stream("GET", url) as resp:
+                if resp.status_code != 200:
+                    raise InvalidRequest(f"{what}: GET {url} returned HTTP {resp.status_code}")
+                data = bytearray()
+                async for block in resp.aiter_bytes():
+                    data += block
+                    self._check_size(len(data), what)
+                return bytes(data)
+        except httpx.HTTPError as exc:
+            raise InvalidRequest(f"{what}: could not fetch {url}: {type(exc).__name__}: {exc}") from exc

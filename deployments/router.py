@@ -1,0 +1,38 @@
+"""KVBudgetRouter, the Ray Serve request router of DecoderPool: send each request to the replica with the most
+free KV budget (and room in its engine's queue)."""
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+
+def rank_by_free_kv(candidates: list, ongoing: dict) -> list:
+    """Candidates best first by (room in the engine's queue, free KV bytes net of requests sent since the report,
+    fewer requests in flight). `candidates` need `.replica_id` and `.routing_stats`."""
+    reported = [r.routing_stats for r in candidates if r.routing_stats]
+    # One estimate of a request's KV for every replica: requests do not depend on where they land.
+    request_bytes = max([s["avg_request_kv_bytes"] for s in reported] + [0])
+    # A replica that has not reported yet (just started) counts as free as the freest one.
+    prior = {"kv_free_bytes": max([s["kv_free_bytes"] for s in reported] + [0]), "requests": 0,
+             "capacity": float("inf")}
+
+    def score(replica):
+        n = ongoing.get(replica.replica_id, 0)
+        stats = replica.routing_stats or prior
+        since = max(0, n - stats["requests"])
+        return n < stats["capacity"], stats["kv_free_bytes"] - since * request_bytes, -n
+
+    return sorted(candidates, key=score, reverse=True)
+
+
+class KVBudgetRouter(FIFOMixin, RequestRouter):
+    """Replicas report {"kv_free_bytes", "requests", "capacity", "avg_request_kv_bytes"} from
+    `record_routing_stats` every `request_routing_stats_period_s`; between reports a replica is discounted by the
+    requests it holds beyond the reported ones (Serve's queue-length cache), so a burst spreads instead of piling
+    onto the replica that looked emptiest at the last report."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        cache = self.replica_queue_len_cache
+        ongoing = {r.replica_id: cache.get(r.replica_id) or 0 for r in candidate_replicas}
+        # One replica per rank: Serve tries them in order, skipping any at max_ongoing_requests.
+        return [[r] for r in rank_by_free_kv(candidate_replicas, ongoing)]

@@ -1,0 +1,621 @@
+"""The Ray Serve application end to end: a real local Ray + Serve app deployed from configs/local.yaml, spoken
+to over HTTP (httpx and the official openai client), with a real moto S3 server and a real HTTP image host."""
+
+import asyncio
+import base64
+import http.server as http_server
+import io
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import image  # noqa: E402
+
+from deployments.localrun import free_port  # noqa: E402
+
+APP = "crosstrim"
+BUCKET = "crosstrim-test-images"
+DEPLOYMENTS = {"Ingress", "VisionEncoder", "Trimmer", "DecoderPool"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64," + base64.b64encode(data).decode()
+
+
+def chat(text: str, *urls: str, **fields) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, **fields}
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid tiny PNG stream whose header claims width x height (a decompression-bomb shape)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    # Distinct images per test so the encoder's feature cache is exercised only where meant.
+    return {name: png(image(w, h, seed)) for name, (w, h, seed) in {
+        "exact": (100, 40, 11), "exact2": (64, 64, 12), "openai": (128, 128, 13), "cache": (64, 64, 14),
+        "s3": (64, 64, 15), "http": (64, 64, 16), "batch": (100, 40, 17),
+    }.items()}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(images):
+    """A real moto S3 server holding one image."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _reachable(url), 20, "moto_server")
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_object(Bucket=BUCKET, Key="img/shape.png", Body=images["s3"])
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def image_host(images):
+    """A real HTTP server serving /allowed/img.png and /other/img.png."""
+    class Handler(http_server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = images["http"]
+            self.send_response(200 if self.path.endswith("/img.png") else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_app(s3_endpoint, image_host):
+    """configs/local.yaml deployed on a fresh local Ray, as `serve run` does it, on a free port; the test only
+    adds its S3 endpoint and image host to the allowlists."""
+    from ray.serve.context import _get_global_client
+
+    from deployments import localrun
+
+    config = localrun.load_config(CONFIGS / "local.yaml")
+    (app,) = config["applications"]
+    app["runtime_env"]["env_vars"].update(
+        AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    app["args"]["s3_buckets"] = [BUCKET]
+    app["args"]["http_allowlist"] = [f"{image_host}/allowed/"]
+    metrics_port = free_port()
+    localrun.start_ray(num_cpus=2, metrics_port=metrics_port)
+    try:
+        url = localrun.deploy(config, APP, timeout_s=240)
+        yield SimpleNamespace(url=url, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                              client=_get_global_client(), config=config)
+    finally:
+        localrun.stop()
+
+
+@pytest.fixture(scope="module")
+def http(serve_app):
+    with httpx.Client(base_url=serve_app.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """The in-process three stages (what `crosstrim generate` runs) with the YAML's default trim."""
+    from pipeline.config import TrimConfig
+    from pipeline.decoder import Pipeline
+
+    trim = yaml.safe_load((CONFIGS / "local.yaml").read_text())["applications"][0]["args"]["trim"]
+    return Pipeline(trim=TrimConfig(**trim))
+
+
+def decoder_stats(http) -> dict:
+    r = http.get("/stats")
+    assert r.status_code == 200, r.text
+    return r.json()["decoder"]
+
+
+def assert_healthy(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    r = http.post("/v1/chat/completions", json=chat("still there?", max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert decoder_stats(http)["kv_used_bytes"] == 0
+
+
+def expected(oracle, prompt: str, pngs: list[bytes], max_tokens: int, trim=None):
+    from pipeline.inputs import decode_image
+    from pipeline.sampling import SamplingParams
+
+    g = oracle.generate(prompt, [decode_image(b) for b in pngs], SamplingParams(max_tokens=max_tokens), trim)
+    # The engine's stream leaves out a final stop token; Generation.token_ids keeps it.
+    ids = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
+    return g, ids
+
+
+# ---------------------------------------------------------------- configs and router (no cluster)
+
+@pytest.mark.parametrize("name", ["local.yaml", "llama-3.2-11b-vision.yaml", "llama-3.2-90b-vision.yaml"])
+def test_config_validates(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.config import AppConfig
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((CONFIGS / name).read_text()))
+    (app,) = config.applications
+    assert app.import_path == "deployments.app:build_app"
+    cfg = AppConfig(**app.args)
+    assert {d.name for d in app.deployments} == DEPLOYMENTS
+    assert app.runtime_env["env_vars"]["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
+    opts = {d.name: d for d in app.deployments}
+    as_dict = lambda x: x if isinstance(x, dict) else x.model_dump()  # noqa: E731
+    if name == "local.yaml":
+        assert cfg.model.source == "bundled:tiny-mllama"
+        assert sum(d.ray_actor_options.num_cpus * d.num_replicas for d in app.deployments) <= 2
+        assert all(d.ray_actor_options.num_cpus < 1 for d in app.deployments)
+    else:
+        assert cfg.model.dtype == "bfloat16" and cfg.model.source.startswith(("s3://", "/"))
+        assert opts["VisionEncoder"].ray_actor_options.num_gpus > 0  # a share of a GPU is enough for the tower
+        for stage in ("VisionEncoder", "Trimmer", "DecoderPool"):
+            assert opts[stage].ray_actor_options.num_gpus >= (1 if stage != "VisionEncoder" else 0.1)
+            scaling = as_dict(opts[stage].autoscaling_config)
+            assert scaling["max_replicas"] >= scaling["min_replicas"] >= 1
+    router = as_dict(opts["DecoderPool"].request_router_config)
+    assert router["request_router_class"] == "deployments.router:KVBudgetRouter"
+    assert opts["DecoderPool"].max_ongoing_requests > cfg.engine.max_running + cfg.engine.max_waiting
+
+
+def test_router_prefers_most_free_kv():
+    from deployments.router import rank_by_free_kv
+
+    def replica(rid, **stats):
+        return SimpleNamespace(replica_id=rid, routing_stats=stats)
+
+    base = dict(requests=2, capacity=8, avg_request_kv_bytes=0)
+    a = replica("a", kv_free_bytes=500, **{**base, "avg_request_kv_bytes": 100})
+    b = replica("b", kv_free_bytes=900, **base)  # b has not seen a request yet
+    order = lambda ongoing, *rs: [r.replica_id for r in rank_by_free_kv(list(rs), ongoing)]  # noqa: E731
+    assert order({"a": 2, "b": 2}, a, b) == ["b", "a"]
+    # Requests sent to b since its report use up its lead (at a's ~100 bytes a request): 900 - 500 < 500.
+    assert order({"a": 2, "b": 7}, a, b) == ["a", "b"]
+    # A full queue goes last whatever its KV.
+    assert order({"a": 2, "b": 8}, b, a) == ["a", "b"]
+    # A replica that has not reported yet counts as free as the freest, less what was sent to it since.
+    c = replica("c")
+    assert order({"a": 2, "b": 9, "c": 3}, a, b, c) == ["c", "a", "b"]  # c: 900 - 3 x 100 > 500
+    assert order({"a": 2, "b": 9, "c": 5}, a, b, c) == ["a", "c", "b"]  # c: 900 - 5 x 100 < 500
+    # Before any report: fewest requests in flight.
+    assert order({"c": 1, "d": 0}, replica("c"), replica("d")) == ["d", "c"]
+    # Equal free KV: fewer requests in flight wins.
+    assert order({"a": 3, "b": 2}, replica("a", kv_free_bytes=5, **base), replica("b", kv_free_bytes=5, **base)) \
+        == ["b", "a"]
+
+
+# ---------------------------------------------------------------- the product over HTTP
+
+def test_health_and_models(serve_app, http):
+    assert http.get("/health").json() == {"status": "ok"}
+    models = http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["crosstrim-tiny"]
+
+
+@pytest.mark.parametrize("trim", [None, {"enabled": False}], ids=["trimmed", "untrimmed"])
+def test_greedy_matches_in_process(serve_app, http, oracle, images, trim):
+    from pipeline.config import TrimConfig
+
+    trim_cfg = TrimConfig(policy="none") if trim else None
+    for prompt, pngs in [("What colour is the square?", [images["exact"]]),
+                         ("describe both", [images["exact"], images["exact2"]])]:
+        body = chat(prompt, *(data_url(b) for b in pngs), max_tokens=24, return_token_ids=True)
+        if trim:
+            body["trim"] = trim
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        want, want_ids = expected(oracle, prompt, pngs, 24, trim_cfg)
+        assert out["choices"][0]["message"]["content"] == want.text
+        assert out["token_ids"] == want_ids
+        assert out["choices"][0]["finish_reason"] == want.finish_reason
+        assert out["usage"]["prompt_tokens"] == want.prompt_tokens
+        assert out["usage"]["completion_tokens"] == len(want.token_ids)
+        t = out["trim"]
+        assert (t["visual_tokens"], t["kept_tokens"], t["cross_kv_bytes"]) == \
+            (want.visual_tokens, want.kept_tokens, want.cross_kv_bytes)
+        assert t["kept_ratio"] == pytest.approx(want.kept_tokens / want.visual_tokens, abs=1e-5)
+        assert (t["kept_ratio"] == 1.0) == bool(trim)
+
+
+def test_text_only_matches_in_process_and_skips_encoder(serve_app, http, oracle):
+    before = http.get("/stats").json()["encoder_cache"]
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "count the shapes"}],
+                                                "max_tokens": 12, "temperature": 0, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    want, want_ids = expected(oracle, "count the shapes", [], 12)
+    assert r.json()["choices"][0]["message"]["content"] == want.text
+    assert r.json()["token_ids"] == want_ids
+    assert r.json()["trim"] is None
+    after = http.get("/stats").json()["encoder_cache"]
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+
+
+def test_openai_client_with_image(serve_app, oracle, images):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=serve_app.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(images["openai"])}},
+        {"type": "text", "text": "where is the red one"}]}]
+    want, _ = expected(oracle, "where is the red one", [images["openai"]], 20)
+
+    resp = client.chat.completions.create(model="crosstrim-tiny", messages=messages, max_tokens=20, temperature=0)
+    assert resp.choices[0].message.content == want.text
+    assert resp.usage.completion_tokens == len(want.token_ids)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.model_extra["trim"]["kept_tokens"] == want.kept_tokens
+
+    stream = client.chat.completions.create(model="crosstrim-tiny", messages=messages, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_sse_wire_format(serve_app, http):
+    with http.stream("POST", "/v1/chat/completions", json=chat("hi", max_tokens=4, stream=True)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_feature_cache_serves_repeated_image(serve_app, http, images):
+    body = chat("describe", data_url(images["cache"]), max_tokens=8)
+    before = http.get("/stats").json()["encoder_cache"]
+    first = http.post("/v1/chat/completions", json=body).json()
+    second = http.post("/v1/chat/completions", json=body).json()
+    after = http.get("/stats").json()["encoder_cache"]
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 1
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    assert after["entries"] <= after["size"]
+
+
+def test_trim_overrides(serve_app, http, images):
+    def kept(trim):
+        r = http.post("/v1/chat/completions", json=chat("x", data_url(images["cache"]), max_tokens=1, trim=trim))
+        assert r.status_code == 200, r.text
+        return r.json()["trim"]
+
+    low, high, none, mass = kept({"k_ratio": 0.05}), kept({"k_ratio": 0.6}), kept("none"), kept({"policy": "mass"})
+    assert low["kept_tokens"] < high["kept_tokens"] < none["kept_tokens"] == none["visual_tokens"]
+    assert low["cross_kv_bytes"] < high["cross_kv_bytes"] < none["cross_kv_bytes"]
+    assert 0 < mass["kept_tokens"] <= mass["visual_tokens"]
+
+
+def test_images_from_s3_and_allowlisted_http(serve_app, http, image_host):
+    for url in (f"s3://{BUCKET}/img/shape.png", f"{image_host}/allowed/img.png"):
+        r = http.post("/v1/chat/completions", json=chat("what is it", url, max_tokens=4))
+        assert r.status_code == 200, (url, r.text)
+        assert r.json()["trim"]["visual_tokens"] > 0
+
+
+def test_jpeg_webp_and_odd_images(serve_app, http):
+    """Valid images of every accepted format and odd shapes are served, not refused or crashed on."""
+    def encoded(img: Image.Image, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        return buf.getvalue()
+
+    base = image(96, 64, 21)
+    cases = {
+        "jpeg": data_url(encoded(base, "JPEG"), "image/jpeg"),
+        "webp": data_url(encoded(base, "WEBP"), "image/webp"),
+        "grey": data_url(png(base.convert("L"))),
+        "rgba": data_url(png(base.convert("RGBA"))),
+        "1x1": data_url(png(image(1, 1, 22))),
+        "1x2000": data_url(png(image(1, 2000, 23))),
+        "3000x1": data_url(png(image(3000, 1, 24))),
+    }
+    for name, url in cases.items():
+        r = http.post("/v1/chat/completions", json=chat("what", url, max_tokens=2))
+        assert r.status_code == 200, (name, r.text[:300])
+        assert r.json()["trim"]["kept_tokens"] >= 1, name
+
+
+def test_seeded_sampling_repeats(serve_app, http):
+    def sample(seed):
+        body = chat("tell a story", max_tokens=12, temperature=1.0, top_p=0.9, seed=seed, return_token_ids=True)
+        return http.post("/v1/chat/completions", json=body).json()["token_ids"]
+
+    assert sample(7) == sample(7)
+    assert len({tuple(sample(s)) for s in (1, 2, 3)}) > 1
+
+
+def test_concurrent_requests_are_batched(serve_app, http, images):
+    from ray import serve
+
+    serve.get_deployment_handle("DecoderPool", app_name=APP).reset_peaks.remote().result()
+    url = data_url(images["batch"])
+
+    async def run():
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=120) as c:
+            bodies = [chat(f"question {i}", url, max_tokens=24) for i in range(16)]
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 16, [r.text for r in responses if r.status_code != 200]
+    assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in responses)
+    stats = decoder_stats(http)
+    assert stats["peak_running"] > 1 and stats["peak_batch"] > 1, stats
+    assert stats["kv_used_bytes"] == 0
+
+
+# ---------------------------------------------------------------- errors: a clear 4xx/503, nothing lost
+
+def test_malformed_and_schema_errors(serve_app, http):
+    cases = {
+        "malformed json": dict(content=b'{"messages": [', headers={"content-type": "application/json"}),
+        "no messages": dict(json={"max_tokens": 3}),
+        "empty messages": dict(json={"messages": []}),
+        "unknown field": dict(json={**chat("x"), "presence_penalty": 1.0}),
+        "bad role": dict(json={"messages": [{"role": "robot", "content": "x"}]}),
+        "bad part": dict(json={"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}),
+        "n=2": dict(json=chat("x", n=2)),
+        "temperature": dict(json=chat("x", temperature=5)),
+        "max_tokens=0": dict(json=chat("x", max_tokens=0)),
+        "top_p=0": dict(json=chat("x", top_p=0)),
+        "stop type": dict(json=chat("x", stop=3)),
+        "trim k_ratio=0": dict(json=chat("x", trim={"k_ratio": 0})),
+        "trim policy": dict(json=chat("x", trim="everything")),
+        "too long": dict(json=chat("x", max_tokens=5000)),
+    }
+    for name, kwargs in cases.items():
+        r = http.post("/v1/chat/completions", **kwargs)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        assert r.json()["error"]["message"], name
+    r = http.post("/v1/chat/completions", json=chat("x", model="gpt-4o"))
+    assert r.status_code == 404 and "crosstrim-tiny" in r.json()["error"]["message"]
+    assert_healthy(http)
+
+
+def test_bad_images(serve_app, http, images, image_host):
+    huge = Image.new("RGB", (5000, 4000))  # 20 M pixels: over the config's 16 M
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    cases = {
+        "garbage": data_url(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10),
+        "bad base64": "data:image/png;base64,@@@@",
+        "not base64": "data:image/png,rawbytes",
+        "media type": data_url(images["exact"], "text/plain"),
+        "gif": data_url(gif.getvalue(), "image/png"),
+        "pixel limit": data_url(png(huge)),
+        "bomb header": data_url(png_claiming(100_000, 100_000)),
+        "bytes limit": "data:image/png;base64," + "A" * (12 * 2**20),
+        "bucket": "s3://someone-elses-bucket/a.png",
+        "missing key": f"s3://{BUCKET}/nope.png",
+        "http refused": "https://example.com/cat.png",
+        "http off-list": f"{image_host}/other/img.png",
+        "http 404": f"{image_host}/allowed/missing",
+        "scheme": "ftp://example.com/cat.png",
+    }
+    for name, url in cases.items():
+        r = http.post("/v1/chat/completions", json=chat("what", url, max_tokens=2))
+        assert r.status_code == 400, (name, r.status_code, r.text[:300])
+        assert r.json()["error"]["message"], name
+    ok = data_url(images["exact2"])
+    too_many = http.post("/v1/chat/completions", json=chat("what", ok, ok, ok, max_tokens=2))
+    assert too_many.status_code == 400 and "at most 2" in too_many.json()["error"]["message"]
+    long_prompt = http.post("/v1/chat/completions", json=chat("shape " * 1200, ok, max_tokens=2))
+    assert long_prompt.status_code == 400 and "tokens" in long_prompt.json()["error"]["message"]
+    assert_healthy(http)
+
+
+def test_overloaded_gets_503_with_retry_after(serve_app, http):
+    """More long requests than the engine's running + waiting slots: the excess is refused at once with 503 and
+    Retry-After; abandoning the accepted ones (running and waiting) frees every KV byte."""
+    engine = serve_app.config["applications"][0]["args"]["engine"]
+    n = engine["max_running"] + engine["max_waiting"] + 8
+
+    async def run():
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=60) as c:
+            async def send(i):
+                body = {"messages": [{"role": "user", "content": f"long story {i}"}], "max_tokens": 600,
+                        "ignore_eos": True, "stream": True}
+                return await c.send(c.build_request("POST", "/v1/chat/completions", json=body), stream=True)
+
+            tasks = [asyncio.create_task(send(i)) for i in range(n)]
+            refused = []
+            deadline = time.monotonic() + 30
+            while len(refused) < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                refused = [t.result() for t in tasks if t.done() and t.result().status_code == 503]
+            await asyncio.sleep(0.5)
+            done = [t.result() for t in tasks if t.done()]
+            for t in tasks:
+                t.cancel()
+            for r in done:
+                await r.aclose()
+            return refused, done
+
+    refused, done = asyncio.run(run())
+    assert refused, "no request was refused"
+    assert len(refused) <= n - engine["max_running"]
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+    assert any(r.status_code == 200 for r in done)
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed")
+    stats = decoder_stats(http)
+    assert stats["running"] == stats["waiting"] == 0
+    assert_healthy(http)
+
+
+def test_disconnect_mid_stream_frees_kv(serve_app, http, images):
+    """A client that goes away frees its KV at once: the decoder stops long before max_tokens."""
+    max_tokens = 1900
+    body = chat("tell me everything", data_url(images["exact2"]), max_tokens=max_tokens, stream=True,
+                ignore_eos=True)
+    generated = decoder_stats(http)["tokens_generated"]
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert any('"content"' in next(lines) for _ in range(6))
+        assert decoder_stats(http)["kv_used_bytes"] > 0
+    # Leaving the block closed the connection mid-stream.
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed after the disconnect")
+    assert decoder_stats(http)["tokens_generated"] - generated < max_tokens / 2
+
+    # A non-streaming client that gives up frees its KV too.
+    generated = decoder_stats(http)["tokens_generated"]
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed after the timeout")
+    assert decoder_stats(http)["tokens_generated"] - generated < max_tokens / 2
+    assert_healthy(http)
+
+
+def test_prometheus_metrics(serve_app, http):
+    names = ["ray_crosstrim_visual_tokens", "ray_crosstrim_kept_tokens", "ray_crosstrim_shipped_bytes",
+             "ray_crosstrim_decoder_running", "ray_crosstrim_decoder_waiting", "ray_crosstrim_decoder_kv_used_bytes",
+             "ray_crosstrim_ttft_seconds_bucket", "ray_crosstrim_inter_token_seconds_bucket"]
+
+    def scraped():
+        try:
+            text = httpx.get(serve_app.metrics_url, timeout=5).text
+        except httpx.HTTPError:
+            return None
+        return text if all(n in text for n in names) else None
+
+    text = wait_for(scraped, 40, "crosstrim metrics in the Prometheus export", interval=1.0)
+    visual = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("ray_crosstrim_visual_tokens") and not line.startswith("#"))
+    assert visual > 0
+
+
+def test_ship_features_matches_in_process(serve_app, http, oracle, images):
+    """Redeploy with `ship: features`: the trimmer ships kept features (hidden floats a token, a quarter of the
+    tiny model's 3-layer K/V) and the decoder projects K/V; greedy outputs stay exact."""
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_app.config["applications"][0]["args"]["ship"] = "features"
+    serve_app.client.deploy_apps(ServeDeploySchema.model_validate(serve_app.config))
+    body = chat("What colour is the square?", data_url(images["exact"]), max_tokens=24, return_token_ids=True)
+
+    def features_answer():
+        r = http.post("/v1/chat/completions", json=body)
+        return r.json() if r.status_code == 200 and r.json()["trim"]["ship"] == "features" else None
+
+    out = wait_for(features_answer, 120, "the redeployed trimmer to ship features", interval=1.0)
+    want, want_ids = expected(oracle, "What colour is the square?", [images["exact"]], 24)
+    assert out["choices"][0]["message"]["content"] == want.text and out["token_ids"] == want_ids
+    t = out["trim"]
+    hidden = oracle.loaded.text_config.hidden_size
+    assert t["shipped_cross_bytes"] == t["kept_tokens"] * hidden * 4  # float32 features
+    assert t["shipped_cross_bytes"] < t["cross_kv_bytes"]  # what kv mode ships for the same tokens
+
+
+def test_decoder_router_spreads_over_two_replicas(serve_app, http):
+    """Scale DecoderPool to 2 replicas in place; a burst of long requests lands on both, each replica reporting
+    its free KV budget to the KVBudgetRouter."""
+    import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_app.config
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] == "DecoderPool":
+            d["num_replicas"] = 2
+            d["ray_actor_options"]["num_cpus"] = 0.25
+    serve_app.client.deploy_apps(ServeDeploySchema.model_validate(config))
+
+    def replicas():
+        """Each DecoderPool replica's routing stats, asked of its actor directly."""
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA::") and "#DecoderPool#" in a["name"]]
+        try:
+            handles = [ray.get_actor(n, namespace="serve") for n in names]
+            stats = ray.get([h.record_routing_stats.remote() for h in handles], timeout=5)
+        except Exception:  # a replica starting or stopping
+            return None
+        return stats if len(stats) == 2 else None
+
+    wait_for(replicas, 120, "a second DecoderPool replica", interval=1.0)
+    time.sleep(1.5)  # one routing-stats period, so the ingress's router has both reports
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=60) as c:
+            reqs = [c.build_request("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": f"story {i}"}], "max_tokens": 400, "ignore_eos": True,
+                "stream": True})
+                for i in range(8)]
+            responses = await asyncio.gather(*(c.send(r, stream=True) for r in reqs))
+            during = replicas()
+            for r in responses:
+                await r.aclose()
+            return responses, during
+
+    responses, during = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    assert during is not None, "could not read both replicas' routing stats"
+    assert all(s["requests"] >= 1 for s in during), f"a replica got no request: {during}"
+    assert all(s["capacity"] > 0 and s["kv_free_bytes"] > 0 for s in during)
+    budget = serve_app.config["applications"][0]["args"]["engine"]["kv_budget_bytes"]
+    wait_for(lambda: all(s["requests"] == 0 and s["kv_free_bytes"] == budget for s in replicas() or [{"requests": 1}]),
+             20, "both replicas to free their KV")
