@@ -48,6 +48,8 @@ class EngineStats:
     steps: int
     last_step_ms: float
     last_batch_size: int
+    decode_steps: int  # cumulative: the mean decode batch over a window is the ratio of two differences
+    decode_rows: int
 
 
 class LLMEngine:
@@ -64,7 +66,7 @@ class LLMEngine:
         self.tokenizer = loaded.processor.tokenizer
         self.eos = set(loaded.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
-        self.tokens_generated = self.steps = self.last_batch_size = 0
+        self.tokens_generated = self.steps = self.last_batch_size = self.decode_steps = self.decode_rows = 0
         self.last_step_ms = 0.0
 
     def make_sequence(self, source: TrimResult | list[int], params: SamplingParams,
@@ -109,6 +111,8 @@ class LLMEngine:
             seq.trim = self._drop_resume_state(seq.trim)
         batch = [s for s in self.scheduler.running if s not in admitted]
         if batch:
+            self.decode_steps += 1
+            self.decode_rows += len(batch)
             logits = self.runner.decode(batch)
             outputs += [self._append(s, logits[i]) for i, s in enumerate(batch)]
         self.steps += 1
@@ -160,7 +164,7 @@ class LLMEngine:
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
-            last_batch_size=self.last_batch_size,
+            last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
         )
 
     def generate(self, sources: list, params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
