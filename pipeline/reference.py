@@ -14,26 +14,32 @@ from .inputs import PreparedPrompt
 from .selection import head_scores, select_tokens
 
 
-def _capture_first_cross_probs(model, inputs: dict) -> torch.Tensor:
-    """Softmax of the first cross-attention layer, recomputed from HF's own q and cached k (H, S, V)."""
+def capture_cross_probs(model, inputs: dict) -> dict[int, torch.Tensor]:
+    """Every cross-attention layer's softmax on HF's untrimmed forward, recomputed from HF's own q and
+    cached k: {layer index: (H, S, V)}."""
     text = model.model.language_model
-    first = text.cross_attention_layers[0]
-    attn = text.layers[first].cross_attn
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["hidden"], captured["mask"] = kwargs["hidden_states"], kwargs["attention_mask"]
-
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    captured, handles = {}, []
+    for idx in text.cross_attention_layers:
+        def hook(module, args, kwargs, idx=idx):
+            captured[idx] = (kwargs["hidden_states"], kwargs["attention_mask"])
+        handles.append(text.layers[idx].cross_attn.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         out = model(**inputs, use_cache=True)
     finally:
-        handle.remove()
-    layer_cache = out.cache.layers[first]
-    q = attn.q_norm(attn.q_proj(captured["hidden"]).view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2))
-    k = layer_cache.keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-    logits = q @ k.transpose(-1, -2) * attn.scaling + captured["mask"]
-    return torch.softmax(logits, dim=-1, dtype=torch.float32)[0]
+        for h in handles:
+            h.remove()
+    probs = {}
+    for idx, (hidden, mask) in captured.items():
+        attn = text.layers[idx].cross_attn
+        q = attn.q_norm(attn.q_proj(hidden).view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2))
+        k = out.cache.layers[idx].keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        probs[idx] = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + mask, dim=-1, dtype=torch.float32)[0]
+    return probs
+
+
+def _capture_first_cross_probs(model, inputs: dict) -> torch.Tensor:
+    """Softmax of the first cross-attention layer (H, S, V)."""
+    return capture_cross_probs(model, inputs)[model.model.language_model.cross_attention_layers[0]]
 
 
 @torch.inference_mode()

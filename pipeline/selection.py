@@ -64,4 +64,7 @@ def select_tokens(scores: torch.Tensor, cfg: TrimConfig) -> torch.Tensor:
         return select_budget(scores, cfg.budget_tokens)
     if cfg.policy == "mass":
         return select_mass(scores, cfg.mass)
+    if cfg.policy == "random":  # the control for ablations: same count, no attention
+        gen = torch.Generator().manual_seed(cfg.seed)
+        return torch.sort(torch.randperm(n, generator=gen)[: min(cfg.budget_tokens, n)]).values
     raise ValueError(f"unknown trim policy {cfg.policy!r}")

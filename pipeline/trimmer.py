@@ -111,6 +111,7 @@ class Trimmer:
         sees = row_visibility.any(dim=1)
         prefix = int(sees.long().argmax())  # rows after the first image token all see an image
         assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
+        h_in = h
         h, probs, k, v = self._first_cross_layer(h, feats, token_visible, sees)
         scores = head_scores(probs, token_visible)  # (H, images * tokens_per_image)
         prefix_kv = self._finish_blind_prefix(h[:, :prefix], feats, cos[:, :prefix], sin[:, :prefix])
@@ -121,6 +122,10 @@ class Trimmer:
             local = select_tokens(scores[:, i * tokens_per_image + valid].cpu(), cfg).to(dev)
             kept.append(i * tokens_per_image + valid[local])
         kept = torch.cat(kept)
+        if cfg.trim_first_layer:  # ablation: the prompt rows that see an image read only the kept tokens there too
+            keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=dev)
+            keep[kept] = True
+            h = self._first_cross_layer(h_in, feats, token_visible & keep, sees)[0]
 
         later = [i for i in self.loaded.cross_layers if i != self.first]
         cross = torch.cat([torch.stack([k[:, kept], v[:, kept]])[None],

@@ -1,0 +1,212 @@
+"""`crosstrim eval`: what trimming costs in accuracy. Per k_ratio: exact-match accuracy (or agreement with the
+untrimmed output when there are no labels), the mean kept fraction, and a control keeping as many tokens
+chosen at random; under two protocols (later layers trimmed, as the paper; every layer trimmed). Also
+first-layer attention sparsity and inter-layer consistency. Accuracy runs the server's stages."""
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import EngineConfig, ModelConfig, TrimConfig
+from .errors import CrosstrimError
+from .reference import capture_cross_probs
+from .sampling import SamplingParams
+from .selection import head_scores
+
+PROTOCOLS = {"later": False, "all": True}  # protocol -> TrimConfig.trim_first_layer
+
+
+@dataclass
+class Row:
+    id: str
+    image: Image.Image
+    prompt: str
+    answer: str | None
+    kind: str = ""
+
+
+def add_args(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy against kept fraction, trimmed vs random, and attention diagnostics")
+    p.add_argument("--model", default="bundled:tiny-mllama-vqa")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="Parquet with id, prompt, image (bytes) or image_uri, optional answer")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N fresh samples of the synthetic task")
+    p.add_argument("--seed", type=int, default=777, help="seed of the synthetic samples (not a training seed)")
+    p.add_argument("--k-ratios", default="1,0.5,0.3,0.2,0.1")
+    p.add_argument("--protocols", default="later,all")
+    p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--diagnostic-samples", type=int, default=32)
+    p.add_argument("--json", dest="json_path")
+    p.add_argument("--figure", help="PNG: accuracy against kept fraction, and a first-layer attention heat map")
+
+
+def load_rows(args) -> list[Row]:
+    if args.synthetic:
+        from .synthetic import generate_samples
+
+        return [Row(s.id, s.image, s.prompt, s.answer, s.kind) for s in generate_samples(args.synthetic, args.seed)]
+    import pyarrow.parquet as pq
+
+    from .inputs import decode_image, read_image_file
+
+    table = pq.read_table(args.dataset).to_pylist()
+    rows = []
+    for r in table:
+        img = decode_image(r["image"]) if r.get("image") is not None else read_image_file(r["image_uri"])
+        rows.append(Row(str(r["id"]), img, r["prompt"], r.get("answer")))
+    return rows
+
+
+def _generate(pipe, sources, max_tokens: int) -> list[str]:
+    seqs = pipe.decoder.generate(sources, SamplingParams(max_tokens=max_tokens))
+    return [s.text.strip() for s in seqs]
+
+
+def _accuracy(texts: list[str], labels: list[str]) -> float:
+    return sum(t == lab.strip() for t, lab in zip(texts, labels)) / len(labels)
+
+
+def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str], max_tokens: int) -> dict:
+    prepared = [pipe.prepare(r.prompt, [r.image]) for r in rows]
+    visual = [pipe.encoder.encode(p) for p in prepared]
+    trim = pipe.trimmer.trim
+    untrimmed = _generate(pipe, [trim(p, v, TrimConfig(policy="none")) for p, v in zip(prepared, visual)], max_tokens)
+    labelled = all(r.answer is not None for r in rows)
+    labels = [r.answer for r in rows] if labelled else untrimmed
+    kinds = sorted({r.kind for r in rows if r.kind})
+    result = {"samples": len(rows), "metric": "exact match" if labelled else "agreement with untrimmed",
+              "untrimmed_accuracy": _accuracy(untrimmed, labels), "protocols": {}}
+    for protocol in protocols:
+        points = []
+        for k in k_ratios:
+            cfg = TrimConfig(k_ratio=k, trim_first_layer=PROTOCOLS[protocol])
+            trims = [trim(p, v, cfg) for p, v in zip(prepared, visual)]
+            texts = _generate(pipe, trims, max_tokens)
+            controls = [trim(p, v, TrimConfig(policy="random", budget_tokens=t.kept_tokens[0], seed=i,
+                                              trim_first_layer=PROTOCOLS[protocol]))
+                        for i, (p, v, t) in enumerate(zip(prepared, visual, trims))]
+            random_texts = _generate(pipe, controls, max_tokens)
+            point = {"k_ratio": k, "kept_fraction": statistics.mean(t.kept_fraction for t in trims),
+                     "accuracy": _accuracy(texts, labels), "random_accuracy": _accuracy(random_texts, labels)}
+            for kind in kinds:
+                idx = [i for i, r in enumerate(rows) if r.kind == kind]
+                point[f"accuracy_{kind}"] = _accuracy([texts[i] for i in idx], [labels[i] for i in idx])
+                point[f"random_accuracy_{kind}"] = _accuracy([random_texts[i] for i in idx], [labels[i] for i in idx])
+            points.append(point)
+        result["protocols"][protocol] = points
+    return result
+
+
+def diagnostics(pipe, rows: list[Row], k_ratio: float, mass: float = 0.9) -> dict:
+    """First-layer sparsity (per head, the share of tokens holding `mass` of its attention) and, per later
+    cross-attention layer, how much of its top-attended tokens (holding `mass`) the kept set covers."""
+    model = pipe.loaded.model
+    first, later = pipe.loaded.first_cross, pipe.loaded.cross_layers[1:]
+    sparsity, coverage = [], {idx: [] for idx in later}
+    for r in rows:
+        prepared = pipe.prepare(r.prompt, [r.image])
+        probs = capture_cross_probs(model, prepared.hf_inputs())
+        tiles = prepared.cross_attention_mask.shape[-1]
+        per_tile = probs[first].shape[-1] // tiles
+        token_visible = prepared.cross_attention_mask.bool().repeat_interleave(per_tile, dim=2).reshape(len(prepared.input_ids), -1)
+        valid = token_visible.any(dim=0)
+        scores = head_scores(probs[first], token_visible)[:, valid]
+        sparsity.append([_share_for_mass(h, mass) for h in scores])
+        trimmed = pipe.trim(prepared, TrimConfig(k_ratio=k_ratio))
+        kept = set(trimmed.kept_index.tolist())
+        valid_idx = valid.nonzero().squeeze(1)
+        for idx in later:
+            total = head_scores(probs[idx], token_visible)[:, valid].sum(dim=0)
+            top = valid_idx[_top_for_mass(total, mass)].tolist()
+            coverage[idx].append(len(kept & set(top)) / len(top))
+    per_head = torch.tensor(sparsity).mean(dim=0).tolist()
+    return {"mass": mass, "k_ratio": k_ratio,
+            "first_layer_share_for_mass_per_head": [round(x, 4) for x in per_head],
+            "first_layer_share_for_mass_mean": round(statistics.mean(per_head), 4),
+            "later_layer_coverage_by_kept": {str(i): round(statistics.mean(v), 4) for i, v in coverage.items()}}
+
+
+def _top_for_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    order = torch.sort(scores, descending=True, stable=True).indices
+    cum = scores[order].cumsum(0)
+    return order[: int((cum < mass * cum[-1]).sum()) + 1]
+
+
+def _share_for_mass(scores: torch.Tensor, mass: float) -> float:
+    return len(_top_for_mass(scores, mass)) / scores.numel()
+
+
+def heat_map(pipe, row: Row, ax_image, ax_heat) -> None:
+    """The first layer's head-summed attention over one image's tiles, laid out as the image."""
+    from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
+    prepared = pipe.prepare(row.prompt, [row.image])
+    probs = capture_cross_probs(pipe.loaded.model, prepared.hf_inputs())[pipe.loaded.first_cross]
+    tiles = prepared.cross_attention_mask.shape[-1]
+    per_tile = probs.shape[-1] // tiles
+    token_visible = prepared.cross_attention_mask.bool().repeat_interleave(per_tile, dim=2).reshape(len(prepared.input_ids), -1)
+    scores = head_scores(probs, token_visible).sum(dim=0).reshape(tiles, per_tile)[:, 1:]  # drop each tile's class token
+    side = int(round((per_tile - 1) ** 0.5))
+    rows_t, cols_t = get_all_supported_aspect_ratios(tiles)[int(prepared.aspect_ratio_ids[0, 0]) - 1]
+    grid = torch.zeros(rows_t * side, cols_t * side)
+    for t in range(rows_t * cols_t):
+        r, c = divmod(t, cols_t)
+        grid[r * side : (r + 1) * side, c * side : (c + 1) * side] = scores[t].reshape(side, side)
+    ax_image.imshow(row.image)
+    ax_image.set_title(row.prompt, fontsize=8)
+    ax_heat.imshow(grid.numpy(), cmap="magma")
+    ax_heat.set_title("first cross-attention layer: attention per visual token", fontsize=8)
+    for ax in (ax_image, ax_heat):
+        ax.axis("off")
+
+
+def plot(pipe, result: dict, row: Row, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for protocol, style in zip(result["protocols"], ("-", "--")):
+        pts = result["protocols"][protocol]
+        xs = [p["kept_fraction"] for p in pts]
+        axes[0].plot(xs, [p["accuracy"] for p in pts], "o" + style, color="C0", label=f"Trimmed Llama ({protocol})")
+        axes[0].plot(xs, [p["random_accuracy"] for p in pts], "s" + style, color="C3", label=f"random ({protocol})")
+    axes[0].axhline(result["untrimmed_accuracy"], color="grey", lw=0.8, label="untrimmed")
+    axes[0].set_xlabel("kept fraction of visual tokens")
+    axes[0].set_ylabel(result["metric"])
+    axes[0].legend(fontsize=7)
+    heat_map(pipe, row, axes[1], axes[2])
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def run(args) -> int:
+    from .decoder import Pipeline
+
+    k_ratios = [float(x) for x in args.k_ratios.split(",")]
+    protocols = args.protocols.split(",")
+    if not set(protocols) <= PROTOCOLS.keys():
+        raise CrosstrimError(f"protocols are {sorted(PROTOCOLS)}")
+    pipe = Pipeline(ModelConfig(source=args.model),
+                    engine=EngineConfig(kv_budget_bytes=1 << 30, max_running=128, max_waiting=1 << 20))
+    rows = load_rows(args)
+    result = evaluate(pipe, rows, k_ratios, protocols, args.max_tokens)
+    result["diagnostics"] = diagnostics(pipe, rows[: args.diagnostic_samples], TrimConfig().k_ratio)
+    print(f"{result['samples']} samples, {result['metric']}; untrimmed {result['untrimmed_accuracy']:.3f}")
+    for protocol, pts in result["protocols"].items():
+        for p in pts:
+            print(f"  {protocol:5s} k_ratio {p['k_ratio']:<5} kept {p['kept_fraction']:.3f}  "
+                  f"accuracy {p['accuracy']:.3f}  random {p['random_accuracy']:.3f}")
+    print(json.dumps(result["diagnostics"]))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
+    if args.figure:
+        plot(pipe, result, rows[0], args.figure)
+    return 0

@@ -1,0 +1,46 @@
+"""crosstrim eval: its numbers equal a direct computation through the same stages."""
+
+import statistics
+
+from pipeline.config import TrimConfig
+from pipeline.evaluate import Row, diagnostics, evaluate
+from pipeline.sampling import SamplingParams
+from pipeline.synthetic import generate_samples
+
+MAX_NEW = 6
+
+
+def test_eval_numbers_match_a_direct_computation(tiny_pipeline):
+    pipe = tiny_pipeline
+    samples = generate_samples(6, seed=4242)
+    k = 0.3
+    direct = [pipe.generate(s.prompt, [s.image], SamplingParams(max_tokens=MAX_NEW), TrimConfig(k_ratio=k)) for s in samples]
+    # Labels the eval can only score right by reproducing the pipeline's outputs: odd rows can never match.
+    rows = [Row(s.id, s.image, s.prompt, d.text.strip() if i % 2 == 0 else "\x00never", s.kind)
+            for i, (s, d) in enumerate(zip(samples, direct))]
+    result = evaluate(pipe, rows, [k], ["later"], MAX_NEW)
+    (point,) = result["protocols"]["later"]
+    assert point["accuracy"] == 3 / 6
+    assert point["kept_fraction"] == statistics.mean(d.kept_tokens / d.visual_tokens for d in direct)
+    random_direct = []
+    for i, (s, d) in enumerate(zip(samples, direct)):
+        cfg = TrimConfig(policy="random", budget_tokens=d.kept_tokens, seed=i)
+        random_direct.append(pipe.generate(s.prompt, [s.image], SamplingParams(max_tokens=MAX_NEW), cfg).text.strip())
+    assert point["random_accuracy"] == sum(t == r.answer for t, r in zip(random_direct, rows)) / 6
+
+
+def test_random_control_keeps_the_same_count_and_differs(tiny_pipeline, imgs):
+    pipe = tiny_pipeline
+    prepared = pipe.prepare("where is the red one", [imgs["4tile"]])
+    trimmed = pipe.trim(prepared, TrimConfig(k_ratio=0.1))
+    control = pipe.trim(prepared, TrimConfig(policy="random", budget_tokens=trimmed.kept_tokens[0], seed=0))
+    assert control.kept_tokens == trimmed.kept_tokens
+    assert set(control.kept_index.tolist()) != set(trimmed.kept_index.tolist())
+
+
+def test_diagnostics_are_fractions(tiny_pipeline):
+    rows = [Row(s.id, s.image, s.prompt, s.answer) for s in generate_samples(2, seed=5)]
+    d = diagnostics(tiny_pipeline, rows, k_ratio=0.15)
+    assert all(0 < x <= 1 for x in d["first_layer_share_for_mass_per_head"])
+    assert set(d["later_layer_coverage_by_kept"]) == {"5", "7"}
+    assert all(0 <= x <= 1 for x in d["later_layer_coverage_by_kept"].values())
