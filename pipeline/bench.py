@@ -1,6 +1,7 @@
 """`crosstrim bench decoder`: at one KV budget on the bench model, how many image requests fit and how fast
 they decode, trimmed vs untrimmed vs HF generate (static batches, the same budget), plus the batch-1 step
-against the memory-bandwidth bound. Prints a table and writes JSON."""
+against the memory-bandwidth bound. Prints a table and writes JSON. `crosstrim bench e2e` is the Serve app under
+locust (deployments/bench_e2e.py, imported only when run)."""
 
 import json
 import statistics
@@ -21,7 +22,7 @@ PROMPT = "Describe the picture in detail, please."
 
 
 def add_args(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (decoder: engine vs HF generate at one KV budget)")
+    p = sub.add_parser("bench", help="benchmarks (decoder: engine vs HF generate at one KV budget; e2e: Serve app)")
     bench = p.add_subparsers(dest="bench", required=True)
     d = bench.add_parser("decoder", help="decoder engine on the bench model preset")
     d.add_argument("--json", dest="json_path", default="bench-results/decoder.json")
@@ -30,11 +31,41 @@ def add_args(sub) -> None:
     d.add_argument("--untrimmed-slots", type=int, default=6, help="the KV budget fits this many untrimmed requests")
     d.add_argument("--k-ratio", type=float, default=None, help="default: the TrimConfig default policy")
     d.add_argument("--hf-batches", default="1,2,4,6")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch threads for every system in the run (default: torch's); 1 on a shared machine, "
+                        "where a second busy process makes 2-thread GEMMs ~10x slower")
+    _e2e_args(bench)
+
+
+def _e2e_args(bench) -> None:
+    e = bench.add_parser("e2e", help="the Serve app under locust, trimmed vs untrimmed, vs HF generate (bench model)")
+    e.add_argument("--json", dest="json_path", default="bench-results/e2e.json")
+    e.add_argument("--config", default=None, help="default: configs/bench.yaml of the repo")
+    e.add_argument("--users", type=lambda s: [int(x) for x in s.split(",")], default="1,2,4,8,12,16",
+                   help="locust user counts, increasing; a sweep stops once throughput stops improving")
+    e.add_argument("--point-s", type=int, default=40, help="seconds of locust per point")
+    e.add_argument("--warmup-s", type=int, default=12, help="rates are measured after this much of a point")
+    e.add_argument("--max-tokens", type=int, default=64, help="output tokens of every request (ignore_eos)")
+    e.add_argument("--saturation-gain", type=float, default=0.05,
+                   help="saturated when a point is not this much faster than the best before it")
+    e.add_argument("--hf-repeats", type=int, default=2, help="static batches of each size HF generate runs")
+    e.add_argument("--time-budget-s", type=float, default=840, help="the whole bench; points are skipped to meet it")
+    e.add_argument("--hf-reserve-s", type=float, default=120, help="of the budget, kept for HF generate")
+    e.add_argument("--markdown", default="BENCHMARKS.md", help="'' to skip; the section between e2e markers")
+    e.add_argument("--plot", default="bench-results/e2e.png")
+    e.add_argument("--plot-copy", default="docs/e2e.png", help="the copy BENCHMARKS.md links ('' for none)")
+    e.add_argument("--workdir", default="bench-results/e2e-locust", help="locust's CSVs and logs")
+    e.add_argument("--note", default=None, help="a paragraph for the report")
+    e.add_argument("--from-json", default=None, help="re-render the report of an earlier run; no measuring")
 
 
 def run(args) -> int:
     if args.bench == "decoder":
         return run_decoder(args)
+    if args.bench == "e2e":
+        from deployments.bench_e2e import run as run_e2e  # Ray Serve only for this subcommand
+
+        return run_e2e(args)
     raise SystemExit(f"unknown bench {args.bench}")
 
 
@@ -45,7 +76,8 @@ def _images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes per second moved by a large tensor copy (read + write), best of a few."""
+    """Bytes copied per second by a large tensor copy (the memcpy convention: N bytes read and N written in
+    time t give N / t; STREAM counts the traffic, 2N / t), best of a few."""
     src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     best = float("inf")
@@ -53,7 +85,7 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
+    return nbytes / best
 
 
 def _run_engine(loaded, sources, budget, params):
@@ -98,6 +130,8 @@ def run_decoder(args) -> int:
     from .decoder import Pipeline
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = build_bench_model()
     pipe = Pipeline(loaded, engine=EngineConfig(kv_budget_bytes=2**20))
     trim_cfg = TrimConfig() if args.k_ratio is None else TrimConfig(k_ratio=args.k_ratio)
@@ -176,7 +210,10 @@ def run_decoder(args) -> int:
         "decode_step_ms_batch1": round(one["step_ms_mean"], 2),
         "bandwidth_bound_ms_batch1": round(bound_ms, 2),
         "step_vs_bound_batch1": round(one["step_ms_mean"] / bound_ms, 3),
-        "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "copy_bandwidth_GBps": round(bandwidth / 1e9, 2), "torch_threads": torch.get_num_threads(),
+        # The same bound if the copy's read + write traffic (2N / t, STREAM's convention) is the bandwidth.
+        "bandwidth_bound_ms_batch1_stream_convention": round(bound_ms / 2, 2),
+        "step_vs_bound_batch1_stream_convention": round(one["step_ms_mean"] / (bound_ms / 2), 3),
         "stage_ms_mean": {k: round(statistics.mean(v), 1) for k, v in stage_ms.items()},
         "engine_untrimmed_equals_hf_greedy_batch1": exact,
         "note": "engine tokens/s time the decoder engine (prefill resume + decode) on precomputed TrimResults; "
