@@ -1,49 +1,22 @@
 """Locust load test: OpenAI-style streaming chat requests with images against crosstrim (or any OpenAI server).
 
-Records TTFT, inter-token latency and output tokens as custom locust metrics; a non-2xx answer or a malformed
-stream is a failure. Example:
+Records TTFT, inter-token latency and output tokens (plus, from crosstrim's `trim` field, the cross-attention KV
+held and the bytes shipped per request) as custom locust metrics, request_type "METRIC"; a non-2xx answer or a
+malformed stream (bad JSON, an error object, no finish_reason, no [DONE]) is a failure. Example:
   locust -f loadtests/locustfile.py --headless -u 8 -r 4 -t 60s --host http://127.0.0.1:8000 --csv out \\
       --trim on --image-mix 1,4 --max-tokens 32
 """
 
-import base64
-import io
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 from locust import FastHttpUser, events, task
-from PIL import Image, ImageDraw
 
-PROMPTS = [
-    "What colour is the shape in the top left corner?",
-    "Describe this image.",
-    "How many shapes are there?",
-    "Where is the red square?",
-    "Which shape is the largest?",
-]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-
-
-def make_image(seed: int, tiles_wide: int, tiles_high: int, tile: int = 64) -> bytes:
-    """A seeded picture of coloured shapes, sized to span the given number of tiles."""
-    rng = random.Random(seed)
-    img = Image.new("RGB", (tiles_wide * tile, tiles_high * tile), "white")
-    draw = ImageDraw.Draw(img)
-    for _ in range(3 * tiles_wide * tiles_high):
-        x, y, r = rng.randrange(img.width), rng.randrange(img.height), rng.randrange(6, 20)
-        box = [x - r, y - r, x + r, y + r]
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=rng.choice(COLOURS))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-TILE_SHAPES = {1: (1, 1), 2: (2, 1), 4: (2, 2)}
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # locust does this too; importers of this file may not
+from workload import PROMPTS, chat_body, data_url, image_set, trim_field  # noqa: E402
 
 
 @events.init_command_line_parser.add_listener
@@ -55,6 +28,10 @@ def _(parser):
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default=None, help="default: the first model GET /v1/models lists")
     parser.add_argument("--images-per-tile-count", type=int, default=4)
+    parser.add_argument("--tile-px", type=int, default=64,
+                        help="the model's tile size (tiny model 64, Llama-3.2-Vision and the bench model 448)")
+    parser.add_argument("--prompt", default=None, help="one prompt for every request (default: drawn from a set)")
+    parser.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-tokens (an extension)")
 
 
 IMAGES: dict[int, list[str]] = {}
@@ -63,14 +40,17 @@ IMAGES: dict[int, list[str]] = {}
 @events.init.add_listener
 def _build_images(environment, **_kwargs):
     opts = environment.parsed_options
-    count = opts.images_per_tile_count if opts else 4
-    for tiles in (1, 2, 4):
-        IMAGES[tiles] = [data_url(make_image(1000 * tiles + i, *TILE_SHAPES[tiles])) for i in range(count)]
+    pngs = image_set(opts.tile_px if opts else 64, opts.images_per_tile_count if opts else 4)
+    IMAGES.update({tiles: [data_url(p) for p in ps] for tiles, ps in pngs.items()})
 
 
-def _fire(environment, name: str, value: float, ok: bool = True):
+def _fire(environment, name: str, value: float):
     environment.events.request.fire(request_type="METRIC", name=name, response_time=value, response_length=0,
-                                    exception=None if ok else RuntimeError(name), context={})
+                                    exception=None, context={})
+
+
+class StreamError(Exception):
+    """The 200 stream was not a well-formed chat completion stream."""
 
 
 class ChatUser(FastHttpUser):
@@ -88,66 +68,87 @@ class ChatUser(FastHttpUser):
     def _body(self) -> dict:
         opts = self.environment.parsed_options
         tiles = self.rng.choice(self.mix)
-        content = [{"type": "text", "text": self.rng.choice(PROMPTS)}]
-        if tiles:
-            content.insert(0, {"type": "image_url", "image_url": {"url": self.rng.choice(IMAGES[tiles])}})
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "stream": True,
-                "max_tokens": opts.max_tokens, "temperature": 0.0}
-        if opts.trim == "off":
-            body["trim"] = {"enabled": False}
-        elif opts.trim == "on":
-            body["trim"] = {"k_ratio": opts.k_ratio} if opts.k_ratio else {"policy": "topk_union"}
-        return body
+        image = self.rng.choice(IMAGES[tiles]) if tiles else None
+        return chat_body(self.model, opts.prompt or self.rng.choice(PROMPTS), image, opts.max_tokens,
+                         trim_field(opts.trim, opts.k_ratio), opts.ignore_eos)
 
     @task
     def chat(self):
         start = time.perf_counter()
-        first = last = None
-        gaps, tokens, done = [], 0, False
         with self.client.post("/v1/chat/completions", json=self._body(), stream=True, catch_response=True,
                               name="chat/completions") as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200] if resp.text else ''}")
                 return
             try:
-                for line in _lines(resp):
-                    if not line.startswith("data: "):
-                        continue
-                    payload = line[len("data: "):]
-                    if payload == "[DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(payload)
-                    delta = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
-                    if delta:
-                        now = time.perf_counter()
-                        if first is None:
-                            first = now
-                        else:
-                            gaps.append(now - last)
-                        last = now
-                        tokens += 1
-            except (ValueError, KeyError, IndexError) as exc:
+                stream = read_stream(_lines(resp))
+            except StreamError as exc:
                 resp.failure(f"malformed stream: {exc}")
                 return
-            if not done:
-                resp.failure("stream ended without data: [DONE]")
-                return
             resp.success()
-        if first is not None:
-            _fire(self.environment, "ttft_ms", (first - start) * 1e3)
-        for gap in gaps:
-            _fire(self.environment, "itl_ms", gap * 1e3)
-        _fire(self.environment, "output_chunks", tokens)
+        self._record(start, stream)
+
+    def _record(self, start: float, stream: dict) -> None:
+        env = self.environment
+        times = stream["token_times"]
+        if times:
+            _fire(env, "ttft_ms", (times[0] - start) * 1e3)
+        for a, b in zip(times, times[1:]):
+            _fire(env, "itl_ms", (b - a) * 1e3)
+        _fire(env, "output_chunks", len(times))
+        usage = stream["usage"]
+        _fire(env, "output_tokens", usage["completion_tokens"] if usage else len(times))
+        trim = stream["trim"]
+        if trim:  # crosstrim's extension: what the decoder held and what crossed the trimmer -> decoder hop
+            _fire(env, "cross_kv_kib", trim["cross_kv_bytes"] / 1024)
+            if "shipped_bytes" in trim:
+                _fire(env, "shipped_kib", trim["shipped_bytes"] / 1024)
+                _fire(env, "hop_ms", trim["hop_ms"])
+
+
+def read_stream(lines) -> dict:
+    """Parse an SSE chat completion stream: arrival times of content deltas, usage, trim; StreamError if it is
+    not a well-formed one."""
+    token_times, usage, trim, finish, done = [], None, None, None, False
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(payload)
+        except ValueError as exc:
+            raise StreamError(f"bad JSON: {payload[:80]!r}") from exc
+        if not isinstance(chunk, dict):
+            raise StreamError(f"not an object: {payload[:80]!r}")
+        if "error" in chunk:  # a failure after the 200 header travels in the stream
+            raise StreamError(f"error in stream: {str(chunk['error'])[:200]}")
+        choices = chunk.get("choices")
+        if choices is None:
+            raise StreamError(f"a chunk without choices: {payload[:80]!r}")
+        if choices:
+            choice = choices[0]
+            if choice.get("delta", {}).get("content"):
+                token_times.append(time.perf_counter())
+            finish = choice.get("finish_reason") or finish
+        usage = chunk.get("usage") or usage
+        trim = chunk.get("trim") or trim
+    if not done:
+        raise StreamError("ended without data: [DONE]")
+    if finish is None:
+        raise StreamError("no chunk carried a finish_reason")
+    return {"token_times": token_times, "usage": usage, "trim": trim, "finish_reason": finish}
 
 
 def _lines(resp):
     """The streamed body split into lines, read in small pieces so a token's arrival is timed when it comes."""
-    buf = ""
+    buf = b""
     for piece in resp.iter_content(chunk_size=64):
-        buf += piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece
-        while "\n" in buf:
-            line, buf = buf.split("\n", 1)
-            yield line.rstrip("\r")
+        buf += piece if isinstance(piece, bytes) else piece.encode()
+        while b"\n" in buf:  # split bytes, not text: a piece may end inside a UTF-8 character
+            line, buf = buf.split(b"\n", 1)
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
     if buf:
-        yield buf
+        yield buf.decode("utf-8", errors="replace")

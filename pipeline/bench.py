@@ -47,7 +47,7 @@ def _e2e_args(bench) -> None:
     e.add_argument("--warmup-s", type=int, default=12, help="rates are measured after this much of a point")
     e.add_argument("--max-tokens", type=int, default=64, help="output tokens of every request (ignore_eos)")
     e.add_argument("--saturation-gain", type=float, default=0.05,
-                   help="saturated when a point is not this much faster than the best before it")
+                   help="saturated when two points running are not this much faster than the best before them")
     e.add_argument("--hf-repeats", type=int, default=2, help="static batches of each size HF generate runs")
     e.add_argument("--time-budget-s", type=float, default=840, help="the whole bench; points are skipped to meet it")
     e.add_argument("--hf-reserve-s", type=float, default=120, help="of the budget, kept for HF generate")
