@@ -145,7 +145,8 @@ def heat_map(pipe, row: Row, ax_image, ax_heat) -> None:
     from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
 
     prepared = pipe.prepare(row.prompt, [row.image])
-    probs = capture_cross_probs(pipe.loaded.model, prepared.hf_inputs())[pipe.loaded.first_cross]
+    first = pipe.loaded.first_cross
+    probs = capture_cross_probs(pipe.loaded.model, prepared.hf_inputs(), [first])[first]
     tiles = prepared.cross_attention_mask.shape[-1]
     per_tile = probs.shape[-1] // tiles
     token_visible = prepared.cross_attention_mask.bool().repeat_interleave(per_tile, dim=2).reshape(len(prepared.input_ids), -1)

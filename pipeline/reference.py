@@ -14,12 +14,12 @@ from .inputs import PreparedPrompt
 from .selection import head_scores, select_tokens
 
 
-def capture_cross_probs(model, inputs: dict) -> dict[int, torch.Tensor]:
-    """Every cross-attention layer's softmax on HF's untrimmed forward, recomputed from HF's own q and
-    cached k: {layer index: (H, S, V)}."""
+def capture_cross_probs(model, inputs: dict, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """The softmax of cross-attention `layers` (default: all) on HF's untrimmed forward, recomputed from HF's
+    own q and cached k: {layer index: (H, S, V)}."""
     text = model.model.language_model
     captured, handles = {}, []
-    for idx in text.cross_attention_layers:
+    for idx in layers if layers is not None else text.cross_attention_layers:
         def hook(module, args, kwargs, idx=idx):
             captured[idx] = (kwargs["hidden_states"], kwargs["attention_mask"])
         handles.append(text.layers[idx].cross_attn.register_forward_pre_hook(hook, with_kwargs=True))
@@ -39,7 +39,8 @@ def capture_cross_probs(model, inputs: dict) -> dict[int, torch.Tensor]:
 
 def _capture_first_cross_probs(model, inputs: dict) -> torch.Tensor:
     """Softmax of the first cross-attention layer (H, S, V)."""
-    return capture_cross_probs(model, inputs)[model.model.language_model.cross_attention_layers[0]]
+    first = model.model.language_model.cross_attention_layers[0]
+    return capture_cross_probs(model, inputs, [first])[first]
 
 
 @torch.inference_mode()

@@ -114,7 +114,7 @@ class Trimmer:
         h_in = h
         h, probs, k, v = self._first_cross_layer(h, feats, token_visible, sees)
         scores = head_scores(probs, token_visible)  # (H, images * tokens_per_image)
-        prefix_kv = self._finish_blind_prefix(h[:, :prefix], feats, cos[:, :prefix], sin[:, :prefix])
+        prefix_kv, full_kv = self._finish_blind_prefix(h[:, :prefix], feats, cos[:, :prefix], sin[:, :prefix])
 
         kept = []
         for i in range(images):
@@ -128,8 +128,11 @@ class Trimmer:
             h = self._first_cross_layer(h_in, feats, token_visible & keep, sees)[0]
 
         later = [i for i in self.loaded.cross_layers if i != self.first]
-        cross = torch.cat([torch.stack([k[:, kept], v[:, kept]])[None],
-                           project_cross_kv(self.text, later, feats[kept])])
+        if full_kv:  # the blind prefix already projected every visual token: take the kept ones
+            later_kv = torch.stack([torch.stack([full_kv[i][0][:, kept], full_kv[i][1][:, kept]]) for i in later])
+        else:
+            later_kv = project_cross_kv(self.text, later, feats[kept])
+        cross = torch.cat([torch.stack([k[:, kept], v[:, kept]])[None], later_kv])
         kept_image = kept // tokens_per_image
         return TrimResult(
             prompt_token_ids=ids.tolist(),
@@ -156,14 +159,16 @@ class Trimmer:
             h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
         return h, self_kv, (cos, sin)
 
-    def _finish_blind_prefix(self, h, feats, cos, sin) -> torch.Tensor:
+    def _finish_blind_prefix(self, h, feats, cos, sin):
         """Run the rows that see no image through the remaining layers, attending to every visual token as
-        HF does; return their self-attention K/V for the decoder. Transient full K/V, nothing kept."""
-        kv = []
-        for layer in self.text.layers[self.first + 1 :]:
+        HF does. Returns their self-attention K/V for the decoder, and the later cross layers' full K/V that
+        this needed ({layer: (k, v)}, empty without a prefix) so the kept tokens' K/V are not projected again."""
+        kv, full = [], {}
+        for idx in range(self.first + 1, len(self.text.layers)):
+            layer = self.text.layers[idx]
             if hasattr(layer, "cross_attn"):
                 if h.shape[1]:
-                    k, v = cross_kv(layer, feats)
+                    k, v = full[idx] = cross_kv(layer, feats)
                     out = attend(cross_q(layer, h), k[None], v[None], layer.cross_attn.scaling)
                     h = cross_finish(layer, h, out, torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device))
                 continue
@@ -171,7 +176,7 @@ class Trimmer:
             kv.append(torch.stack([k[0], v[0]]))
             if h.shape[1]:
                 h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
-        return torch.stack(kv) if kv else h.new_zeros(0)
+        return (torch.stack(kv) if kv else h.new_zeros(0)), full
 
     def _first_cross_layer(self, h, feats, token_visible, row_sees_image):
         """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring."""
