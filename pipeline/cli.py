@@ -10,7 +10,8 @@ from .errors import CrosstrimError
 
 def _generate_args(sub) -> None:
     p = sub.add_parser("generate", help="run one request through encoder -> trimmer -> decoder in this process")
-    p.add_argument("--model", default="bundled:tiny-mllama", help="local dir, s3://bucket/prefix, hub id, bundled:NAME")
+    p.add_argument("--model", default="bundled:tiny-mllama-vqa",
+                   help="local dir, s3://bucket/prefix, hub id, bundled:NAME (default: the trained demo model)")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=32)

@@ -101,6 +101,16 @@ def generate_samples(n: int, seed: int, max_objects: int = MAX_OBJECTS, max_tile
     return [make_sample(rng, f"s{seed}-{i}", max_objects, max_tiles) for i in range(n)]
 
 
+EXAMPLE_GRID = (2, 4)  # two tiles wide
+EXAMPLE_OBJECTS = [(1, 1, "red", "square"), (1, 3, "blue", "circle"), (2, 2, "green", "triangle"),
+                   (2, 4, "yellow", "square")]
+
+
+def example_image() -> Image.Image:
+    """The README's example picture, pipeline/assets/example.png: four shapes on a 2x4 grid of cells."""
+    return draw_image(EXAMPLE_GRID, EXAMPLE_OBJECTS, random.Random(0))
+
+
 def chat_messages(prompt: str) -> list[dict]:
     """One user message, image first, then the question (the Llama-3.2-Vision layout)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

@@ -20,7 +20,7 @@ import yaml
 
 from pipeline import cli
 from pipeline.batch import BatchConfig, S3Settings, load_config
-from pipeline.config import ModelConfig, TrimConfig
+from pipeline.config import TrimConfig
 from pipeline.decoder import Pipeline
 from pipeline.inputs import decode_image
 from pipeline.sampling import SamplingParams
@@ -124,7 +124,7 @@ def local_ray(s3_endpoint):
 @pytest.fixture(scope="module")
 def oracle():
     """The in-process pipeline `crosstrim generate` runs: expected output per row and trim setting."""
-    pipe = Pipeline(ModelConfig())
+    pipe = Pipeline(load_config(str(LOCAL_CONFIG)).model)  # the model the job runs
     cache = {}
 
     def expected(row: dict, trim: TrimConfig, image_path: Path | None = None):

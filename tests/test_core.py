@@ -215,7 +215,8 @@ def test_cli_generate_json(tmp_path, imgs, tiny_pipeline):
     path = tmp_path / "img.png"
     path.write_bytes(_png(imgs["4tile"]))
     run = subprocess.run(
-        ["crosstrim", "generate", "--image", str(path), "--prompt", PROMPTS[1], "--max-tokens", "8", "--json"],
+        ["crosstrim", "generate", "--model", "bundled:tiny-mllama", "--image", str(path), "--prompt", PROMPTS[1],
+         "--max-tokens", "8", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr

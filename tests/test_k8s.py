@@ -638,7 +638,7 @@ def test_docker_context_has_what_the_manifests_use():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     needed = ["pyproject.toml", "constraints.txt", "README.md", "deployments/app.py", "pipeline/cli.py",
-              "pipeline/assets/tiny-mllama/model.safetensors",  # the demo's model
+              "pipeline/assets/tiny-mllama-vqa/model.safetensors",  # the demo's model
               "configs/batch-gpu.yaml", "loadtests/locustfile.py"]  # the RayJob's config, the locust Job's file
     assert [p for p in needed if dockerignored(p, patterns)] == []
     assert [p for p in needed if not (ROOT / p).exists()] == []

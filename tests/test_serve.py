@@ -160,12 +160,12 @@ def http(serve_app):
 
 @pytest.fixture(scope="module")
 def oracle():
-    """The in-process three stages (what `crosstrim generate` runs) with the YAML's default trim."""
-    from pipeline.config import TrimConfig
+    """The in-process three stages (what `crosstrim generate` runs) with the YAML's model and default trim."""
+    from pipeline.config import ModelConfig, TrimConfig
     from pipeline.decoder import Pipeline
 
-    trim = yaml.safe_load((CONFIGS / "local.yaml").read_text())["applications"][0]["args"]["trim"]
-    return Pipeline(trim=TrimConfig(**trim))
+    args = yaml.safe_load((CONFIGS / "local.yaml").read_text())["applications"][0]["args"]
+    return Pipeline(ModelConfig(**args["model"]), trim=TrimConfig(**args["trim"]))
 
 
 def decoder_stats(http) -> dict:
@@ -208,7 +208,7 @@ def test_config_validates(name):
     opts = {d.name: d for d in app.deployments}
     as_dict = lambda x: x if isinstance(x, dict) else x.model_dump()  # noqa: E731
     if name == "local.yaml":
-        assert cfg.model.source == "bundled:tiny-mllama"
+        assert cfg.model.source == "bundled:tiny-mllama-vqa"  # the trained demo model
         assert sum(d.ray_actor_options.num_cpus * d.num_replicas for d in app.deployments) <= 2
         assert all(d.ray_actor_options.num_cpus < 1 for d in app.deployments)
     else:
@@ -255,6 +255,17 @@ def test_health_and_models(serve_app, http):
     assert http.get("/health").json() == {"status": "ok"}
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["crosstrim-tiny"]
+
+
+def test_readme_request_gets_the_right_answer(serve_app, http):
+    """A new user's first request, the README's curl: the demo model answers it right, trimmed by default."""
+    data = (ROOT / "pipeline" / "assets" / "example.png").read_bytes()
+    r = http.post("/v1/chat/completions", json=chat("where is the yellow square?", data_url(data), max_tokens=16))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["message"]["content"] == "row two column four"
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert 0 < out["trim"]["kept_tokens"] < out["trim"]["visual_tokens"]
 
 
 @pytest.mark.parametrize("trim", [None, {"enabled": False}], ids=["trimmed", "untrimmed"])
@@ -341,11 +352,12 @@ def test_feature_cache_serves_repeated_image(serve_app, http, images):
 
 def test_trim_overrides(serve_app, http, images):
     def kept(trim):
-        r = http.post("/v1/chat/completions", json=chat("x", data_url(images["cache"]), max_tokens=1, trim=trim))
+        r = http.post("/v1/chat/completions", json=chat("where is the red circle?", data_url(images["cache"]),
+                                                            max_tokens=1, trim=trim))
         assert r.status_code == 200, r.text
         return r.json()["trim"]
 
-    low, high, none, mass = kept({"k_ratio": 0.05}), kept({"k_ratio": 0.6}), kept("none"), kept({"policy": "mass"})
+    low, high, none, mass = kept({"k_ratio": 0.05}), kept({"k_ratio": 0.2}), kept("none"), kept({"policy": "mass"})
     assert low["kept_tokens"] < high["kept_tokens"] < none["kept_tokens"] == none["visual_tokens"]
     assert low["cross_kv_bytes"] < high["cross_kv_bytes"] < none["cross_kv_bytes"]
     assert 0 < mass["kept_tokens"] <= mass["visual_tokens"]

@@ -14,7 +14,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.synthetic import (  # noqa: E402
-    CELL, COLOURS, TILE, answer_from_layout, generate_samples, png_bytes, write_parquet,
+    CELL, COLOURS, EXAMPLE_OBJECTS, NUMBERS, TILE, answer_from_layout, example_image, generate_samples, png_bytes,
+    write_parquet,
 )
 
 CKPT = ROOT / "pipeline" / "assets" / "tiny-mllama-vqa"
@@ -95,7 +96,6 @@ print(json.dumps(hits))
 """
 
 
-@pytest.mark.skipif(not (CKPT / "model.safetensors").exists(), reason="trained checkpoint not built")
 def test_trained_checkpoint_loads_offline_and_answers():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", CHECK, str(CKPT), str(ROOT)], env=env, capture_output=True,
@@ -107,3 +107,26 @@ def test_trained_checkpoint_loads_offline_and_answers():
                  "preprocessor_config.json"]:
         assert (CKPT / name).exists(), name
     assert sum(f.stat().st_size for f in CKPT.iterdir()) <= 12 * 2**20
+
+
+def test_readme_example_is_answered_by_the_demo_model():
+    """pipeline/assets/example.png is the task's picture, and the demo model (local.yaml's default, trimmed at
+    the default policy) answers every cell question the README suggests about it."""
+    from pipeline.config import ModelConfig, TrimConfig
+    from pipeline.decoder import Pipeline
+    from pipeline.sampling import SamplingParams
+
+    image = Image.open(ROOT / "pipeline" / "assets" / "example.png").convert("RGB")
+    assert np.array_equal(np.asarray(image), np.asarray(example_image()))
+    pipe = Pipeline(ModelConfig(source="bundled:tiny-mllama-vqa"), trim=TrimConfig())
+    wrong = []
+    for row, col, colour, shape in EXAMPLE_OBJECTS:
+        where = f"row {NUMBERS[row]} column {NUMBERS[col]}"
+        for prompt, answer in [(f"what is the shape at {where}?", f"{colour} {shape}"),
+                               (f"what colour is the shape at {where}?", colour),
+                               (f"where is the {colour} {shape}?", where)]:
+            g = pipe.generate(prompt, [image], SamplingParams(max_tokens=8))
+            assert g.kept_tokens < g.visual_tokens
+            if g.text != answer:
+                wrong.append((prompt, g.text, answer))
+    assert wrong == []
