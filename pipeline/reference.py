@@ -2,8 +2,9 @@
 
 Pass 1 runs HF's forward with hooks that capture the first cross-attention layer's softmax and selects
 tokens with the same policy code. Pass 2 runs HF's own `generate` with forward pre-hooks that mask the
-dropped tokens in every later cross-attention layer and, during decoding, in the first one too (masking a
-token is mathematically the same as removing it). Rows that see no image keep HF's mask untouched.
+dropped tokens, for every row, in every later cross-attention layer and, during decoding, in the first one
+too (masking a token is mathematically the same as removing it). A dropped token is a non-padding token
+not selected; padding tiles' tokens keep HF's treatment (only rows that see no image attend to them).
 """
 
 import torch
@@ -52,12 +53,18 @@ def reference_select(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Te
     per_image = probs.shape[-1] // images
     token_visible = tile_mask.repeat_interleave(per_image // tiles, dim=2).reshape(s, -1)
     scores = head_scores(probs, token_visible)
-    valid = prompt.aspect_ratio_mask[0].bool().repeat_interleave(per_image // tiles, dim=1)
+    valid = _valid_tokens(prompt, per_image)
     keep = torch.zeros(images * per_image, dtype=torch.bool)
     for i in range(images):
         idx = valid[i].nonzero().squeeze(1)
         keep[i * per_image + idx[select_tokens(scores[:, i * per_image + idx], cfg)]] = True
     return keep
+
+
+def _valid_tokens(prompt: PreparedPrompt, per_image: int) -> torch.Tensor:
+    """(images, per_image) bool: tokens of real (non-padding) tiles."""
+    tiles = prompt.cross_attention_mask.shape[-1]
+    return prompt.aspect_ratio_mask[0].bool().repeat_interleave(per_image // tiles, dim=1)
 
 
 @torch.inference_mode()
@@ -67,6 +74,7 @@ def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_t
     handles = []
     if prompt.num_images and cfg.enabled:
         keep = reference_select(model, prompt, cfg)
+        dropped = ~keep & _valid_tokens(prompt, len(keep) // prompt.num_images).reshape(-1)
         text = model.model.language_model
         first = text.cross_attention_layers[0]
 
@@ -74,9 +82,8 @@ def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_t
             mask = kwargs["cross_attention_mask"]
             if module.layer_idx == first and mask.shape[2] > 1:
                 return None  # the first layer's prefill sees every token: that is where scores come from
-            sees_image = kwargs["full_text_row_masked_out_mask"].bool()  # (B, 1, S, 1)
-            dropped = (~keep)[None, None, None, :] & sees_image
-            kwargs["cross_attention_mask"] = mask.masked_fill(dropped, torch.finfo(mask.dtype).min)
+            mask = mask.masked_fill(dropped[None, None, None, :], torch.finfo(mask.dtype).min)
+            kwargs["cross_attention_mask"] = mask
             return args, kwargs
 
         for layer in text.layers:

@@ -37,7 +37,8 @@ class TrimResult:
     @property
     def prefix_len(self) -> int:
         """Rows before the first image token: they see no image, and HF lets them attend to every visual
-        token (its mask row is all zeros), so the trimmer runs them through all layers untrimmed."""
+        token (its mask row is all zeros), so the trimmer runs them through all layers itself: in the first
+        cross-attention layer over every token, in later ones over the kept and padding tokens."""
         return self.prompt_len - self.hidden.shape[0]
 
     kv_bytes_per_visual_token: int = 0  # K and V of one visual token across all cross-attention layers
@@ -114,7 +115,6 @@ class Trimmer:
         h_in = h
         h, probs, k, v = self._first_cross_layer(h, feats, token_visible, sees)
         scores = head_scores(probs, token_visible)  # (H, images * tokens_per_image)
-        prefix_kv, full_kv = self._finish_blind_prefix(h[:, :prefix], feats, cos[:, :prefix], sin[:, :prefix])
 
         kept = []
         for i in range(images):
@@ -127,11 +127,17 @@ class Trimmer:
             keep[kept] = True
             h = self._first_cross_layer(h_in, feats, token_visible & keep, sees)[0]
 
+        # Later layers project K/V of the kept tokens only. The blind prefix (if any) reads those plus the
+        # padding tiles' tokens (which HF shows it and trimming never drops); only kept ones are shipped.
         later = [i for i in self.loaded.cross_layers if i != self.first]
-        if full_kv:  # the blind prefix already projected every visual token: take the kept ones
-            later_kv = torch.stack([torch.stack([full_kv[i][0][:, kept], full_kv[i][1][:, kept]]) for i in later])
-        else:
-            later_kv = project_cross_kv(self.text, later, feats[kept])
+        read = kept
+        if prefix:
+            read = torch.cat([kept, (~visual.token_valid.to(dev).reshape(-1)).nonzero().squeeze(1)]).sort().values
+        read_kv = (project_cross_kv(self.text, later, feats[read]) if later  # (later, 2, KVH, len(read), hd)
+                   else k.new_zeros((0, 2, k.shape[0], len(read), k.shape[2])))
+        prefix_kv = self._finish_blind_prefix(h[:, :prefix], dict(zip(later, read_kv)), cos[:, :prefix],
+                                              sin[:, :prefix])
+        later_kv = read_kv[:, :, :, torch.searchsorted(read, kept)] if prefix else read_kv
         cross = torch.cat([torch.stack([k[:, kept], v[:, kept]])[None], later_kv])
         kept_image = kept // tokens_per_image
         return TrimResult(
@@ -159,16 +165,16 @@ class Trimmer:
             h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
         return h, self_kv, (cos, sin)
 
-    def _finish_blind_prefix(self, h, feats, cos, sin):
-        """Run the rows that see no image through the remaining layers, attending to every visual token as
-        HF does. Returns their self-attention K/V for the decoder, and the later cross layers' full K/V that
-        this needed ({layer: (k, v)}, empty without a prefix) so the kept tokens' K/V are not projected again."""
-        kv, full = [], {}
+    def _finish_blind_prefix(self, h, later_kv: dict, cos, sin):
+        """Run the rows that see no image through the remaining layers; in the later cross-attention layers
+        they attend to every token in `later_kv` ({layer: (2, KVH, N, hd)}), as HF's all-zero mask row lets
+        them. Returns their self-attention K/V for the decoder."""
+        kv = []
         for idx in range(self.first + 1, len(self.text.layers)):
             layer = self.text.layers[idx]
             if hasattr(layer, "cross_attn"):
                 if h.shape[1]:
-                    k, v = full[idx] = cross_kv(layer, feats)
+                    k, v = later_kv[idx]
                     out = attend(cross_q(layer, h), k[None], v[None], layer.cross_attn.scaling)
                     h = cross_finish(layer, h, out, torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device))
                 continue
@@ -176,7 +182,7 @@ class Trimmer:
             kv.append(torch.stack([k[0], v[0]]))
             if h.shape[1]:
                 h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
-        return (torch.stack(kv) if kv else h.new_zeros(0)), full
+        return torch.stack(kv) if kv else h.new_zeros(0)
 
     def _first_cross_layer(self, h, feats, token_visible, row_sees_image):
         """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring."""
