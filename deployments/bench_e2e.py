@@ -400,7 +400,10 @@ def summarize(sweeps: dict, hf_points: list[dict], hf_info: dict, meta: dict) ->
               for k, v in ratios.items() if v < TARGETS[k]]
     return {**meta, "hf": hf_info, "points": [p for ps in systems.values() for p in ps],
             "saturation": {s: {"users": p["users"], "output_tokens_per_s": p["output_tokens_per_s"],
-                               "mean_decode_batch": p["mean_decode_batch"]} for s, p in peak.items()},
+                               "mean_decode_batch": p["mean_decode_batch"],
+                               # a Serve sweep that ended still rising would have gone higher with more users
+                               "saturated": s == HF or saturated(systems[s], meta.get("saturation_gain", 0.05))}
+                           for s, p in peak.items()},
             "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets_met": checks, "misses": misses}
 
 
@@ -441,7 +444,8 @@ def markdown(result: dict, plot_rel: str) -> str:
                      f"{_fmt(p['cross_kv_mib_per_request'])} | {_fmt(p['shipped_mib_per_request'])} | "
                      f"{_fmt(p.get('other_cores'), 2)} |")
     lines += ["", "At saturation (each system's best point): " + ", ".join(
-        f"{s} {v['output_tokens_per_s']:.1f} tok/s at {v['users']} users (decode batch {v['mean_decode_batch']})"
+        f"{s} {v['output_tokens_per_s']:.1f} tok/s at {v['users']} users (decode batch {v['mean_decode_batch']}"
+        + ("" if v.get("saturated", True) else "; the sweep ended still rising") + ")"
         for s, v in m["saturation"].items()) + ".",
         "Ratios: " + ", ".join(f"{k} **{v:.2f}x** (target {TARGETS[k]}x)" for k, v in m["ratios"].items()) + ".",
         "Targets: " + ", ".join(f"{k}: {'met' if ok else '**missed**'}" for k, ok in m["targets_met"].items()) + "."]
@@ -571,6 +575,7 @@ def measure(args) -> dict:
     partial.write_text(json.dumps(sweeps, indent=2))
     hf_points, hf_info = run_hf(args, model_cfg, engine_cfg, t0 + args.time_budget_s)
     meta.update(cpus=os.cpu_count(), max_tokens=args.max_tokens, point_s=args.point_s, warmup_s=args.warmup_s,
+                saturation_gain=args.saturation_gain,
                 kv_budget_bytes=engine_cfg.kv_budget_bytes, trim=app_args["trim"], prompt=PROMPT,
                 tiles_per_image=TILES, wall_s=round(time.monotonic() - t0, 1))
     return summarize(sweeps, hf_points, hf_info, meta)

@@ -29,7 +29,7 @@ def _(parser):
     parser.add_argument("--model", default=None, help="default: the first model GET /v1/models lists")
     parser.add_argument("--images-per-tile-count", type=int, default=4)
     parser.add_argument("--tile-px", type=int, default=64,
-                        help="the model's tile size (tiny model 64, Llama-3.2-Vision and the bench model 448)")
+                        help="the model's tile size (tiny models 64, the bench model 448, Llama-3.2-Vision 560)")
     parser.add_argument("--prompt", default=None, help="one prompt for every request (default: drawn from a set)")
     parser.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-tokens (an extension)")
 

@@ -41,7 +41,7 @@ def _e2e_args(bench) -> None:
     e = bench.add_parser("e2e", help="the Serve app under locust, trimmed vs untrimmed, vs HF generate (bench model)")
     e.add_argument("--json", dest="json_path", default="bench-results/e2e.json")
     e.add_argument("--config", default=None, help="default: configs/bench.yaml of the repo")
-    e.add_argument("--users", type=lambda s: [int(x) for x in s.split(",")], default="1,2,4,8,12,16",
+    e.add_argument("--users", type=lambda s: [int(x) for x in s.split(",")], default="1,2,4,8,12,16,20,24",
                    help="locust user counts, increasing; a sweep stops once throughput stops improving")
     e.add_argument("--point-s", type=int, default=40, help="seconds of locust per point")
     e.add_argument("--warmup-s", type=int, default=12, help="rates are measured after this much of a point")
