@@ -337,7 +337,7 @@ def pick_threads(loaded, png: bytes) -> dict[int, float]:
     for threads in sorted({1, os.cpu_count()}):
         torch.set_num_threads(threads)
         hf_batch(loaded, [png], 2)
-        ms[threads] = statistics.median(hf_batch(loaded, [png], 8)["itl_ms"])
+        ms[threads] = round(statistics.median(hf_batch(loaded, [png], 8)["itl_ms"]), 1)
     torch.set_num_threads(min(ms, key=ms.get))
     return ms
 
