@@ -13,7 +13,7 @@ from PIL import Image
 
 from .config import EngineConfig, ModelConfig, TrimConfig
 from .errors import CrosstrimError
-from .reference import capture_cross_probs
+from .reference import capture_cross_probs, trim_generated
 from .sampling import SamplingParams
 from .selection import head_scores
 
@@ -79,7 +79,9 @@ def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str],
     labels = [r.answer for r in rows] if labelled else untrimmed
     kinds = sorted({r.kind for r in rows if r.kind})
     result = {"samples": len(rows), "metric": "exact match" if labelled else "agreement with untrimmed",
-              "untrimmed_accuracy": _accuracy(untrimmed, labels), "protocols": {}}
+              "untrimmed_accuracy": _accuracy(untrimmed, labels),
+              "later_layers_blinded_accuracy": _accuracy(later_blinded_texts(pipe, prepared, max_tokens), labels),
+              "protocols": {}}
     for protocol in protocols:
         points = []
         for k in k_ratios:
@@ -99,6 +101,34 @@ def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str],
             points.append(point)
         result["protocols"][protocol] = points
     return result
+
+
+@torch.inference_mode()
+def later_blinded_texts(pipe, prepared: list, max_tokens: int, blind: bool = True) -> list[str]:
+    """Greedy answers of HF's own generate with the later cross-attention layers' visual input zeroed (their
+    attention output is then 0, for every row): if accuracy stays high, the later layers do not read the image and
+    no selection there can be judged. Zeroed rather than masked: an all-masked row in HF attends to everything."""
+    from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+
+    def zero(module, args, kwargs):
+        if kwargs.get("cross_attention_states") is not None:
+            kwargs["cross_attention_states"] = torch.zeros_like(kwargs["cross_attention_states"])
+        return args, kwargs
+
+    model = pipe.loaded.model
+    layers = [m for m in model.modules() if isinstance(m, MllamaCrossAttentionDecoderLayer)]
+    handles = [layer.register_forward_pre_hook(zero, with_kwargs=True) for layer in layers[1:]] if blind else []
+    tok = pipe.loaded.processor.tokenizer
+    try:
+        texts = []
+        for p in prepared:
+            out = model.generate(**p.hf_inputs(), max_new_tokens=max_tokens, do_sample=False)
+            ids = trim_generated(out[0, p.input_ids.numel():].tolist(), model)
+            texts.append(tok.decode(ids, skip_special_tokens=True).strip())
+        return texts
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def diagnostics(pipe, rows: list[Row], k_ratio: float, mass: float = 0.9) -> dict:
@@ -178,6 +208,8 @@ def plot(pipe, result: dict, row: Row, path: str) -> None:
         axes[0].plot(xs, [p["accuracy"] for p in pts], "o" + style, color="C0", label=f"Trimmed Llama ({protocol})")
         axes[0].plot(xs, [p["random_accuracy"] for p in pts], "s" + style, color="C3", label=f"random ({protocol})")
     axes[0].axhline(result["untrimmed_accuracy"], color="grey", lw=0.8, label="untrimmed")
+    axes[0].axhline(result["later_layers_blinded_accuracy"], color="grey", lw=0.8, ls=":",
+                    label="later layers blinded")
     axes[0].set_xlabel("kept fraction of visual tokens")
     axes[0].set_ylabel(result["metric"])
     axes[0].legend(fontsize=7)
@@ -199,7 +231,8 @@ def run(args) -> int:
     rows = load_rows(args)
     result = evaluate(pipe, rows, k_ratios, protocols, args.max_tokens)
     result["diagnostics"] = diagnostics(pipe, rows[: args.diagnostic_samples], TrimConfig().k_ratio)
-    print(f"{result['samples']} samples, {result['metric']}; untrimmed {result['untrimmed_accuracy']:.3f}")
+    print(f"{result['samples']} samples, {result['metric']}; untrimmed {result['untrimmed_accuracy']:.3f}, "
+          f"later cross-attention layers blinded {result['later_layers_blinded_accuracy']:.3f}")
     for protocol, pts in result["protocols"].items():
         for p in pts:
             print(f"  {protocol:5s} k_ratio {p['k_ratio']:<5} kept {p['kept_fraction']:.3f}  "

@@ -2,8 +2,9 @@
 
 import statistics
 
-from pipeline.config import TrimConfig
-from pipeline.evaluate import Row, diagnostics, evaluate
+from pipeline.config import EngineConfig, ModelConfig, TrimConfig
+from pipeline.decoder import Pipeline
+from pipeline.evaluate import Row, diagnostics, evaluate, later_blinded_texts
 from pipeline.sampling import SamplingParams
 from pipeline.synthetic import generate_samples
 
@@ -44,3 +45,20 @@ def test_diagnostics_are_fractions(tiny_pipeline):
     assert all(0 < x <= 1 for x in d["first_layer_share_for_mass_per_head"])
     assert set(d["later_layer_coverage_by_kept"]) == {"5", "7"}
     assert all(0 <= x <= 1 for x in d["later_layer_coverage_by_kept"].values())
+
+
+def test_later_layers_matter_for_the_demo_model():
+    """Blinding the later cross-attention layers costs the trained model most of its accuracy (else any selection
+    there would look perfect). The blinded path, without its hooks, reproduces the pipeline's untrimmed answers, so a
+    low blinded score cannot come from decoding text differently."""
+    pipe = Pipeline(ModelConfig(source="bundled:tiny-mllama-vqa"), engine=EngineConfig(max_running=32))
+    samples = generate_samples(24, seed=31337)
+    rows = [Row(s.id, s.image, s.prompt, s.answer, s.kind) for s in samples]
+    result = evaluate(pipe, rows, [0.15], ["later"], 8)
+    assert result["untrimmed_accuracy"] >= 0.8
+    assert result["later_layers_blinded_accuracy"] <= 0.4
+    prepared = [pipe.prepare(s.prompt, [s.image]) for s in samples[:6]]
+    unblinded = later_blinded_texts(pipe, prepared, 8, blind=False)
+    direct = [pipe.generate(s.prompt, [s.image], SamplingParams(max_tokens=8), TrimConfig(policy="none")).text.strip()
+              for s in samples[:6]]
+    assert unblinded == direct
