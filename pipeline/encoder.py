@@ -40,5 +40,4 @@ class VisionEncoder:
         ).last_hidden_state  # (1, images, tiles, patches, vision_output_dim)
         _, images, tiles, patches, _ = out.shape
         features = self.projector(out).reshape(images, tiles * patches, -1)
-        token_valid = prompt.aspect_ratio_mask[0].bool().repeat_interleave(patches, dim=1)
-        return VisualFeatures(features=features, token_valid=token_valid.to(dev))
+        return VisualFeatures(features=features, token_valid=prompt.token_valid(patches).to(dev))

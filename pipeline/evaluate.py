@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
 from .config import EngineConfig, ModelConfig, TrimConfig
 from .errors import CrosstrimError
@@ -103,21 +104,28 @@ def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str],
     return result
 
 
-@torch.inference_mode()
-def later_blinded_texts(pipe, prepared: list, max_tokens: int, blind: bool = True) -> list[str]:
-    """Greedy answers of HF's own generate with the later cross-attention layers' visual input zeroed (their
-    attention output is then 0, for every row): if accuracy stays high, the later layers do not read the image and
-    no selection there can be judged. Zeroed rather than masked: an all-masked row in HF attends to everything."""
-    from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+def cross_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, MllamaCrossAttentionDecoderLayer)]
 
-    def zero(module, args, kwargs):
+
+def blind(layers) -> list:
+    """Zero the visual input of these cross-attention layers (their attention output becomes 0, for every row);
+    returns hook handles. Zeroing rather than masking: an all-masked row in HF mllama attends to everything.
+    During generate the zero K/V computed at prefill stays in the cache."""
+    def hook(module, args, kwargs):
         if kwargs.get("cross_attention_states") is not None:
             kwargs["cross_attention_states"] = torch.zeros_like(kwargs["cross_attention_states"])
         return args, kwargs
 
+    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+
+
+@torch.inference_mode()
+def later_blinded_texts(pipe, prepared: list, max_tokens: int, blinded: bool = True) -> list[str]:
+    """Greedy answers of HF's own generate with the later cross-attention layers blinded: if accuracy stays high,
+    the later layers do not read the image and no selection there can be judged."""
     model = pipe.loaded.model
-    layers = [m for m in model.modules() if isinstance(m, MllamaCrossAttentionDecoderLayer)]
-    handles = [layer.register_forward_pre_hook(zero, with_kwargs=True) for layer in layers[1:]] if blind else []
+    handles = blind(cross_layers(model)[1:]) if blinded else []
     tok = pipe.loaded.processor.tokenizer
     try:
         texts = []
@@ -142,7 +150,7 @@ def diagnostics(pipe, rows: list[Row], k_ratio: float, mass: float = 0.9) -> dic
         probs = capture_cross_probs(model, prepared.hf_inputs())
         tiles = prepared.cross_attention_mask.shape[-1]
         per_tile = probs[first].shape[-1] // tiles
-        token_visible = prepared.cross_attention_mask.bool().repeat_interleave(per_tile, dim=2).reshape(len(prepared.input_ids), -1)
+        token_visible = prepared.token_visible(per_tile)
         valid = token_visible.any(dim=0)
         scores = head_scores(probs[first], token_visible)[:, valid]
         sparsity.append([_share_for_mass(h, mass) for h in scores])
@@ -179,7 +187,7 @@ def heat_map(pipe, row: Row, ax_image, ax_heat) -> None:
     probs = capture_cross_probs(pipe.loaded.model, prepared.hf_inputs(), [first])[first]
     tiles = prepared.cross_attention_mask.shape[-1]
     per_tile = probs.shape[-1] // tiles
-    token_visible = prepared.cross_attention_mask.bool().repeat_interleave(per_tile, dim=2).reshape(len(prepared.input_ids), -1)
+    token_visible = prepared.token_visible(per_tile)
     scores = head_scores(probs, token_visible).sum(dim=0).reshape(tiles, per_tile)[:, 1:]  # drop each tile's class token
     side = int(round((per_tile - 1) ** 0.5))
     rows_t, cols_t = get_all_supported_aspect_ratios(tiles)[int(prepared.aspect_ratio_ids[0, 0]) - 1]

@@ -27,6 +27,16 @@ class PreparedPrompt:
     def num_images(self) -> int:
         return 0 if self.pixel_values is None else self.pixel_values.shape[1]
 
+    def token_valid(self, tokens_per_tile: int) -> torch.Tensor:
+        """(images, tiles * tokens_per_tile) bool: False for the tokens of padding tiles."""
+        return self.aspect_ratio_mask[0].bool().repeat_interleave(tokens_per_tile, dim=1)
+
+    def token_visible(self, tokens_per_tile: int) -> torch.Tensor:
+        """(S, images * tiles * tokens_per_tile) bool: which visual tokens each prompt row sees, as HF expands
+        the processor's tile mask."""
+        mask = self.cross_attention_mask.bool()
+        return mask.repeat_interleave(tokens_per_tile, dim=2).reshape(mask.shape[0], -1)
+
     def hf_inputs(self) -> dict:
         """The same inputs as HF's processor returns, batch of one (for the reference and tests)."""
         out = {"input_ids": self.input_ids[None], "attention_mask": torch.ones_like(self.input_ids)[None]}

@@ -48,23 +48,15 @@ def _capture_first_cross_probs(model, inputs: dict) -> torch.Tensor:
 def reference_select(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Tensor:
     """Kept token mask (images * tiles * patches,) bool, over HF's own visual token layout."""
     probs = _capture_first_cross_probs(model, prompt.hf_inputs())
-    tile_mask = prompt.cross_attention_mask.bool()
-    s, images, tiles = tile_mask.shape
+    _, images, tiles = prompt.cross_attention_mask.shape
     per_image = probs.shape[-1] // images
-    token_visible = tile_mask.repeat_interleave(per_image // tiles, dim=2).reshape(s, -1)
-    scores = head_scores(probs, token_visible)
-    valid = _valid_tokens(prompt, per_image)
+    scores = head_scores(probs, prompt.token_visible(per_image // tiles))
+    valid = prompt.token_valid(per_image // tiles)
     keep = torch.zeros(images * per_image, dtype=torch.bool)
     for i in range(images):
         idx = valid[i].nonzero().squeeze(1)
         keep[i * per_image + idx[select_tokens(scores[:, i * per_image + idx], cfg)]] = True
     return keep
-
-
-def _valid_tokens(prompt: PreparedPrompt, per_image: int) -> torch.Tensor:
-    """(images, per_image) bool: tokens of real (non-padding) tiles."""
-    tiles = prompt.cross_attention_mask.shape[-1]
-    return prompt.aspect_ratio_mask[0].bool().repeat_interleave(per_image // tiles, dim=1)
 
 
 @torch.inference_mode()
@@ -74,7 +66,8 @@ def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_t
     handles = []
     if prompt.num_images and cfg.enabled:
         keep = reference_select(model, prompt, cfg)
-        dropped = ~keep & _valid_tokens(prompt, len(keep) // prompt.num_images).reshape(-1)
+        tiles = prompt.cross_attention_mask.shape[-1]
+        dropped = ~keep & prompt.token_valid(len(keep) // prompt.num_images // tiles).reshape(-1)
         text = model.model.language_model
         first = text.cross_attention_layers[0]
 

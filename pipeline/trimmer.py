@@ -104,9 +104,8 @@ class Trimmer:
         # Which tokens each row sees, exactly as HF expands the processor's (S, images, tiles) mask.
         images, tokens_per_image, _ = visual.features.shape
         tiles = prompt.cross_attention_mask.shape[-1]
-        tile_mask = prompt.cross_attention_mask.to(dev).bool()
-        token_visible = tile_mask.repeat_interleave(tokens_per_image // tiles, dim=2).reshape(len(ids), -1)
-        row_visibility = tile_mask.any(dim=2)
+        token_visible = prompt.token_visible(tokens_per_image // tiles).to(dev)
+        row_visibility = prompt.cross_attention_mask.to(dev).bool().any(dim=2)
         feats = visual.features.reshape(images * tokens_per_image, -1)
 
         sees = row_visibility.any(dim=1)

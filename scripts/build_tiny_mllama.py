@@ -80,20 +80,25 @@ def build_tokenizer(base_vocab: int = BASE_VOCAB, words: list[str] | None = None
     return fast
 
 
-def build_config(tok: PreTrainedTokenizerFast) -> MllamaConfig:
+VISION = dict(
+    hidden_size=32, attention_heads=2, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+    intermediate_layers_indices=[0], vision_output_dim=64, image_size=64, patch_size=8, max_num_tiles=4,
+)
+TEXT = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=8,
+            cross_attention_layers=[2, 5, 7])
+
+
+def build_config(tok: PreTrainedTokenizerFast, vocab: int = BASE_VOCAB, vision: dict = VISION,
+                 text: dict = TEXT) -> MllamaConfig:
+    """An mllama config on this tokenizer's special tokens, `<|image|>` at id `vocab` as in the 11B model."""
     ids = tok.convert_tokens_to_ids
-    vision = dict(
-        hidden_size=32, attention_heads=2, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
-        intermediate_layers_indices=[0], vision_output_dim=64, image_size=64, patch_size=8, max_num_tiles=4,
-    )
     text = dict(
-        vocab_size=BASE_VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, num_hidden_layers=8, cross_attention_layers=[2, 5, 7],
-        max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        text, vocab_size=vocab, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         bos_token_id=ids("<|begin_of_text|>"), pad_token_id=ids("<|finetune_right_pad_id|>"),
         eos_token_id=[ids("<|end_of_text|>"), ids("<|eom_id|>"), ids("<|eot_id|>")],
     )
-    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=BASE_VOCAB)
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=vocab)
 
 
 def main(out: Path = OUT) -> None:

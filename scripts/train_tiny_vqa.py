@@ -18,17 +18,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-from build_tiny_mllama import CHAT_TEMPLATE, WORDS, build_tokenizer, init_weights  # noqa: E402
+from build_tiny_mllama import CHAT_TEMPLATE, WORDS, build_config, build_tokenizer, init_weights  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipeline.evaluate import blind, cross_layers  # noqa: E402
 from pipeline.synthetic import CELL, LAYOUTS, MAX_OBJECTS, TILE, chat_messages, generate_samples  # noqa: E402
 from transformers import (  # noqa: E402
-    MllamaConfig,
     MllamaForConditionalGeneration,
     MllamaImageProcessorPil,
     MllamaProcessor,
 )
-from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer  # noqa: E402
 
 OUT = ROOT / "pipeline" / "assets" / "tiny-mllama-vqa"
 SEED = 0
@@ -42,22 +41,12 @@ HP = dict(
     batch=32, lr=2e-3, warmup=100, max_steps=4000, decay_steps=800, eval_every=50, held_out=128,
     advance_at=0.85, level_max_steps=500, finish_at=0.95, first_layer_blind=0.5, first_layer_keep=(0.05, 1.0),
 )
-
-
-def build_config(tok) -> MllamaConfig:
-    ids = tok.convert_tokens_to_ids
-    vision = dict(
-        hidden_size=48, attention_heads=4, intermediate_size=96, num_hidden_layers=3, num_global_layers=1,
-        intermediate_layers_indices=[1], vision_output_dim=96, image_size=TILE, patch_size=8, max_num_tiles=4,
-    )
-    text = dict(
-        vocab_size=VOCAB, hidden_size=96, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=192, num_hidden_layers=8, cross_attention_layers=[2, 5, 7],
-        max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        bos_token_id=ids("<|begin_of_text|>"), pad_token_id=ids("<|finetune_right_pad_id|>"),
-        eos_token_id=[ids("<|end_of_text|>"), ids("<|eom_id|>"), ids("<|eot_id|>")],
-    )
-    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB)
+VISION = dict(
+    hidden_size=48, attention_heads=4, intermediate_size=96, num_hidden_layers=3, num_global_layers=1,
+    intermediate_layers_indices=[1], vision_output_dim=96, image_size=TILE, patch_size=8, max_num_tiles=4,
+)
+TEXT = dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192, num_hidden_layers=8,
+            cross_attention_layers=[2, 5, 7])
 
 
 def build_processor() -> MllamaProcessor:
@@ -82,24 +71,6 @@ def encode(processor, samples, with_answer: bool) -> dict:
             labels[i, n - n_ans:n] = batch["input_ids"][i, n - n_ans:n]
         batch["labels"] = labels
     return batch
-
-
-def cross_layers(model) -> list:
-    return [m for m in model.modules() if isinstance(m, MllamaCrossAttentionDecoderLayer)]
-
-
-def blind(layers) -> list:
-    """Zero the visual K/V of these cross-attention layers (their attention output becomes 0); returns hook handles.
-
-    Zeroing the states rather than masking: an all-masked row in HF mllama falls back to attending everything.
-    During generate the zero K/V computed at prefill stays in the cache.
-    """
-    def hook(module, args, kwargs):
-        if kwargs.get("cross_attention_states") is not None:
-            kwargs["cross_attention_states"] = torch.zeros_like(kwargs["cross_attention_states"])
-        return args, kwargs
-
-    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
 
 
 def degrade_first_layer(model, gen: torch.Generator):
@@ -328,7 +299,7 @@ def main() -> None:
     random.seed(SEED)
     torch.manual_seed(SEED)
     processor = build_processor()
-    model = MllamaForConditionalGeneration(build_config(processor.tokenizer))
+    model = MllamaForConditionalGeneration(build_config(processor.tokenizer, VOCAB, VISION, TEXT))
     init_weights(model)
     init_vision(model)
     init_positions(model, processor)

@@ -58,7 +58,7 @@ def test_later_layers_matter_for_the_demo_model():
     assert result["untrimmed_accuracy"] >= 0.8
     assert result["later_layers_blinded_accuracy"] <= 0.4
     prepared = [pipe.prepare(s.prompt, [s.image]) for s in samples[:6]]
-    unblinded = later_blinded_texts(pipe, prepared, 8, blind=False)
+    unblinded = later_blinded_texts(pipe, prepared, 8, blinded=False)
     direct = [pipe.generate(s.prompt, [s.image], SamplingParams(max_tokens=8), TrimConfig(policy="none")).text.strip()
               for s in samples[:6]]
     assert unblinded == direct
