@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import TrimConfig
+from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import InvalidRequest
-from pipeline.sampling import SamplingParams
 
 
 class _Wire(BaseModel):

@@ -291,7 +291,7 @@ def run_serve_sweeps(config: dict, args, workdir: Path, deadline: float) -> dict
 
 def kv_bytes_untrimmed(loaded, engine_cfg, prompt_tokens: int, max_tokens: int) -> int:
     """What the engine reserves for one untrimmed request (HF's cache holds the same K/V)."""
-    from pipeline.engine import LLMEngine
+    from pipeline.engine.llm_engine import LLMEngine
 
     kv = LLMEngine(loaded, engine_cfg.model_copy(update={"kv_budget_bytes": 2**16})).kv
     visual = loaded.model.config.vision_config
@@ -305,7 +305,7 @@ def hf_batch(loaded, pngs: list[bytes], max_tokens: int, deadline: float = float
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from pipeline.inputs import decode_image, prepare_prompt, user_message
+    from pipeline.model.inputs import decode_image, prepare_prompt, user_message
 
     stamps = []
 
@@ -346,7 +346,7 @@ def run_hf(args, model_cfg, engine_cfg, deadline: float) -> tuple[list[dict], di
     """HF generate, static batches of the same requests, every batch size up to what the KV budget holds."""
     import torch
 
-    from pipeline.loader import load_model
+    from pipeline.model.loader import load_model
 
     loaded = load_model(model_cfg)  # the preset's seed: the replicas' weights
     pngs = workload().image_set(448, 4)[TILES]

@@ -10,10 +10,11 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.metrics import Gauge
 
 from pipeline.config import EngineConfig, ModelConfig
-from pipeline.engine import AsyncLLMEngine, LLMEngine
+from pipeline.engine.async_engine import AsyncLLMEngine
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import InvalidRequest, Overloaded
-from pipeline.loader import load_model
-from pipeline.sampling import SamplingParams
+from pipeline.model.loader import load_model
 
 from .handoff import Handoff
 

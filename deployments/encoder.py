@@ -10,10 +10,9 @@ from ray import serve
 from ray.serve.metrics import Counter
 
 from pipeline.config import ModelConfig
-from pipeline.encoder import VisionEncoder as EncoderStage
-from pipeline.encoder import VisualFeatures
-from pipeline.inputs import PreparedPrompt
-from pipeline.loader import load_model
+from pipeline.model.encoder import VisionEncoder as EncoderStage
+from pipeline.model.loader import load_model
+from pipeline.types import PreparedPrompt, VisualFeatures
 
 
 class FeatureCache:

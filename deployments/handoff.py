@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.trimmer import TrimResult
+from pipeline.types import TrimResult
 
 
 @dataclass
@@ -44,4 +44,4 @@ class Handoff:
 
 def contiguous(trim: TrimResult) -> TrimResult:
     """Zero-copy serialization needs contiguous tensors (else Ray copies and warns)."""
-    return TrimResult(**{k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in trim.__dict__.items()})
+    return trim.map_tensors(torch.Tensor.contiguous)

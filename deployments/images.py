@@ -8,6 +8,7 @@ import hashlib
 from urllib.parse import urlsplit
 
 from pipeline.errors import InvalidRequest
+from pipeline.storage import S3Settings, read_object
 
 from .config import AppConfig
 
@@ -80,19 +81,11 @@ class ImageFetcher:
         bucket, _, key = url.removeprefix("s3://").partition("/")
         if bucket not in self.cfg.s3_buckets:
             raise InvalidRequest(f"{what}: bucket {bucket!r} is not one this deployment reads images from")
-        import boto3  # only deployments reading s3 images need it
-        from botocore.exceptions import BotoCoreError, ClientError
-
         if self._s3 is None:
-            self._s3 = boto3.client("s3")  # honours AWS_ENDPOINT_URL and the usual credential chain
-        try:
-            obj = self._s3.get_object(Bucket=bucket, Key=key)
-            self._check_size(obj["ContentLength"], what)
-            return obj["Body"].read(self.cfg.max_image_bytes + 1)
-        except ClientError as exc:
-            raise InvalidRequest(f"{what}: could not read {url}: {exc.response['Error'].get('Code')}") from exc
-        except BotoCoreError as exc:
-            raise InvalidRequest(f"{what}: could not read {url}: {exc}") from exc
+            self._s3 = S3Settings.from_env().client()  # honours AWS_ENDPOINT_URL and the usual credential chain
+        data = read_object(self._s3, url, what, max_bytes=self.cfg.max_image_bytes)
+        self._check_size(len(data), what)
+        return data
 
     async def _from_http(self, url: str, what: str) -> bytes:
         if not allowed_http(url, self.cfg.http_allowlist):

@@ -5,7 +5,6 @@ import asyncio
 import json
 import threading
 import time
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,15 +14,15 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from pipeline.config import ModelConfig
 from pipeline.errors import InvalidRequest, Overloaded
-from pipeline.inputs import PreparedPrompt, decode_image, prepare_prompt
+from pipeline.model.inputs import decode_image, prepare_prompt
+from pipeline.model.loader import load_processor
+from pipeline.types import PreparedPrompt
 
 from . import api
 from .config import AppConfig
 from .images import ImageFetcher, image_key
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
@@ -52,42 +51,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     """Malformed JSON or a schema violation: 400 naming the field, as OpenAI answers."""
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
     return JSONResponse(api.error_body(400, f"invalid request: {problems}"), status_code=400)
-
-
-def load_processor(cfg: ModelConfig):
-    """The checkpoint's processor without its weights (the ingress never runs the model)."""
-    from transformers import AutoProcessor
-
-    from pipeline.loader import load_model, resolve_source
-
-    if cfg.source.startswith("preset:"):  # built in memory (benchmarks): its processor comes with the model
-        return load_model(cfg, parts=()).processor
-    if cfg.source.startswith("s3://"):
-        return AutoProcessor.from_pretrained(download_s3_small_files(cfg.source, cfg.cache_dir))
-    if not cfg.source.startswith("bundled:") and not Path(cfg.source).expanduser().is_dir():
-        from huggingface_hub import snapshot_download  # a hub id: fetch only the small files
-
-        ignore = [f"*{s}" for s in WEIGHT_SUFFIXES]
-        return AutoProcessor.from_pretrained(snapshot_download(cfg.source, cache_dir=cfg.cache_dir,
-                                                               ignore_patterns=ignore))
-    return AutoProcessor.from_pretrained(resolve_source(cfg.source, cfg.cache_dir))
-
-
-def download_s3_small_files(uri: str, cache_dir: str | None) -> Path:
-    """Mirror the non-weight files of s3://bucket/prefix where pipeline.loader.download_s3 puts them."""
-    import boto3
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/")
-    dest = Path(cache_dir or Path.home() / ".cache" / "crosstrim") / "s3" / bucket / prefix
-    s3 = boto3.client("s3")
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):].lstrip("/")
-            if rel and not rel.endswith("/") and not rel.endswith(WEIGHT_SUFFIXES):
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, obj["Key"], str(dest / rel))
-    return dest
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:

@@ -73,17 +73,17 @@ def measure_app(config_path: str, ship: str, n: int, seed0: int) -> dict:
 
 def measure_in_process(config_path: str, n: int, seed0: int) -> dict:
     """TTFT of the same stages in one process: decode the PNG, preprocess, encode, trim, prefill one token."""
-    from pipeline.config import ModelConfig, TrimConfig
-    from pipeline.decoder import Pipeline
-    from pipeline.inputs import decode_image
-    from pipeline.sampling import SamplingParams
-
     import torch
+
+    from pipeline.config import ModelConfig, TrimConfig
+    from pipeline.engine.sampling import SamplingParams
+    from pipeline.inprocess import Pipeline
+    from pipeline.model.inputs import decode_image
 
     torch.set_num_threads(1)  # as in the replicas, whose fractional CPUs give them one thread each
     args = localrun.load_config(config_path)["applications"][0]["args"]
     pipe = Pipeline(ModelConfig(**args["model"]), TrimConfig(**args["trim"]))
-    engine = pipe.decoder.engine
+    engine = pipe.engine
     trims = {"trimmed": None, "untrimmed": TrimConfig(policy="none")}
     times = {name: [] for name in trims}
     for i in range(-5, n):  # the first five warm up
@@ -105,7 +105,7 @@ def synthetic_trim(kept: int, prompt: int, prefix: int, dtype, m: dict = LLAMA_1
     """A TrimResult with Llama-3.2-11B-Vision's shapes (one 4-tile image of 6404 tokens, `kept` of them kept)."""
     import torch
 
-    from pipeline.trimmer import TrimResult
+    from pipeline.types import TrimResult
 
     later_self = m["layers"] - m["cross_layers"] - m["first_cross"]
     kv = (2, m["kv_heads"])

@@ -1,7 +1,12 @@
 """KVBudgetRouter, the Ray Serve request router of DecoderPool: send each request to the replica with the most
 free KV budget (and room in its engine's queue)."""
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
 
 
 def rank_by_free_kv(candidates: list, ongoing: dict) -> list:

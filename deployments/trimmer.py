@@ -9,10 +9,9 @@ from ray import serve
 from ray.serve.metrics import Counter
 
 from pipeline.config import ModelConfig, TrimConfig
-from pipeline.encoder import VisualFeatures
-from pipeline.inputs import PreparedPrompt
-from pipeline.loader import load_model
-from pipeline.trimmer import Trimmer as TrimStage
+from pipeline.model.loader import load_model
+from pipeline.model.trimmer import Trimmer as TrimStage
+from pipeline.types import PreparedPrompt, VisualFeatures
 
 from .handoff import Handoff, contiguous
 

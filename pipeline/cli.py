@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from .errors import CrosstrimError
+from pipeline.errors import CrosstrimError
 
 
 def _generate_args(sub) -> None:
@@ -25,10 +25,10 @@ def _generate_args(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .config import ModelConfig, TrimConfig
-    from .decoder import Pipeline
-    from .inputs import read_image_file
-    from .sampling import SamplingParams
+    from pipeline.config import ModelConfig, TrimConfig
+    from pipeline.engine.sampling import SamplingParams
+    from pipeline.inprocess import Pipeline
+    from pipeline.model.inputs import read_image_file
 
     trim = TrimConfig(policy="none") if args.no_trim else TrimConfig(policy=args.policy)
     if args.k_ratio is not None:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub)
     commands = {"generate": cmd_generate}
-    for name, module in (("bench", "bench"), ("batch", "batch"), ("eval", "evaluate")):
+    for name, module in (("bench", "bench.decoder"), ("batch", "batch.job"), ("eval", "quality.evaluate")):
         try:
             mod = __import__(f"pipeline.{module}", fromlist=["add_args", "run"])
         except ImportError:

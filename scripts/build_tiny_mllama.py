@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from pipeline.bench_model import init_weights
 from transformers import (
     MllamaConfig,
     MllamaForConditionalGeneration,
@@ -18,6 +17,8 @@ from transformers import (
     MllamaProcessor,
     PreTrainedTokenizerFast,
 )
+
+from pipeline.model.presets import init_weights
 
 SEED = 0
 OUT = Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "tiny-mllama"

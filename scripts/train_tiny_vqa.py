@@ -18,15 +18,28 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-from build_tiny_mllama import CHAT_TEMPLATE, WORDS, build_config, build_tokenizer, init_weights  # noqa: E402
+from build_tiny_mllama import (  # noqa: E402
+    CHAT_TEMPLATE,
+    WORDS,
+    build_config,
+    build_tokenizer,
+    init_weights,
+)
 from PIL import Image  # noqa: E402
-
-from pipeline.evaluate import blind, cross_layers  # noqa: E402
-from pipeline.synthetic import CELL, LAYOUTS, MAX_OBJECTS, TILE, chat_messages, generate_samples  # noqa: E402
 from transformers import (  # noqa: E402
     MllamaForConditionalGeneration,
     MllamaImageProcessorPil,
     MllamaProcessor,
+)
+
+from pipeline.quality.evaluate import blind, cross_layers  # noqa: E402
+from pipeline.quality.synthetic import (  # noqa: E402
+    CELL,
+    LAYOUTS,
+    MAX_OBJECTS,
+    TILE,
+    chat_messages,
+    generate_samples,
 )
 
 OUT = ROOT / "pipeline" / "assets" / "tiny-mllama-vqa"

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @pytest.fixture(scope="session")
 def tiny_pipeline():
-    from pipeline.decoder import Pipeline
+    from pipeline.inprocess import Pipeline
 
     return Pipeline()
 

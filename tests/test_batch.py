@@ -19,12 +19,13 @@ import ray
 import yaml
 
 from pipeline import cli
-from pipeline.batch import BatchConfig, S3Settings, load_config
+from pipeline.batch.config import BatchConfig, load_config
+from pipeline.storage import S3Settings
 from pipeline.config import TrimConfig
-from pipeline.decoder import Pipeline
-from pipeline.inputs import decode_image
-from pipeline.sampling import SamplingParams
-from pipeline.synthetic import generate_samples, png_bytes
+from pipeline.engine.sampling import SamplingParams
+from pipeline.inprocess import Pipeline
+from pipeline.model.inputs import decode_image
+from pipeline.quality.synthetic import generate_samples, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = ROOT / "configs" / "batch-local.yaml"
@@ -289,7 +290,7 @@ def test_s3_job(local_ray, s3_endpoint, oracle, tmp_path):
 def test_stages_in_process_turn_failures_into_error_rows():
     """The stage classes without Ray: refusals at every stage become error rows, and a failed decoder step
     fails only its batch, frees the KV, and leaves the stage usable."""
-    from pipeline.batch import DecodeStage, EncodeStage, TrimStage
+    from pipeline.batch.stages import DecodeStage, EncodeStage, TrimStage
 
     cfg = BatchConfig.model_validate({"engine": {"max_model_len": 80}, "sampling": {"max_tokens": 4}})
     png = png_bytes(generate_samples(1, seed=3)[0].image)

@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ModelSourceError
-from pipeline.loader import ASSETS, load_model, resolve_source
+from pipeline.model.loader import load_model
+from pipeline.model.sources import ASSETS, resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ASSETS / "tiny-mllama"

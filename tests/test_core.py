@@ -4,7 +4,6 @@ import io
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,8 +11,12 @@ from helpers import PROMPTS
 
 from pipeline.cli import main as cli_main
 from pipeline.config import TrimConfig
-from pipeline.reference import reference_generate, reference_select, trim_generated
-from pipeline.sampling import SamplingParams
+from pipeline.engine.sampling import SamplingParams
+from pipeline.quality.reference import (
+    reference_generate,
+    reference_select,
+    trim_generated,
+)
 
 MAX_NEW = 12
 CASES = [
@@ -33,7 +36,7 @@ def _hf_tokens(model, prepared):
 
 def _first_logits(pipe, source):
     """Our first-step logits: the decoder's prefill of one sequence."""
-    engine = pipe.decoder.engine
+    engine = pipe.engine
     seq = engine.add_request(source, SamplingParams(max_tokens=1))
     engine.scheduler.admit()
     try:
@@ -93,8 +96,8 @@ def test_features_mode_equals_kv_mode(tiny_pipeline, imgs):
     pipe = tiny_pipeline
     prepared = pipe.prepare(PROMPTS[0], [imgs["4tile"]])
     trim = pipe.trimmer.trim(prepared, pipe.encoder.encode(prepared), keep_features=True)
-    (a,) = pipe.decoder.generate([trim.without_features()], SamplingParams(max_tokens=MAX_NEW))
-    (b,) = pipe.decoder.generate([trim.as_features()], SamplingParams(max_tokens=MAX_NEW))
+    (a,) = pipe.engine.generate([trim.without_features()], SamplingParams(max_tokens=MAX_NEW))
+    (b,) = pipe.engine.generate([trim.as_features()], SamplingParams(max_tokens=MAX_NEW))
     assert a.output_ids == b.output_ids
     assert trim.as_features().nbytes < trim.without_features().nbytes
     assert trim.as_features().cross_kv_bytes == trim.cross_kv_bytes
@@ -103,7 +106,7 @@ def test_features_mode_equals_kv_mode(tiny_pipeline, imgs):
 # --- selection properties ---------------------------------------------------------------------------------
 
 def test_topk_union_is_the_union_of_per_head_topk():
-    from pipeline.selection import select_topk_union
+    from pipeline.model.selection import select_topk_union
 
     scores = torch.rand(6, 50, generator=torch.Generator().manual_seed(0))
     k = 7
@@ -114,7 +117,7 @@ def test_topk_union_is_the_union_of_per_head_topk():
 
 
 def test_selection_is_deterministic_with_ties():
-    from pipeline.selection import select_tokens
+    from pipeline.model.selection import select_tokens
 
     tied = torch.ones(3, 20)
     assert select_tokens(tied, TrimConfig(k_ratio=0.25)).tolist() == [0, 1, 2, 3, 4]
@@ -122,7 +125,7 @@ def test_selection_is_deterministic_with_ties():
 
 
 def test_topk_count_rounds_up_exactly():
-    from pipeline.selection import topk_count
+    from pipeline.model.selection import topk_count
 
     assert topk_count(0.3, 10) == 3  # 0.3 * 10 is 3.0000000000000004 in floating point
     assert topk_count(0.01, 10) == 1
@@ -131,7 +134,7 @@ def test_topk_count_rounds_up_exactly():
 
 
 def test_budget_and_mass_policies():
-    from pipeline.selection import select_budget, select_mass
+    from pipeline.model.selection import select_budget, select_mass
 
     scores = torch.tensor([[0.5, 0.3, 0.1, 0.1, 0.0], [0.0, 0.0, 0.2, 0.2, 0.6]])
     assert select_budget(scores, 3).tolist() == [0, 1, 4]  # rank 0 of each head, then head 0's rank 1

@@ -7,9 +7,10 @@ import torch
 from helpers import PROMPTS
 
 from pipeline.config import EngineConfig, TrimConfig
-from pipeline.engine import AsyncLLMEngine, LLMEngine
+from pipeline.engine.async_engine import AsyncLLMEngine
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.sampling import SamplingParams, sample
 from pipeline.errors import InvalidRequest, Overloaded
-from pipeline.sampling import SamplingParams, sample
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_batched_equals_alone_with_staggered_arrivals(tiny_pipeline, sources):
 
 def test_greedy_alone_equals_hf(tiny_pipeline, sources):
     """Batched == alone above; alone == HF here (the core tests cover more cases)."""
-    from pipeline.reference import trim_generated
+    from pipeline.quality.reference import trim_generated
 
     model = tiny_pipeline.loaded.model
     ids = torch.tensor(sources[5])

@@ -3,10 +3,10 @@
 import statistics
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
-from pipeline.decoder import Pipeline
-from pipeline.evaluate import Row, diagnostics, evaluate, later_blinded_texts
-from pipeline.sampling import SamplingParams
-from pipeline.synthetic import generate_samples
+from pipeline.engine.sampling import SamplingParams
+from pipeline.inprocess import Pipeline
+from pipeline.quality.evaluate import Row, diagnostics, evaluate, later_blinded_texts
+from pipeline.quality.synthetic import generate_samples
 
 MAX_NEW = 6
 

@@ -345,7 +345,9 @@ def import_target(path: str):
 def app_problems(doc: dict) -> list[str]:
     """Each application's import_path imports and builds with its args (what the Serve controller does on the head),
     every deployment the config lists is one the app has, and each request router class imports."""
-    from ray.serve._private.build_app import build_app  # private, but Ray is pinned; it names the deployments
+    from ray.serve._private.build_app import (
+        build_app,  # private, but Ray is pinned; it names the deployments
+    )
 
     problems = []
     for app in serve_config(doc)["applications"]:
@@ -596,7 +598,9 @@ def test_dockerfile_matches_pins():
     for tag in re.findall(r"-t (crosstrim:\S+)", dockerfile):
         m = IMAGE_TAG.match(tag)
         assert m and (m["version"], m["ray"], m["py"]) == (project_version(), ray, PY_TAG), tag
-    from packaging.specifiers import SpecifierSet  # the pinned Python is one the package supports
+    from packaging.specifiers import (
+        SpecifierSet,  # the pinned Python is one the package supports
+    )
 
     requires = re.search(r'^requires-python = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in SpecifierSet(requires)
@@ -651,7 +655,7 @@ def test_docker_context_has_what_the_manifests_use():
 def crosstrim_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosstrim")
     sub = parser.add_subparsers(dest="command", required=True)
-    importlib.import_module("pipeline.batch").add_args(sub)
+    importlib.import_module("pipeline.batch.job").add_args(sub)
     return parser
 
 
@@ -674,7 +678,7 @@ def test_rayjob_pools_fit_its_cluster():
     job = by_file("rayjob-batch.yaml", "RayJob")
     args = crosstrim_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
     config = ROOT / args.config.removeprefix(IMAGE_ROOT)
-    batch = importlib.import_module("pipeline.batch")
+    batch = importlib.import_module("pipeline.batch.job")
     cfg = batch.load_config(str(config))
     consumers = []
     for stage in ("encoder", "trimmer", "decoder"):

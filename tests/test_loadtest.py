@@ -19,7 +19,6 @@ LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 APP = "crosstrim"
 sys.path.insert(0, str(ROOT))
 
-from deployments.localrun import free_port  # noqa: E402
 
 METRICS = ("ttft_ms", "itl_ms", "output_chunks", "output_tokens", "cross_kv_kib", "shipped_kib", "hop_ms")
 
@@ -152,7 +151,7 @@ def test_bench_e2e_point_and_report(serve_app, tmp_path):
     """One locust point as `crosstrim bench e2e` runs it, an HF generate batch, and the Markdown + plot."""
     from deployments import bench_e2e
     from pipeline.config import ModelConfig
-    from pipeline.loader import load_model
+    from pipeline.model.loader import load_model
 
     args = SimpleNamespace(point_s=10, warmup_s=4, max_tokens=6, users=[3], saturation_gain=0.05)
     bench = bench_e2e.Bench(serve_app.url, APP, args, tmp_path)

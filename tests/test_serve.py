@@ -162,7 +162,7 @@ def http(serve_app):
 def oracle():
     """The in-process three stages (what `crosstrim generate` runs) with the YAML's model and default trim."""
     from pipeline.config import ModelConfig, TrimConfig
-    from pipeline.decoder import Pipeline
+    from pipeline.inprocess import Pipeline
 
     args = yaml.safe_load((CONFIGS / "local.yaml").read_text())["applications"][0]["args"]
     return Pipeline(ModelConfig(**args["model"]), trim=TrimConfig(**args["trim"]))
@@ -182,8 +182,8 @@ def assert_healthy(http):
 
 
 def expected(oracle, prompt: str, pngs: list[bytes], max_tokens: int, trim=None):
-    from pipeline.inputs import decode_image
-    from pipeline.sampling import SamplingParams
+    from pipeline.engine.sampling import SamplingParams
+    from pipeline.model.inputs import decode_image
 
     g = oracle.generate(prompt, [decode_image(b) for b in pngs], SamplingParams(max_tokens=max_tokens), trim)
     # The engine's stream leaves out a final stop token; Generation.token_ids keeps it.

@@ -8,13 +8,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.synthetic import (  # noqa: E402
-    CELL, COLOURS, EXAMPLE_OBJECTS, NUMBERS, TILE, answer_from_layout, example_image, generate_samples, png_bytes,
+from pipeline.quality.synthetic import (  # noqa: E402
+    CELL,
+    COLOURS,
+    EXAMPLE_OBJECTS,
+    NUMBERS,
+    TILE,
+    answer_from_layout,
+    example_image,
+    generate_samples,
+    png_bytes,
     write_parquet,
 )
 
@@ -81,7 +88,7 @@ CHECK = """
 import json, sys, torch
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 sys.path.insert(0, sys.argv[2])
-from pipeline.synthetic import chat_messages, generate_samples
+from pipeline.quality.synthetic import chat_messages, generate_samples
 torch.set_num_threads(1)
 processor = AutoProcessor.from_pretrained(sys.argv[1])
 model = MllamaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
@@ -113,8 +120,8 @@ def test_readme_example_is_answered_by_the_demo_model():
     """pipeline/assets/example.png is the task's picture, and the demo model (local.yaml's default, trimmed at
     the default policy) answers every cell question the README suggests about it."""
     from pipeline.config import ModelConfig, TrimConfig
-    from pipeline.decoder import Pipeline
-    from pipeline.sampling import SamplingParams
+    from pipeline.engine.sampling import SamplingParams
+    from pipeline.inprocess import Pipeline
 
     image = Image.open(ROOT / "pipeline" / "assets" / "example.png").convert("RGB")
     assert np.array_equal(np.asarray(image), np.asarray(example_image()))

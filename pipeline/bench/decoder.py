@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import EngineConfig, TrimConfig
-from .engine import LLMEngine
-from .inputs import prepare_prompt, user_message
-from .reference import trim_generated
-from .sampling import SamplingParams
+from pipeline.config import EngineConfig, TrimConfig
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.sampling import SamplingParams
+from pipeline.model.inputs import prepare_prompt, user_message
+from pipeline.quality.reference import trim_generated
 
 PROMPT = "Describe the picture in detail, please."
 
@@ -63,7 +63,9 @@ def run(args) -> int:
     if args.bench == "decoder":
         return run_decoder(args)
     if args.bench == "e2e":
-        from deployments.bench_e2e import run as run_e2e  # Ray Serve only for this subcommand
+        from deployments.bench_e2e import (
+            run as run_e2e,  # Ray Serve only for this subcommand
+        )
 
         return run_e2e(args)
     raise SystemExit(f"unknown bench {args.bench}")
@@ -126,8 +128,8 @@ def _hf_generate(loaded, prepared_list, max_tokens):
 
 
 def run_decoder(args) -> int:
-    from .bench_model import build_bench_model
-    from .decoder import Pipeline
+    from pipeline.inprocess import Pipeline
+    from pipeline.model.presets import build_bench_model
 
     torch.manual_seed(0)
     if args.threads:

@@ -1,83 +1,21 @@
 """Stage 2, Trimmer: run the prompt to the first cross-attention layer (which sees every visual token), score
 and select tokens there, and compute every cross-attention layer's K/V from the kept tokens only."""
 
-import math
-from dataclasses import dataclass
 
 import torch
 
-from .config import TrimConfig
-from .encoder import VisualFeatures
-from .inputs import PreparedPrompt
-from .layers import attend, cross_finish, cross_kv, cross_q, self_finish, self_qkv
-from .loader import LoadedModel
-from .selection import head_scores, select_tokens
-
-
-@dataclass
-class TrimResult:
-    """Everything the decoder needs to resume the prefill right after the first cross-attention layer."""
-
-    prompt_token_ids: list[int]
-    hidden: torch.Tensor  # (S - prefix_len, hidden): first cross-attention layer's output, rows that see an image
-    self_kv: torch.Tensor  # (first_cross, 2, KVH, S, hd): self-attention K/V of the layers before it
-    prefix_kv: torch.Tensor  # (later self layers, 2, KVH, prefix_len, hd): the blind prefix, finished here
-    cross_kv: torch.Tensor  # (cross_layers, 2, KVH, kept, hd): K/V of the kept tokens, every cross layer
-    kept_image: torch.Tensor  # (kept,) which image each kept token comes from
-    kept_index: torch.Tensor  # (kept,) its position among that image's tiles * patches tokens
-    row_visibility: torch.Tensor  # (S, images) bool: which images each prompt row sees
-    visual_tokens: list[int]  # non-padding tokens per image
-    kept_tokens: list[int]  # kept tokens per image
-    kept_features: torch.Tensor | None = None  # (kept, hidden): shipped instead of cross_kv in "features" mode
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def prefix_len(self) -> int:
-        """Rows before the first image token: they see no image, and HF lets them attend to every visual
-        token (its mask row is all zeros), so the trimmer runs them through all layers itself: in the first
-        cross-attention layer over every token, in later ones over the kept and padding tokens."""
-        return self.prompt_len - self.hidden.shape[0]
-
-    kv_bytes_per_visual_token: int = 0  # K and V of one visual token across all cross-attention layers
-
-    @property
-    def num_kept(self) -> int:
-        return len(self.kept_image)
-
-    @property
-    def cross_kv_bytes(self) -> int:
-        """Cross-attention K/V the decoder holds for this request (whether shipped or projected there)."""
-        return self.num_kept * self.kv_bytes_per_visual_token
-
-    @property
-    def cross_kv_bytes_full(self) -> int:
-        return sum(self.visual_tokens) * self.kv_bytes_per_visual_token
-
-    @property
-    def kept_fraction(self) -> float:
-        return sum(self.kept_tokens) / sum(self.visual_tokens)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes handed to the decoder in all."""
-        tensors = (self.hidden, self.self_kv, self.prefix_kv, self.cross_kv, self.kept_image, self.kept_index,
-                   self.row_visibility, self.kept_features)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def as_features(self) -> "TrimResult":
-        """The same result shipping kept features (hidden floats a token) instead of every layer's K/V."""
-        assert self.kept_features is not None, "trim(..., keep_features=True) keeps them"
-        return TrimResult(**{**self.__dict__, "cross_kv": self.cross_kv.new_zeros(0)})
-
-    def without_features(self) -> "TrimResult":
-        return TrimResult(**{**self.__dict__, "kept_features": None})
-
-    def to(self, device) -> "TrimResult":
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return TrimResult(**moved)
+from pipeline.config import TrimConfig
+from pipeline.model.layers import (
+    attend,
+    cross_finish,
+    cross_kv,
+    cross_q,
+    self_finish,
+    self_qkv,
+)
+from pipeline.model.loaded import LoadedModel
+from pipeline.model.selection import head_scores, select_tokens
+from pipeline.types import PreparedPrompt, TrimResult, VisualFeatures
 
 
 def project_cross_kv(text_model, cross_layers: list[int], features: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,20 @@
-"""In-memory model presets: the weight init the bundled checkpoint uses, and the bench model, big enough that a
+"""In-memory model presets (`preset:NAME` sources): the weight init the bundled checkpoint uses, and the bench model, big enough that a
 CPU decode step is real matmul and KV work, shaped so one image's cross-attention K/V outweighs a
 1,000-token prompt's self-attention K/V (in the 11B model one image equals ~1,600 text tokens)."""
 
 import math
 
 import torch
-from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
+from transformers import (
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessorPil,
+    MllamaProcessor,
+)
 
-from .config import ModelConfig
-from .loader import ASSETS, LoadedModel, pick_device_dtype
+from pipeline.config import ModelConfig
+from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
+from pipeline.model.sources import ASSETS
 
 BENCH_TEXT = dict(
     hidden_size=1024, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2816,
@@ -45,7 +51,7 @@ def init_weights(model: MllamaForConditionalGeneration, seed: int = 0) -> None:
 
 def build_bench_model(cfg: ModelConfig | None = None, seed: int = 0) -> LoadedModel:
     """The bench preset with the tiny checkpoint's tokenizer and chat template; random weights, no files."""
-    cfg = cfg or ModelConfig(source="bench")
+    cfg = cfg or ModelConfig(source="preset:bench")
     tiny = MllamaProcessor.from_pretrained(ASSETS / "tiny-mllama")
     tok = tiny.tokenizer
     text = dict(BENCH_TEXT, vocab_size=tok.convert_tokens_to_ids("<|image|>"), bos_token_id=tok.bos_token_id,
@@ -59,9 +65,7 @@ def build_bench_model(cfg: ModelConfig | None = None, seed: int = 0) -> LoadedMo
     model.generation_config.eos_token_id = text["eos_token_id"]
     model.generation_config.pad_token_id = text["pad_token_id"]
     device, dtype = pick_device_dtype(cfg)
-    model = model.to(device=device, dtype=dtype)
-    for idx in config.text_config.cross_attention_layers:
-        model.model.language_model.layers[idx].cross_attn.is_causal = False
+    model = prepare_for_inference(model.to(device=device, dtype=dtype))
     size = BENCH_VISION["image_size"]
     processor = MllamaProcessor(
         image_processor=MllamaImageProcessorPil(size={"height": size, "width": size}, max_image_tiles=4),

@@ -10,9 +10,9 @@ not selected; padding tiles' tokens keep HF's treatment (only rows that see no i
 import torch
 from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
-from .config import TrimConfig
-from .inputs import PreparedPrompt
-from .selection import head_scores, select_tokens
+from pipeline.config import TrimConfig
+from pipeline.model.selection import head_scores, select_tokens
+from pipeline.types import PreparedPrompt
 
 
 def capture_cross_probs(model, inputs: dict, layers: list[int] | None = None) -> dict[int, torch.Tensor]:

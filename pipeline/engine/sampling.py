@@ -1,8 +1,7 @@
 """Sampling parameters and the per-sequence sampler (greedy, temperature, top-k, top-p, seeded)."""
 
-from pydantic import BaseModel, ConfigDict, Field
-
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SamplingParams(BaseModel):

@@ -1,53 +1,28 @@
 """The three stages in one process: encode -> trim -> decode, for the CLI, tests and offline use."""
 
-from dataclasses import dataclass
 
 from PIL import Image
 
-from .config import EngineConfig, ModelConfig, TrimConfig
-from .encoder import VisionEncoder
-from .engine import LLMEngine
-from .inputs import PreparedPrompt, prepare_prompt, user_message
-from .loader import LoadedModel, load_model
-from .sampling import SamplingParams
-from .sequence import Sequence
-from .trimmer import Trimmer, TrimResult
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    visual_tokens: int
-    kept_tokens: int
-    cross_kv_bytes: int
-    cross_kv_bytes_full: int
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-class Decoder:
-    """Resumes sequences from TrimResults (or text-only prompts) and generates; the engine underneath."""
-
-    def __init__(self, loaded: LoadedModel, cfg: EngineConfig | None = None):
-        self.engine = LLMEngine(loaded, cfg)
-
-    def generate(self, sources: list, params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
-        return self.engine.generate(sources, params)
+from pipeline.config import EngineConfig, ModelConfig, TrimConfig
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.sequence import Sequence
+from pipeline.model.encoder import VisionEncoder
+from pipeline.model.inputs import prepare_prompt, user_message
+from pipeline.model.loader import LoadedModel, load_model
+from pipeline.model.trimmer import Trimmer
+from pipeline.types import Generation, PreparedPrompt, TrimResult
 
 
 class Pipeline:
-    """VisionEncoder -> Trimmer -> Decoder over one loaded model."""
+    """VisionEncoder -> Trimmer -> LLMEngine over one loaded model."""
 
     def __init__(self, model: ModelConfig | LoadedModel | None = None, trim: TrimConfig | None = None,
                  engine: EngineConfig | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.encoder = VisionEncoder(self.loaded)
         self.trimmer = Trimmer(self.loaded, trim)
-        self.decoder = Decoder(self.loaded, engine)
+        self.engine = LLMEngine(self.loaded, engine)
 
     def prepare(self, prompt: str, images: list[Image.Image]) -> PreparedPrompt:
         cfg = self.loaded.cfg
@@ -63,7 +38,7 @@ class Pipeline:
     def generate(self, prompt: str, images: list[Image.Image], params: SamplingParams | None = None,
                  trim: TrimConfig | None = None) -> Generation:
         source = self.trim(self.prepare(prompt, images), trim)
-        (seq,) = self.decoder.generate([source], params or SamplingParams())
+        (seq,) = self.engine.generate([source], params or SamplingParams())
         return make_generation(seq, source)
 
 

@@ -2,52 +2,14 @@
 
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from .errors import InvalidRequest
+from pipeline.errors import InvalidRequest
+from pipeline.types import PreparedPrompt
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
-
-
-@dataclass
-class PreparedPrompt:
-    """Token ids plus, when there are images, the processor's pixel tensors and cross-attention mask."""
-
-    input_ids: torch.Tensor  # (S,) long
-    pixel_values: torch.Tensor | None = None  # (1, images, tiles, 3, H, W)
-    aspect_ratio_ids: torch.Tensor | None = None  # (1, images)
-    aspect_ratio_mask: torch.Tensor | None = None  # (1, images, tiles)
-    cross_attention_mask: torch.Tensor | None = None  # (S, images, tiles), 1 where a row sees a tile
-
-    @property
-    def num_images(self) -> int:
-        return 0 if self.pixel_values is None else self.pixel_values.shape[1]
-
-    def token_valid(self, tokens_per_tile: int) -> torch.Tensor:
-        """(images, tiles * tokens_per_tile) bool: False for the tokens of padding tiles."""
-        return self.aspect_ratio_mask[0].bool().repeat_interleave(tokens_per_tile, dim=1)
-
-    def token_visible(self, tokens_per_tile: int) -> torch.Tensor:
-        """(S, images * tiles * tokens_per_tile) bool: which visual tokens each prompt row sees, as HF expands
-        the processor's tile mask."""
-        mask = self.cross_attention_mask.bool()
-        return mask.repeat_interleave(tokens_per_tile, dim=2).reshape(mask.shape[0], -1)
-
-    def hf_inputs(self) -> dict:
-        """The same inputs as HF's processor returns, batch of one (for the reference and tests)."""
-        out = {"input_ids": self.input_ids[None], "attention_mask": torch.ones_like(self.input_ids)[None]}
-        if self.pixel_values is not None:
-            out.update(
-                pixel_values=self.pixel_values,
-                aspect_ratio_ids=self.aspect_ratio_ids,
-                aspect_ratio_mask=self.aspect_ratio_mask,
-                cross_attention_mask=self.cross_attention_mask[None],
-            )
-        return out
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> Image.Image:

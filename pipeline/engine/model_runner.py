@@ -4,11 +4,18 @@ decode step, where projections and MLPs run on the whole batch and attention run
 
 import torch
 
-from .kv_cache import KVCache
-from .layers import attend, attend_one, cross_finish, cross_q, self_finish, self_qkv
-from .loader import LoadedModel
-from .sequence import Sequence
-from .trimmer import project_cross_kv
+from pipeline.engine.kv_cache import KVCache
+from pipeline.engine.sequence import Sequence
+from pipeline.model.layers import (
+    attend,
+    attend_one,
+    cross_finish,
+    cross_q,
+    self_finish,
+    self_qkv,
+)
+from pipeline.model.loaded import LoadedModel
+from pipeline.model.trimmer import project_cross_kv
 
 
 class ModelRunner:

@@ -1,41 +1,22 @@
-"""The decoder engine: continuous batching over the model runner, admission by KV budget, streaming.
+"""LLMEngine: continuous batching over the model runner, admission by KV budget; synchronous (add, step, abort).
 
-`LLMEngine` is synchronous (add, step, abort); `AsyncLLMEngine` runs its steps on a background thread and
-hands every request an async iterator of token deltas. Neither knows about Ray Serve.
+`pipeline.engine.async_engine.AsyncLLMEngine` steps it on a thread for streaming callers. Neither knows Ray Serve.
 """
 
-import asyncio
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .config import EngineConfig
-from .errors import Overloaded
-from .kv_cache import KVCache
-from .loader import LoadedModel
-from .model_runner import ModelRunner
-from .sampling import SamplingParams, make_generator, sample
-from .scheduler import Scheduler
-from .sequence import Sequence, Status
-from .trimmer import TrimResult
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request: the new tokens and text, and whether it is done."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list[float] = field(default_factory=list)
+from pipeline.config import EngineConfig
+from pipeline.engine.kv_cache import KVCache
+from pipeline.engine.model_runner import ModelRunner
+from pipeline.engine.sampling import SamplingParams, make_generator, sample
+from pipeline.engine.scheduler import Scheduler
+from pipeline.engine.sequence import Sequence
+from pipeline.model.loaded import LoadedModel
+from pipeline.types import RequestOutput, TrimResult
 
 
 @dataclass
@@ -108,7 +89,7 @@ class LLMEngine:
                 seq.trim = seq.trim.to(self.loaded.device)
             seq.generator = make_generator(seq.params, self.loaded.device)
             outputs.append(self._append(seq, self.runner.prefill(seq)))
-            seq.trim = self._drop_resume_state(seq.trim)
+            seq.trim = seq.trim and seq.trim.without_resume_state()
         batch = [s for s in self.scheduler.running if s not in admitted]
         if batch:
             self.decode_steps += 1
@@ -119,15 +100,6 @@ class LLMEngine:
         self.last_batch_size = len(batch)
         self.last_step_ms = (time.perf_counter() - t0) * 1e3
         return outputs
-
-    @staticmethod
-    def _drop_resume_state(trim: TrimResult | None) -> TrimResult | None:
-        """After the prefill only the small per-token metadata is read; let the big tensors go."""
-        if trim is None:
-            return None
-        empty = trim.hidden.new_zeros(0)
-        return TrimResult(**{**trim.__dict__, "self_kv": empty, "prefix_kv": empty, "cross_kv": empty,
-                             "kept_features": None})
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         token, logprob = sample(logits, seq.params, seq.generator)
@@ -174,89 +146,3 @@ class LLMEngine:
         while self.has_work():
             self.step()
         return seqs
-
-
-class AsyncLLMEngine:
-    """Steps the engine on a background thread; requests come and go as async iterators."""
-
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) or ("abort", id), applied between steps
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="crosstrim-engine", daemon=True)
-        self._thread.start()
-
-    async def generate(self, source, params: SamplingParams, request_id: str | None = None):
-        seq = self.engine.make_sequence(source, params, request_id)  # raises InvalidRequest at once
-        del source  # the engine drops the big tensors after prefill; this frame must not pin them
-        with self._lock:
-            if len(self.engine.scheduler.waiting) + self._pending >= self.engine.cfg.max_waiting:
-                raise Overloaded("the decoder queue is full; try again later")
-            self._pending += 1
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        self._streams[seq.request_id] = (loop, q)
-        self._inbox.put(("add", seq))
-        self._wake.set()
-        finished = False
-        try:
-            while not finished:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
-            self._streams.pop(seq.request_id, None)
-            if not finished:  # the consumer went away: free its KV at once
-                self._inbox.put(("abort", seq.request_id))
-                self._wake.set()
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
-
-    def shutdown(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "abort":
-                self.engine.abort(item)
-                continue
-            with self._lock:
-                self._pending -= 1
-            try:
-                self.engine.add(item)
-            except Exception as exc:  # Overloaded or a duplicate id: tell that one caller
-                self._deliver(item.request_id, exc)
-
-    def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
-
-    def _loop(self) -> None:
-        while not self._stopped:
-            self._drain_inbox()
-            if not self.engine.has_work():
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # never leave callers hanging or KV held: fail what was in flight
-                for rid in list(self.engine.seqs):
-                    self.engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"decoder step failed: {exc}"))
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)

@@ -3,8 +3,8 @@
 import time
 from enum import Enum, auto
 
-from .sampling import SamplingParams
-from .trimmer import TrimResult
+from pipeline.engine.sampling import SamplingParams
+from pipeline.types import TrimResult
 
 
 class Status(Enum):

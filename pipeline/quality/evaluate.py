@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
-from .config import EngineConfig, ModelConfig, TrimConfig
-from .errors import CrosstrimError
-from .reference import capture_cross_probs, trim_generated
-from .sampling import SamplingParams
-from .selection import head_scores
+from pipeline.config import EngineConfig, ModelConfig, TrimConfig
+from pipeline.engine.sampling import SamplingParams
+from pipeline.errors import CrosstrimError
+from pipeline.model.selection import head_scores
+from pipeline.quality.reference import capture_cross_probs, trim_generated
 
 PROTOCOLS = {"later": False, "all": True}  # protocol -> TrimConfig.trim_first_layer
 
@@ -47,12 +47,12 @@ def add_args(sub) -> None:
 
 def load_rows(args) -> list[Row]:
     if args.synthetic:
-        from .synthetic import generate_samples
+        from pipeline.quality.synthetic import generate_samples
 
         return [Row(s.id, s.image, s.prompt, s.answer, s.kind) for s in generate_samples(args.synthetic, args.seed)]
     import pyarrow.parquet as pq
 
-    from .inputs import decode_image, read_image_file
+    from pipeline.model.inputs import decode_image, read_image_file
 
     table = pq.read_table(args.dataset).to_pylist()
     rows = []
@@ -63,7 +63,7 @@ def load_rows(args) -> list[Row]:
 
 
 def _generate(pipe, sources, max_tokens: int) -> list[str]:
-    seqs = pipe.decoder.generate(sources, SamplingParams(max_tokens=max_tokens))
+    seqs = pipe.engine.generate(sources, SamplingParams(max_tokens=max_tokens))
     return [s.text.strip() for s in seqs]
 
 
@@ -180,7 +180,9 @@ def _share_for_mass(scores: torch.Tensor, mass: float) -> float:
 
 def heat_map(pipe, row: Row, ax_image, ax_heat) -> None:
     """The first layer's head-summed attention over one image's tiles, laid out as the image."""
-    from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        get_all_supported_aspect_ratios,
+    )
 
     prepared = pipe.prepare(row.prompt, [row.image])
     first = pipe.loaded.first_cross
@@ -228,7 +230,7 @@ def plot(pipe, result: dict, row: Row, path: str) -> None:
 
 
 def run(args) -> int:
-    from .decoder import Pipeline
+    from pipeline.inprocess import Pipeline
 
     k_ratios = [float(x) for x in args.k_ratios.split(",")]
     protocols = args.protocols.split(",")

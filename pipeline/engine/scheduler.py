@@ -2,10 +2,10 @@
 
 from collections import deque
 
-from .config import EngineConfig
-from .errors import InvalidRequest, Overloaded
-from .kv_cache import KVCache
-from .sequence import Sequence, Status
+from pipeline.config import EngineConfig
+from pipeline.engine.kv_cache import KVCache
+from pipeline.engine.sequence import Sequence, Status
+from pipeline.errors import InvalidRequest, Overloaded
 
 
 class Scheduler:

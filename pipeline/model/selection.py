@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import TrimConfig
+from pipeline.config import TrimConfig
 
 
 def head_scores(probs: torch.Tensor, token_visible: torch.Tensor) -> torch.Tensor:

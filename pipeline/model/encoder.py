@@ -1,27 +1,10 @@
 """Stage 1, VisionEncoder: image tiles -> projected visual features, as MllamaModel.forward computes them."""
 
-from dataclasses import dataclass
 
 import torch
 
-from .inputs import PreparedPrompt
-from .loader import LoadedModel
-
-
-@dataclass
-class VisualFeatures:
-    """Projected features of a prompt's images: what the cross-attention layers read."""
-
-    features: torch.Tensor  # (images, tiles * patches, hidden), padding tiles included
-    token_valid: torch.Tensor  # (images, tiles * patches) bool: False for tokens of padding tiles
-
-    @property
-    def num_images(self) -> int:
-        return self.features.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size()
+from pipeline.model.loaded import LoadedModel
+from pipeline.types import PreparedPrompt, VisualFeatures
 
 
 class VisionEncoder:

@@ -1,0 +1,191 @@
+"""The batch job's three stages as Ray Data actor classes: each takes a pyarrow batch of rows and returns one,
+carrying a failed row's error onward instead of failing the job."""
+
+import io
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import torch
+
+from pipeline.batch.config import STATE_SCHEMA, BatchConfig, PoolConfig
+from pipeline.batch.io import ImageReader
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.errors import InvalidRequest
+from pipeline.inprocess import make_generation
+from pipeline.model.encoder import VisionEncoder
+from pipeline.model.inputs import decode_image, prepare_prompt, user_message
+from pipeline.model.loader import load_model
+from pipeline.model.trimmer import Trimmer
+from pipeline.storage import S3Settings
+from pipeline.types import PreparedPrompt, TrimResult, VisualFeatures
+
+log = logging.getLogger(__name__)
+
+
+
+
+
+def pack(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def unpack(blob: bytes) -> dict:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def row_error(exc: Exception, stage: str) -> str:
+    """The message for the `error` column; unexpected failures are logged with their traceback too."""
+    if isinstance(exc, InvalidRequest):
+        return str(exc)
+    log.exception("%s failed on a row", stage)
+    return f"{stage} failed: {type(exc).__name__}: {exc}"
+
+
+def state_table(rows: list[tuple]) -> pa.Table:
+    ids, errors, states = zip(*rows) if rows else ((), (), ())
+    return pa.table([pa.array(ids, pa.string()), pa.array(errors, pa.string()), pa.array(states, pa.binary())],
+                    schema=STATE_SCHEMA)
+
+
+def _threads_for(pool: PoolConfig) -> None:
+    torch.set_num_threads(max(1, round(pool.num_cpus)))
+
+
+class EncodeStage:
+    """Read and decode each row's image, apply the chat template, run the vision tower. Text-only rows are
+    only tokenized; a row that fails carries its error onward."""
+
+    def __init__(self, cfg: BatchConfig, s3: S3Settings):
+        _threads_for(cfg.encoder)
+        self.cfg = cfg.model
+        self.loaded = load_model(cfg.model, parts=("vision",))
+        self.encoder = VisionEncoder(self.loaded)
+        self.reader = ImageReader(s3)
+        self.fetch_pool = ThreadPoolExecutor(cfg.image_fetch_threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        images = list(self.fetch_pool.map(self._image, rows))  # I/O overlaps across the batch
+        return state_table([self._encode(row, image) for row, image in zip(rows, images)])
+
+    def _image(self, row: dict):
+        """The row's image, None for a text-only row, or the exception that explains why there is none."""
+        data, uri = row.get("image"), row.get("image_uri")
+        try:
+            if data is not None and uri is not None:
+                raise InvalidRequest("row has both image and image_uri; give one")
+            if data is not None:
+                return decode_image(data, what="image")
+            if uri is not None:
+                return decode_image(self.reader.read(uri), what=f"image_uri {uri!r}")
+            return None
+        except Exception as exc:
+            return exc
+
+    def _encode(self, row: dict, image) -> tuple:
+        rid = None if row["id"] is None else str(row["id"])
+        try:
+            if isinstance(image, Exception):
+                raise image
+            if rid is None:
+                raise InvalidRequest("row has no id")
+            if not isinstance(row["prompt"], str):
+                raise InvalidRequest("row has no prompt")
+            images = [] if image is None else [image]
+            prepared = prepare_prompt(self.loaded.processor, user_message(row["prompt"], len(images)), images,
+                                      self.cfg.max_images, self.cfg.max_prompt_tokens)
+            if not images:
+                return rid, None, pack({"input_ids": prepared.input_ids})
+            visual = self.encoder.encode(prepared)
+            return rid, None, pack({
+                "input_ids": prepared.input_ids, "cross_attention_mask": prepared.cross_attention_mask,
+                "features": visual.features.cpu(), "token_valid": visual.token_valid.cpu(),
+            })
+        except Exception as exc:
+            return rid, row_error(exc, "encoder"), None
+
+
+class TrimStage:
+    """Trimmed-Llama selection per row: features in, the decoder's resume state (kept K/V) out."""
+
+    def __init__(self, cfg: BatchConfig):
+        _threads_for(cfg.trimmer)
+        self.loaded = load_model(cfg.model, parts=("text",))
+        self.trimmer = Trimmer(self.loaded, cfg.trim)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = [batch.column(c).to_pylist() for c in ("id", "error", "state")]
+        return state_table([self._trim(*row) for row in zip(*cols)])
+
+    def _trim(self, rid, error, blob) -> tuple:
+        if error is not None:
+            return rid, error, None
+        try:
+            state = unpack(blob)
+            if "features" not in state:  # text-only: nothing to trim
+                return rid, None, blob
+            dev = self.loaded.device
+            prepared = PreparedPrompt(input_ids=state["input_ids"], cross_attention_mask=state["cross_attention_mask"])
+            visual = VisualFeatures(state["features"].to(dev), state["token_valid"].to(dev))
+            trim = self.trimmer.trim(prepared, visual)
+            return rid, None, pack({"trim": trim.to("cpu").__dict__})
+        except Exception as exc:
+            return rid, row_error(exc, "trimmer"), None
+
+
+class DecodeStage:
+    """Every row of a batch goes into one continuous-batching LLMEngine, stepped until all are done."""
+
+    def __init__(self, cfg: BatchConfig):
+        _threads_for(cfg.decoder)
+        self.loaded = load_model(cfg.model, parts=("text",))
+        self.engine = LLMEngine(self.loaded, cfg.engine)
+        self.params = cfg.sampling
+        self.schema = cfg.output_schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = [batch.column(c).to_pylist() for c in ("id", "error", "state")]
+        results: dict[int, dict] = {}
+        pending = deque()
+        for i, (rid, error, blob) in enumerate(zip(*cols)):
+            if error is not None:
+                results[i] = {"id": rid, "error": error}
+                continue
+            try:
+                state = unpack(blob)
+                source = TrimResult(**state["trim"]) if "trim" in state else state["input_ids"].tolist()
+                pending.append((i, self.engine.make_sequence(source, self.params, request_id=f"row-{i}")))
+            except Exception as exc:  # e.g. prompt + max_tokens over max_model_len, KV that never fits
+                results[i] = {"id": rid, "error": row_error(exc, "decoder")}
+        self._run(pending, cols[0], results)
+        rows = [results[i] for i in range(len(cols[0]))]
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def _run(self, pending: deque, ids: list, results: dict) -> None:
+        running = []
+        try:
+            while pending or self.engine.has_work():
+                # Feed the bounded queue as it drains; admission by KV budget happens inside step().
+                while pending and self.engine.stats().waiting < self.engine.cfg.max_waiting:
+                    i, seq = pending.popleft()
+                    running.append((i, self.engine.add(seq)))
+                self.engine.step()
+        except Exception as exc:  # a failed step: fail what was in flight, keep the actor usable
+            message = row_error(exc, "decoder")
+            for request_id in list(self.engine.seqs):
+                self.engine.abort(request_id)
+            unfinished = [i for i, _ in pending] + [i for i, seq in running if seq.finish_reason in (None, "abort")]
+            for i in unfinished:
+                results[i] = {"id": ids[i], "error": message}
+        for i, seq in running:
+            if i in results:
+                continue
+            gen = make_generation(seq, seq.trim if seq.trim is not None else seq.prompt_token_ids)
+            results[i] = {"id": ids[i], "text": gen.text, "prompt_tokens": gen.prompt_tokens,
+                          "completion_tokens": len(gen.token_ids), "visual_tokens": gen.visual_tokens,
+                          "kept_tokens": gen.kept_tokens, "finish_reason": gen.finish_reason,
+                          "token_ids": gen.token_ids}

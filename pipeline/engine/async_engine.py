@@ -1,0 +1,95 @@
+"""AsyncLLMEngine: steps an LLMEngine on a background thread; every request is an async iterator of deltas."""
+
+import asyncio
+import queue
+import threading
+
+from pipeline.engine.llm_engine import EngineStats, LLMEngine
+from pipeline.engine.sampling import SamplingParams
+from pipeline.errors import Overloaded
+
+
+class AsyncLLMEngine:
+    """Steps the engine on a background thread; requests come and go as async iterators."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) or ("abort", id), applied between steps
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="crosstrim-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, source, params: SamplingParams, request_id: str | None = None):
+        seq = self.engine.make_sequence(source, params, request_id)  # raises InvalidRequest at once
+        del source  # the engine drops the big tensors after prefill; this frame must not pin them
+        with self._lock:
+            if len(self.engine.scheduler.waiting) + self._pending >= self.engine.cfg.max_waiting:
+                raise Overloaded("the decoder queue is full; try again later")
+            self._pending += 1
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        self._streams[seq.request_id] = (loop, q)
+        self._inbox.put(("add", seq))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(seq.request_id, None)
+            if not finished:  # the consumer went away: free its KV at once
+                self._inbox.put(("abort", seq.request_id))
+                self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "abort":
+                self.engine.abort(item)
+                continue
+            with self._lock:
+                self._pending -= 1
+            try:
+                self.engine.add(item)
+            except Exception as exc:  # Overloaded or a duplicate id: tell that one caller
+                self._deliver(item.request_id, exc)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # never leave callers hanging or KV held: fail what was in flight
+                for rid in list(self.engine.seqs):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"decoder step failed: {exc}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

@@ -1,0 +1,62 @@
+"""LoadedModel: a stage's weights and processor plus the layout facts every stage reads; device and dtype choice."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import MllamaForConditionalGeneration
+
+from pipeline.config import ModelConfig
+
+
+def pick_device_dtype(cfg: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.dtype != "auto":
+        dtype = getattr(torch, cfg.dtype)
+    else:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return torch.device(device), dtype
+
+
+def prepare_for_inference(model: MllamaForConditionalGeneration) -> MllamaForConditionalGeneration:
+    """eval, no grads, and cross-attention never causal: HF's SDPA path treats a maskless multi-row query as
+    causal, which truncates cross-attention K/V."""
+    model = model.eval().requires_grad_(False)
+    layers = model.model.language_model.layers
+    for idx in model.config.text_config.cross_attention_layers:
+        if idx < len(layers):
+            layers[idx].cross_attn.is_causal = False
+    return model
+
+
+@dataclass
+class LoadedModel:
+    """Processor and weights, plus the layout facts every stage needs."""
+
+    model: MllamaForConditionalGeneration
+    processor: object
+    path: Path | None  # None for a preset built in memory
+    device: torch.device
+    dtype: torch.dtype
+    cfg: ModelConfig
+
+    @property
+    def text(self):
+        return self.model.model.language_model
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def cross_layers(self) -> list[int]:
+        return list(self.text_config.cross_attention_layers)
+
+    @property
+    def first_cross(self) -> int:
+        return self.cross_layers[0]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
