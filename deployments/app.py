@@ -8,14 +8,14 @@ from ray import serve
 
 from .config import AppConfig
 from .decoder import DecoderPool
-from .encoder import VisionEncoder
+from .encoder import VisionEncoderDeployment
 from .ingress import Ingress
-from .trimmer import Trimmer
+from .trimmer import TrimmerDeployment
 
 
 def build_app(args: dict) -> serve.Application:
     cfg = AppConfig(**args)
-    encoder = VisionEncoder.bind(cfg.model, cfg.feature_cache_size)
-    trimmer = Trimmer.bind(cfg.model, cfg.trim, cfg.ship)
+    encoder = VisionEncoderDeployment.bind(cfg.model, cfg.feature_cache_size)
+    trimmer = TrimmerDeployment.bind(cfg.model, cfg.trim, cfg.ship)
     decoder = DecoderPool.bind(cfg.model, cfg.engine)
     return Ingress.bind(cfg, encoder, trimmer, decoder)

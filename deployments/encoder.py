@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve.metrics import Counter
 
 from pipeline.config import ModelConfig
-from pipeline.model.encoder import VisionEncoder as EncoderStage
+from pipeline.model.encoder import VisionEncoder
 from pipeline.model.loader import load_model
 from pipeline.types import PreparedPrompt, VisualFeatures
 
@@ -51,10 +51,11 @@ def select_images(prompt: PreparedPrompt, idx: list[int]) -> PreparedPrompt:
     )
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
-class VisionEncoder:
+# Serve name "VisionEncoder" (the YAML's and the metrics'); the class name keeps it apart from the stage it wraps.
+@serve.deployment(name="VisionEncoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+class VisionEncoderDeployment:
     def __init__(self, model: ModelConfig, cache_size: int = 64):
-        self.stage = EncoderStage(load_model(model, parts=("vision",)))
+        self.stage = VisionEncoder(load_model(model, parts=("vision",)))
         self.cache = FeatureCache(cache_size)
         self.pool = ThreadPoolExecutor(max_workers=1)  # one forward at a time; the event loop stays free
         self.lookups = Counter("crosstrim_encoder_cache_lookups", description="Feature cache lookups by result",

@@ -10,16 +10,16 @@ from ray.serve.metrics import Counter
 
 from pipeline.config import ModelConfig, TrimConfig
 from pipeline.model.loader import load_model
-from pipeline.model.trimmer import Trimmer as TrimStage
+from pipeline.model.trimmer import Trimmer
 from pipeline.types import PreparedPrompt, VisualFeatures
 
 from .handoff import Handoff, contiguous
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
-class Trimmer:
+@serve.deployment(name="Trimmer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+class TrimmerDeployment:
     def __init__(self, model: ModelConfig, trim: TrimConfig, ship: str = "kv"):
-        self.stage = TrimStage(load_model(model, parts=("text",)), trim)
+        self.stage = Trimmer(load_model(model, parts=("text",)), trim)
         self.ship = ship
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.visual_tokens = Counter("crosstrim_visual_tokens", description="Visual tokens seen by the trimmer")

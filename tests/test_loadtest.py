@@ -149,7 +149,7 @@ def test_locust_counts_malformed_streams_as_failures(tmp_path):
 
 def test_bench_e2e_point_and_report(serve_app, tmp_path):
     """One locust point as `crosstrim bench e2e` runs it, an HF generate batch, and the Markdown + plot."""
-    from deployments import bench_e2e
+    from loadtests.bench_e2e import run as bench_e2e
     from pipeline.config import ModelConfig
     from pipeline.model.loader import load_model
 
@@ -190,7 +190,7 @@ def test_bench_e2e_point_and_report(serve_app, tmp_path):
 
 
 def test_bench_e2e_saturation_rule():
-    from deployments.bench_e2e import saturated
+    from loadtests.bench_e2e.run import saturated
 
     tput = lambda *xs: [{"output_tokens_per_s": x} for x in xs]  # noqa: E731
     assert not saturated(tput(10, 20, 20.5), 0.05)  # too few points to tell

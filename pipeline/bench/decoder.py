@@ -1,9 +1,10 @@
 """`crosstrim bench decoder`: at one KV budget on the bench model, how many image requests fit and how fast
 they decode, trimmed vs untrimmed vs HF generate (static batches, the same budget), plus the batch-1 step
 against the memory-bandwidth bound. Prints a table and writes JSON. `crosstrim bench e2e` is the Serve app under
-locust (deployments/bench_e2e.py, imported only when run)."""
+locust (loadtests/bench_e2e, registered as a `crosstrim.bench` entry point so this library never imports it)."""
 
 import json
+from importlib.metadata import entry_points
 import statistics
 import time
 from pathlib import Path
@@ -34,41 +35,17 @@ def add_args(sub) -> None:
     d.add_argument("--threads", type=int, default=None,
                    help="torch threads for every system in the run (default: torch's); 1 on a shared machine, "
                         "where a second busy process makes 2-thread GEMMs ~10x slower")
-    _e2e_args(bench)
+    for ep in entry_points(group="crosstrim.bench"):  # benches of other packages (the Serve app's: loadtests/)
+        RUNNERS[ep.name] = ep.load()(bench)
 
 
-def _e2e_args(bench) -> None:
-    e = bench.add_parser("e2e", help="the Serve app under locust, trimmed vs untrimmed, vs HF generate (bench model)")
-    e.add_argument("--json", dest="json_path", default="bench-results/e2e.json")
-    e.add_argument("--config", default=None, help="default: configs/bench.yaml of the repo")
-    e.add_argument("--users", type=lambda s: [int(x) for x in s.split(",")], default="1,2,4,8,12,16,20,24",
-                   help="locust user counts, increasing; a sweep stops once throughput stops improving")
-    e.add_argument("--point-s", type=int, default=40, help="seconds of locust per point")
-    e.add_argument("--warmup-s", type=int, default=12, help="rates are measured after this much of a point")
-    e.add_argument("--max-tokens", type=int, default=64, help="output tokens of every request (ignore_eos)")
-    e.add_argument("--saturation-gain", type=float, default=0.05,
-                   help="saturated when two points running are not this much faster than the best before them")
-    e.add_argument("--hf-repeats", type=int, default=2, help="static batches of each size HF generate runs")
-    e.add_argument("--time-budget-s", type=float, default=840, help="the whole bench; points are skipped to meet it")
-    e.add_argument("--hf-reserve-s", type=float, default=120, help="of the budget, kept for HF generate")
-    e.add_argument("--markdown", default="BENCHMARKS.md", help="'' to skip; the section between e2e markers")
-    e.add_argument("--plot", default="bench-results/e2e.png")
-    e.add_argument("--plot-copy", default="docs/e2e.png", help="the copy BENCHMARKS.md links ('' for none)")
-    e.add_argument("--workdir", default="bench-results/e2e-locust", help="locust's CSVs and logs")
-    e.add_argument("--note", default=None, help="a paragraph for the report")
-    e.add_argument("--from-json", default=None, help="re-render the report of an earlier run; no measuring")
+RUNNERS = {}  # bench name -> run(args), filled by add_args
 
 
 def run(args) -> int:
     if args.bench == "decoder":
         return run_decoder(args)
-    if args.bench == "e2e":
-        from deployments.bench_e2e import (
-            run as run_e2e,  # Ray Serve only for this subcommand
-        )
-
-        return run_e2e(args)
-    raise SystemExit(f"unknown bench {args.bench}")
+    return RUNNERS[args.bench](args)
 
 
 def _images(n: int, size: int, seed: int = 0) -> list[Image.Image]:

@@ -1,4 +1,4 @@
-"""`python -m deployments.measure`: bytes and time of the trimmer -> decoder hop (trimmed or not, ship kv or
+"""`python -m loadtests.measure_hop`: bytes and time of the trimmer -> decoder hop (trimmed or not, ship kv or
 features) and p50 TTFT of the Serve app on a local Ray against the same stages in one process."""
 
 import argparse
@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from . import localrun
+from deployments import localrun
 
 PROMPT = "What is in the image?"
 
@@ -128,7 +128,7 @@ def measure_hop_synthetic(n: int, kept: int = 1000, prompt: int = 64, prefix: in
     import ray
     import torch
 
-    from .handoff import Handoff
+    from deployments.handoff import Handoff
 
     @ray.remote(num_cpus=0)
     class Sender:
@@ -159,7 +159,7 @@ def measure_hop_synthetic(n: int, kept: int = 1000, prompt: int = 64, prefix: in
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deployments.measure", description=__doc__.split(":", 1)[1].strip())
+    p = argparse.ArgumentParser(prog="python -m loadtests.measure_hop", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("--config", default="configs/local.yaml")
     p.add_argument("--requests", type=int, default=20)
     p.add_argument("--json", action="store_true")

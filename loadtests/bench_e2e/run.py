@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from . import localrun
+from deployments import localrun
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 PROMPT = "Describe this image."
 TILES = 4  # every request carries one 4-tile image: 4,100 visual tokens on the bench model
@@ -36,6 +36,30 @@ def workload():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def add_args(bench):
+    """`crosstrim bench e2e`'s arguments (the `crosstrim.bench` entry point); returns its runner."""
+    e = bench.add_parser("e2e", help="the Serve app under locust, trimmed vs untrimmed, vs HF generate (bench model)")
+    e.add_argument("--json", dest="json_path", default="bench-results/e2e.json")
+    e.add_argument("--config", default=None, help="default: configs/bench.yaml of the repo")
+    e.add_argument("--users", type=lambda s: [int(x) for x in s.split(",")], default="1,2,4,8,12,16,20,24",
+                   help="locust user counts, increasing; a sweep stops once throughput stops improving")
+    e.add_argument("--point-s", type=int, default=40, help="seconds of locust per point")
+    e.add_argument("--warmup-s", type=int, default=12, help="rates are measured after this much of a point")
+    e.add_argument("--max-tokens", type=int, default=64, help="output tokens of every request (ignore_eos)")
+    e.add_argument("--saturation-gain", type=float, default=0.05,
+                   help="saturated when two points running are not this much faster than the best before them")
+    e.add_argument("--hf-repeats", type=int, default=2, help="static batches of each size HF generate runs")
+    e.add_argument("--time-budget-s", type=float, default=840, help="the whole bench; points are skipped to meet it")
+    e.add_argument("--hf-reserve-s", type=float, default=120, help="of the budget, kept for HF generate")
+    e.add_argument("--markdown", default="BENCHMARKS.md", help="'' to skip; the section between e2e markers")
+    e.add_argument("--plot", default="bench-results/e2e.png")
+    e.add_argument("--plot-copy", default="docs/e2e.png", help="the copy BENCHMARKS.md links ('' for none)")
+    e.add_argument("--workdir", default="bench-results/e2e-locust", help="locust's CSVs and logs")
+    e.add_argument("--note", default=None, help="a paragraph for the report")
+    e.add_argument("--from-json", default=None, help="re-render the report of an earlier run; no measuring")
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ the Serve app
