@@ -42,3 +42,8 @@ class EngineConfig(_Strict):
     max_running: int = Field(64, ge=1)  # sequences decoded together at most
     max_waiting: int = Field(256, ge=0)  # bounded queue; beyond it requests are refused as overloaded
     max_model_len: int = Field(2048, ge=2)  # prompt + generated tokens of one sequence
+    # "paged": self-attention K/V pages allocated as tokens come, preemption when none is free; "reserved": the
+    # prompt + max_tokens allocated at admission (the pre-paging behaviour, kept for comparison in benchmarks)
+    kv_allocation: Literal["paged", "reserved"] = "paged"
+    block_size: int = Field(16, ge=1)  # self-attention tokens a KV page (cross pages hold n_self/n_cross as many)
+    kv_watermark: float = Field(0.01, ge=0.0, lt=1.0)  # pages kept free at admission, for running sequences

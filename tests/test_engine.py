@@ -123,7 +123,7 @@ def test_admission_by_budget_never_exceeds_and_frees(tiny_pipeline, sources):
         assert stats.running <= 2
         peak = max(peak, stats.running)
     assert peak == 2 and all(len(s.output_ids) == 8 for s in seqs)
-    assert engine.kv.used_bytes == 0 and engine.kv.free == [(0, engine.kv.capacity)]
+    assert engine.kv.used_bytes == 0 and engine.kv.blocks.free_pages == engine.kv.blocks.num_pages
 
 
 def test_trimmed_requests_fit_more(tiny_pipeline, imgs):
@@ -134,7 +134,7 @@ def test_trimmed_requests_fit_more(tiny_pipeline, imgs):
     count = {}
     for name, src in (("full", full), ("cut", cut)):
         seqs = [engine.add_request(src, SamplingParams(max_tokens=4)) for _ in range(30)]
-        count[name] = len(engine.scheduler.admit())
+        count[name] = engine.scheduler.count_admissible()
         for s in seqs:
             engine.abort(s.request_id)
         assert engine.kv.used_bytes == 0

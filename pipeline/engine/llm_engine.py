@@ -1,4 +1,4 @@
-"""LLMEngine: continuous batching over the model runner, admission by KV budget; synchronous (add, step, abort).
+"""LLMEngine: continuous batching over the model runner, KV in pages with preemption; synchronous (add, step, abort).
 
 `pipeline.engine.async_engine.AsyncLLMEngine` steps it on a thread for streaming callers. Neither knows Ray Serve.
 """
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import EngineConfig
+from pipeline.engine.detokenizer import IncrementalDetokenizer
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.model_runner import ModelRunner
 from pipeline.engine.sampling import SamplingParams, make_generator, sample
@@ -23,8 +24,11 @@ from pipeline.types import RequestOutput, TrimResult
 class EngineStats:
     running: int
     waiting: int
-    kv_used_bytes: int
-    kv_budget_bytes: int
+    kv_used_bytes: int  # bytes of the KV pages held
+    kv_budget_bytes: int  # bytes of every KV page
+    kv_written_bytes: int  # bytes of K/V actually written in the held pages (utilisation = written / used)
+    swapped: int  # preempted sequences waiting to resume
+    preemptions: int
     tokens_generated: int
     steps: int
     last_step_ms: float
@@ -40,7 +44,7 @@ class LLMEngine:
         tc = loaded.text_config
         self.kv = KVCache(
             self.cfg.kv_budget_bytes, tc.num_hidden_layers, loaded.cross_layers, tc.num_key_value_heads,
-            tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device,
+            tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device, self.cfg.block_size,
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)
@@ -77,20 +81,20 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.swapped)
 
     def step(self) -> list[RequestOutput]:
         """Admit what fits and prefill it, then decode every other running sequence by one token."""
         t0 = time.perf_counter()
         outputs = []
-        admitted = self.scheduler.admit()
+        admitted, batch = self.scheduler.schedule()
         for seq in admitted:
             if seq.trim is not None and seq.trim.hidden.device != self.loaded.device:
                 seq.trim = seq.trim.to(self.loaded.device)
             seq.generator = make_generator(seq.params, self.loaded.device)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
             outputs.append(self._append(seq, self.runner.prefill(seq)))
             seq.trim = seq.trim and seq.trim.without_resume_state()
-        batch = [s for s in self.scheduler.running if s not in admitted]
         if batch:
             self.decode_steps += 1
             self.decode_rows += len(batch)
@@ -109,21 +113,21 @@ class LLMEngine:
         seq.logprobs.append(logprob)
         self.tokens_generated += 1
         new_ids, reason = [token], None
+        last = len(seq.output_ids) >= seq.params.max_tokens
         if token in seq.params.stop_token_ids or (token in self.eos and not seq.params.ignore_eos):
             reason, new_ids = "stop", []  # the stop token itself is not part of the output
-        else:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            hit = [seq.text.find(s) for s in seq.params.stop if s and s in seq.text]
-            if hit:
-                seq.text, reason = seq.text[: min(hit)], "stop"
-        if reason is None and len(seq.output_ids) >= seq.params.max_tokens:
+            seq.detok.add(seq.output_ids[:-1], final=True)
+        elif seq.detok.add(seq.output_ids, final=last):
+            reason = "stop"
+        elif last:
             reason = "length"
+        seq.text = seq.detok.text
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.request_id, None)
         new_text = ""
-        # Hold back a trailing partial UTF-8 character; never re-send text already streamed.
-        if (reason or not seq.text.endswith("\ufffd")) and seq.text.startswith(seq.emitted):
+        # The detokenizer holds back a trailing partial UTF-8 character; never re-send text already streamed.
+        if len(seq.text) > len(seq.emitted):
             new_text, seq.emitted = seq.text[len(seq.emitted) :], seq.text
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=reason is not None,
@@ -132,9 +136,12 @@ class LLMEngine:
         )
 
     def stats(self) -> EngineStats:
+        sched = self.scheduler
         return EngineStats(
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            running=len(sched.running), waiting=len(sched.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
+            kv_written_bytes=sum(self.kv.written_bytes(s.kv) for s in sched.running),
+            swapped=len(sched.swapped), preemptions=sched.preemptions,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
         )

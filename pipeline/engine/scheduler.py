@@ -1,4 +1,6 @@
-"""FIFO admission by KV budget: a waiting sequence joins the running batch once its whole reservation fits."""
+"""Admission and preemption over KV pages: running sequences get a page when their last one fills, preempting
+(swapping out) the most recently admitted one when none is free; preempted sequences resume before new ones;
+a waiting sequence is admitted, in arrival order, once its prompt and its kept visual tokens fit."""
 
 from collections import deque
 
@@ -13,16 +15,19 @@ class Scheduler:
         self.cfg = cfg
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()  # preempted, first to resume first
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.preemptions = 0
+        self.watermark_pages = int(cfg.kv_watermark * kv.blocks.num_pages)
 
     def check(self, seq: Sequence) -> None:
-        """Refuse at once what could never run."""
-        if seq.prompt_len + seq.params.max_tokens > self.cfg.max_model_len:
+        """Refuse at once what could never run: a sequence alone always fits, so no admitted one ever fails."""
+        if seq.max_self_tokens > self.cfg.max_model_len:
             raise InvalidRequest(
                 f"prompt ({seq.prompt_len} tokens) + max_tokens ({seq.params.max_tokens}) exceeds "
                 f"max_model_len {self.cfg.max_model_len}"
             )
-        need = self.kv.bytes_needed(seq.self_tokens, seq.cross_tokens)
+        need = self.kv.bytes_needed(seq.max_self_tokens, seq.cross_tokens)
         if need > self.kv.capacity_bytes:
             raise InvalidRequest(f"request needs {need} bytes of KV; the whole budget is {self.kv.capacity_bytes}")
 
@@ -32,25 +37,77 @@ class Scheduler:
             raise Overloaded(f"{len(self.waiting)} requests already waiting; try again later")
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences to running, in arrival order, while their KV fits."""
-        admitted = []
-        while self.waiting and len(self.running) < self.cfg.max_running:
-            kv = self.kv.reserve(self.waiting[0].self_tokens, self.waiting[0].cross_tokens)
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(sequences to prefill, sequences to decode by one token) for this step."""
+        decode = []
+        for seq in list(self.running):
+            if seq.status != Status.RUNNING:
+                continue  # preempted just now for an earlier-admitted sequence
+            while not self.kv.grow(seq.kv, seq.num_tokens):  # room for the token fed this step
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                decode.append(seq)
+        resumed, admitted = self.admit()
+        return admitted, decode + resumed
+
+    def admit(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Resume preempted sequences, then admit waiting ones, while they fit: (resumed, admitted)."""
+        resumed, admitted = [], []
+        while self.swapped and len(self.running) < self.cfg.max_running:
+            seq = self.swapped[0]
+            if not self.kv.swap_in(seq.kv, seq.swapped, seq.num_tokens):
+                break
+            self.swapped.popleft()
+            seq.swapped, seq.status = None, Status.RUNNING
+            self.running.append(seq)
+            resumed.append(seq)
+        while not self.swapped and self.waiting and len(self.running) < self.cfg.max_running:
+            seq = self.waiting[0]
+            kv = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
             if kv is None:
                 break  # no skipping ahead: a large request is not starved by small ones
-            seq = self.waiting.popleft()
+            self.waiting.popleft()
             seq.kv, seq.status = kv, Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-        return admitted
+        return resumed, admitted
+
+    def count_admissible(self) -> int:
+        """Dry run: how many waiting sequences the next admission would take, with nothing allocated."""
+        free, n = self.kv.blocks.free_pages - self._watermark(), 0
+        for seq in self.waiting:
+            free -= self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens)
+            if free < 0 or len(self.running) + n >= self.cfg.max_running:
+                break
+            n += 1
+        return n
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Free the sequence's KV at once, wherever it is."""
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
             self.kv.release(seq.kv)
-            seq.kv = None
         elif seq.status == Status.WAITING:
             self.waiting.remove(seq)
+        elif seq.status == Status.SWAPPED:
+            self.swapped.remove(seq)
+            seq.swapped = None
+        seq.kv = None
         seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def _first_tokens(self, seq: Sequence) -> int:
+        """Self positions allocated at admission: the prompt, or the worst case in `reserved` mode."""
+        return seq.max_self_tokens if self.cfg.kv_allocation == "reserved" else seq.prompt_len
+
+    def _watermark(self) -> int:
+        return self.watermark_pages if self.running else 0  # an idle engine admits whatever fits alone
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.swapped = self.kv.swap_out(seq.kv)
+        seq.status = Status.SWAPPED
+        self.swapped.appendleft(seq)
+        self.preemptions += 1

@@ -10,6 +10,7 @@ from pipeline.types import TrimResult
 class Status(Enum):
     WAITING = auto()
     RUNNING = auto()
+    SWAPPED = auto()  # preempted: its K/V in host memory until pages free up
     FINISHED = auto()
 
 
@@ -27,6 +28,8 @@ class Sequence:
         self.emitted = ""  # the prefix of `text` already streamed
         self.finish_reason: str | None = None
         self.kv = None  # SeqKV once admitted
+        self.swapped = None  # (self K/V, cross K/V) on the host while preempted
+        self.detok = None  # IncrementalDetokenizer, made by the engine
         self.generator = None
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
@@ -44,8 +47,8 @@ class Sequence:
         return self.output_ids[-1]
 
     @property
-    def self_tokens(self) -> int:
-        """Self-attention K/V positions to reserve: the prompt and every token it may generate."""
+    def max_self_tokens(self) -> int:
+        """Self-attention K/V positions it may ever hold: the prompt and every token it may generate."""
         return self.prompt_len + self.params.max_tokens
 
     @property
