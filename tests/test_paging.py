@@ -1,0 +1,184 @@
+"""KV in pages: exactness with preemption happening mid-stream, page accounting, fragmented pages, and
+incremental detokenization."""
+
+import asyncio
+
+import pytest
+import torch
+from helpers import PROMPTS
+
+from pipeline.config import EngineConfig, TrimConfig
+from pipeline.engine.async_engine import AsyncLLMEngine
+from pipeline.engine.block_manager import BlockManager, runs
+from pipeline.engine.detokenizer import IncrementalDetokenizer
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.sampling import SamplingParams
+from pipeline.quality.reference import reference_generate, trim_generated
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_pipeline, imgs):
+    """(source, params, expected tokens): HF generate untrimmed, the reference trimmed, text-only."""
+    pipe, model = tiny_pipeline, tiny_pipeline.loaded.model
+    greedy = SamplingParams(max_tokens=MAX_NEW)
+    out = []
+    for prompt, names in ((PROMPTS[0], ["1tile"]), (PROMPTS[1], ["4tile"]), (PROMPTS[1], ["1tile", "4tile"])):
+        prepared = pipe.prepare(prompt, [imgs[n] for n in names])
+        hf = model.generate(**prepared.hf_inputs(), max_new_tokens=MAX_NEW, do_sample=False)
+        hf = trim_generated(hf[0, prepared.input_ids.numel():].tolist(), model)
+        out.append((pipe.trim(prepared, TrimConfig(policy="none")), greedy, hf))
+    for cfg, names in ((TrimConfig(k_ratio=0.15), ["4tile"]), (TrimConfig(policy="mass", mass=0.5), ["2tile", "4tile"])):
+        prepared = pipe.prepare(PROMPTS[1], [imgs[n] for n in names])
+        out.append((pipe.trim(prepared, cfg), greedy, reference_generate(model, prepared, cfg, MAX_NEW)))
+    ids = pipe.prepare(PROMPTS[3] + " and then tell me a story", []).input_ids.tolist()
+    text = torch.tensor(ids)
+    hf = model.generate(input_ids=text[None], attention_mask=torch.ones_like(text)[None], max_new_tokens=MAX_NEW,
+                        do_sample=False)
+    out.append((ids, greedy, trim_generated(hf[0, len(ids):].tolist(), model)))
+    return out
+
+
+def _small_engine(loaded, sources, max_tokens, fraction=1.6):
+    """A pool that fits the largest request alone and a bit more: later growth must preempt."""
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
+    need = max(probe.kv.bytes_needed(len(s if isinstance(s, list) else s.prompt_token_ids) + max_tokens,
+                                     0 if isinstance(s, list) else s.num_kept) for s in sources)
+    return LLMEngine(loaded, EngineConfig(kv_budget_bytes=int(need * fraction), block_size=4, kv_watermark=0.0))
+
+
+def test_exact_with_preemption_mid_stream(tiny_pipeline, cases):
+    """HF generate / reference tokens hold for every request while the pool is so small that they preempt."""
+    loaded = tiny_pipeline.loaded
+    sources = [c[0] for c in cases]
+    seeded = SamplingParams(max_tokens=40, temperature=0.9, top_k=50, seed=7, ignore_eos=True)
+    engine = LLMEngine(loaded, EngineConfig(block_size=4))
+    (alone_seeded,) = engine.generate([sources[1]], seeded)
+    small = _small_engine(loaded, sources, 40)
+    seqs = [small.add_request(s, p) for s, p, _ in cases] + [small.add_request(sources[1], seeded)]
+    seqs += [small.add_request(sources[4], SamplingParams(max_tokens=40, ignore_eos=True)) for _ in range(2)]
+    while small.has_work():
+        small.step()
+        st = small.stats()
+        assert st.kv_used_bytes == small.kv.blocks.used * small.kv.blocks.page_bytes <= st.kv_budget_bytes
+        assert st.kv_written_bytes <= st.kv_used_bytes
+    assert small.stats().preemptions > 0, "the pool must be small enough to preempt"
+    for seq, (_, _, expected) in zip(seqs, cases):
+        assert seq.output_ids == expected
+    assert seqs[len(cases)].output_ids == alone_seeded.output_ids
+    assert [len(s.output_ids) for s in seqs[-2:]] == [40, 40]
+    assert small.kv.used_bytes == 0 and small.kv.blocks.free_pages == small.kv.blocks.num_pages
+
+
+def test_stream_neither_loses_nor_repeats_tokens_when_preempted(tiny_pipeline, cases):
+    loaded = tiny_pipeline.loaded
+    sources = [c[0] for c in cases[:4]]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    alone = [LLMEngine(loaded).generate([s], params)[0] for s in sources]
+    small = _small_engine(loaded, sources, 30, fraction=1.3)
+    engine = AsyncLLMEngine(small)
+
+    async def one(src):
+        ids, text = [], ""
+        async for out in engine.generate(src, params):
+            ids += out.new_token_ids
+            text += out.new_text
+        return ids, text
+
+    async def main():
+        return await asyncio.gather(*[one(s) for s in sources])
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert small.stats().preemptions > 0
+    assert [g[0] for g in got] == [a.output_ids for a in alone]
+    assert [g[1] for g in got] == [a.text for a in alone]
+    assert small.kv.used_bytes == 0
+
+
+def test_reserved_mode_holds_fewer_than_paged(tiny_pipeline, cases):
+    loaded = tiny_pipeline.loaded
+    src = cases[3][0]
+    counts = {}
+    for mode in ("reserved", "paged"):
+        engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**23, kv_allocation=mode, max_running=512,
+                                                max_model_len=2048))
+        for _ in range(200):
+            engine.add_request(src, SamplingParams(max_tokens=1024))
+        counts[mode] = engine.scheduler.count_admissible()
+    assert counts["paged"] >= 3 * counts["reserved"] >= 3
+
+
+def test_fragmented_pages_are_gathered_exactly(tiny_pipeline, cases):
+    """Pages forced apart (another holder between every page) give the same tokens as one contiguous run."""
+    loaded = tiny_pipeline.loaded
+    src, params = cases[3][0], SamplingParams(max_tokens=20, ignore_eos=True)
+    expected = LLMEngine(loaded, EngineConfig(block_size=4)).generate([src], params)[0].output_ids
+    engine = LLMEngine(loaded, EngineConfig(block_size=4, kv_watermark=0.0))
+    blocks = engine.kv.blocks
+    holes = blocks.allocate(blocks.num_pages)
+    blocks.free(holes[::2])  # every other page free: nothing contiguous is left
+    seq = engine.add_request(src, params)
+    while engine.has_work():
+        engine.step()
+        if seq.kv is not None:
+            assert runs(seq.kv.self_pages) == len(seq.kv.self_pages) and seq.kv.self_base is None
+    assert seq.output_ids == expected
+
+
+def test_block_manager_keeps_runs_contiguous_and_counts_references():
+    bm = BlockManager(64, 100)
+    a = bm.allocate(4)
+    b = bm.allocate(4)
+    assert runs(a) == runs(b) == 1 and set(a).isdisjoint(b)
+    grown = bm.allocate(1, after=a[-1])
+    assert grown == [a[-1] + 1], "a sequence grows into the page after its last"
+    bm.share(a)
+    bm.free(a)
+    assert bm.used == 9 and bm.used_bytes == 900
+    bm.free(a + grown + b)
+    assert bm.used == 0 and bm.free_pages == 64
+    with pytest.raises(AssertionError):
+        bm.free(a)
+
+
+class _CountingTokenizer:
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def decode(self, ids, **kw):
+        self.longest = max(self.longest, len(ids))
+        return self.tok.decode(ids, **kw)
+
+
+def test_incremental_detokenizer_equals_full_decode_in_constant_work(tiny_pipeline):
+    tok = tiny_pipeline.loaded.processor.tokenizer
+    text = "Voilà: a naïve café — 東京 🙂 and more words, " * 8
+    ids = tok.encode(text, add_special_tokens=False)
+    counting = _CountingTokenizer(tok)
+    detok = IncrementalDetokenizer(counting, stop=[])
+    streamed = []
+    for n in range(1, len(ids) + 1):
+        before = detok.text
+        detok.add(ids[:n], final=n == len(ids))
+        assert detok.text.startswith(before) and "\ufffd" not in detok.text[len(before):] or n == len(ids)
+        streamed.append(detok.text[len(before):])
+    assert "".join(streamed) == tok.decode(ids, skip_special_tokens=True)
+    assert counting.longest <= 16, f"decoded {counting.longest} tokens at once: not incremental"
+    cut = IncrementalDetokenizer(tok, stop=["東京"])
+    for n in range(1, len(ids) + 1):
+        if cut.add(ids[:n]):
+            break
+    assert cut.text == text[: text.index("東京")]
+
+
+def test_engine_detokenizes_incrementally(tiny_pipeline, cases):
+    engine = LLMEngine(tiny_pipeline.loaded)
+    full_decode = engine.tokenizer
+    engine.tokenizer = counting = _CountingTokenizer(full_decode)
+    (seq,) = engine.generate([cases[3][0]], SamplingParams(max_tokens=48, ignore_eos=True))
+    assert seq.text == full_decode.decode(seq.output_ids, skip_special_tokens=True)
+    assert 0 < counting.longest <= 16, f"decoded {counting.longest} tokens at once: the whole output every step"
