@@ -72,7 +72,7 @@ class VarlenPagedAttention(PerSequenceAttention):
         else:
             out = torch.empty_like(q)
         if plain:
-            k_pool, v_pool = self._pages(self.kv.cross_view, slot, self.kv.cross_block_size)
+            k_pool, v_pool = self.kv.cross_pool(slot)
             out[plain] = self._call(q[plain], k_pool, v_pool, [kvs[i].cross_pages for i in plain],
                                     [kvs[i].cross_tokens for i in plain], scale)
         return out

@@ -2,8 +2,11 @@
 holds `block_size` text tokens for the self-attention layers only; a cross-attention page holds (n_self / n_cross)
 x as many visual tokens for the cross-attention layers only, so a visual token costs nothing in the self layers.
 
-Inside a page the token is the outer dimension, so pages p..p+m form one flat token axis: a sequence whose pages
-are one run is read as a strided view, (KVH, T, hd), with no copy; a fragmented one is gathered."""
+Self pages: the token is the outer dimension, so pages p..p+m form one flat token axis and a sequence whose pages
+are one run is read as a strided view, (KVH, T, hd), with no copy (a fragmented one is gathered). Cross pages are
+written once, at admission, so each contiguous run of them is laid out as a whole, (layers, 2, KVH, T, hd): read
+as contiguous K/V like a dense cache ("run" layout, CPU); "page" layout (CUDA) lays out every page alone as
+(layers, 2, tokens, KVH, hd), the page pool a block table indexes."""
 
 from dataclasses import dataclass, field
 from math import gcd
@@ -20,14 +23,13 @@ class SeqKV:
     cross_tokens: int = 0
     self_written: int = 0  # self-attention positions holding K/V (bytes written, for utilisation)
     self_base: int | None = None  # flat slot of position 0 when the self pages are one run
-    cross_base: int | None = None
     self_index: torch.Tensor | None = None  # flat slots of every held position, for a gather when fragmented
-    cross_index: torch.Tensor | None = None
+    cross_dense: torch.Tensor | None = None  # (layers, 2, KVH, kept, hd) view when the cross pages are one chunk
 
 
 class KVCache:
     def __init__(self, budget_bytes: int, num_layers: int, cross_layers: list[int], kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, block_size: int = 16):
+                 dtype: torch.dtype, device, block_size: int = 16, cross_layout: str = "run"):
         self.num_self, self.num_cross = num_layers - len(cross_layers), len(cross_layers)
         self.slot = {}  # layer index -> its position among the self or the cross layers
         for kind in (False, True):
@@ -39,12 +41,12 @@ class KVCache:
         self.block_size = -(-block_size // step) * step  # self tokens a page
         self.cross_block_size = self.block_size * ns // nc  # cross tokens a page
         self.token_elems = 2 * kv_heads * head_dim  # one token's K and V in one layer
-        page_elems = self.block_size * ns * self.token_elems
-        self.blocks = BlockManager(budget_bytes // (page_elems * self.itemsize), page_elems * self.itemsize)
-        arena = torch.zeros(self.blocks.num_pages * page_elems, dtype=dtype, device=device)
+        self.page_elems = self.block_size * ns * self.token_elems
+        self.blocks = BlockManager(budget_bytes // (self.page_elems * self.itemsize), self.page_elems * self.itemsize)
+        self.arena = torch.zeros(self.blocks.num_pages * self.page_elems, dtype=dtype, device=device)
         # (slots, layers, K/V, KVH, hd): slot s of page p is p * block_size + s
-        self.self_view = arena.view(-1, ns, 2, kv_heads, head_dim)
-        self.cross_view = arena.view(-1, nc, 2, kv_heads, head_dim)
+        self.self_view = self.arena.view(-1, ns, 2, kv_heads, head_dim)
+        self.cross_layout = cross_layout
 
     # --- bytes ------------------------------------------------------------------------------------------
     @property
@@ -75,6 +77,8 @@ class KVCache:
         kv = SeqKV(cross_pages=self.blocks.allocate(n_cross), cross_tokens=cross_tokens)
         kv.self_pages = self.blocks.allocate(n_self)
         self._index(kv)
+        chunks = self._cross_chunks(kv)
+        kv.cross_dense = chunks[0] if len(chunks) == 1 else None
         return kv
 
     def grow(self, kv: SeqKV, self_tokens: int) -> bool:
@@ -85,24 +89,21 @@ class KVCache:
         if not self.blocks.can_allocate(need):
             return False
         kv.self_pages += self.blocks.allocate(need, after=kv.self_pages[-1] if kv.self_pages else None)
-        self._index(kv, cross=False)
+        self._index(kv)
         return True
 
     def release(self, kv: SeqKV) -> None:
         self.blocks.free(kv.self_pages)
         self.blocks.free(kv.cross_pages)
-        kv.self_pages, kv.cross_pages = [], []
+        kv.self_pages, kv.cross_pages, kv.cross_dense = [], [], None
 
-    def _index(self, kv: SeqKV, cross: bool = True) -> None:
-        kv.self_base, kv.self_index = self._layout(kv.self_pages, self.block_size)
-        if cross:
-            kv.cross_base, kv.cross_index = self._layout(kv.cross_pages, self.cross_block_size)
-
-    def _layout(self, pages: list[int], size: int) -> tuple[int | None, torch.Tensor | None]:
+    def _index(self, kv: SeqKV) -> None:
+        pages, size = kv.self_pages, self.block_size
         if runs(pages) <= 1:
-            return (pages[0] * size if pages else 0), None
-        p = torch.tensor(pages, device=self.device)
-        return None, (p[:, None] * size + torch.arange(size, device=self.device)).flatten()
+            kv.self_base, kv.self_index = (pages[0] * size if pages else 0), None
+        else:
+            p = torch.tensor(pages, device=self.device)
+            kv.self_base, kv.self_index = None, (p[:, None] * size + torch.arange(size, device=self.device)).flatten()
 
     # --- slots and reads ---------------------------------------------------------------------------------
     def self_slots(self, kv: SeqKV, start: int, end: int) -> torch.Tensor:
@@ -115,11 +116,6 @@ class KVCache:
             return kv.self_base + pos
         return kv.self_pages[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def cross_slots(self, kv: SeqKV) -> torch.Tensor:
-        if kv.cross_base is not None:
-            return torch.arange(kv.cross_base, kv.cross_base + kv.cross_tokens, device=self.device)
-        return kv.cross_index[: kv.cross_tokens]
-
     def self_kv(self, kv: SeqKV, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of positions [0, n) of one self-attention layer slot: (KVH, n, hd) each, a view when possible."""
         if kv.self_base is not None:
@@ -128,19 +124,59 @@ class KVCache:
             x = self.self_view[:, slot].index_select(0, kv.self_index[:n])
         return x[:, 0].transpose(0, 1), x[:, 1].transpose(0, 1)
 
+    # --- cross pages: written once, read in runs ------------------------------------------------------------
+    def _cross_chunks(self, kv: SeqKV) -> list[torch.Tensor]:
+        """Views (layers, 2, KVH, tokens, hd) of the sequence's cross pages, in token order, with the tokens
+        each holds: one per contiguous run ("run" layout) or per page ("page" layout)."""
+        pages, chunks, left = kv.cross_pages, [], kv.cross_tokens
+        i = 0
+        while i < len(pages) and left > 0:
+            j = i + 1
+            while self.cross_layout == "run" and j < len(pages) and pages[j] == pages[j - 1] + 1:
+                j += 1
+            region = self.arena[pages[i] * self.page_elems : (pages[i] + j - i) * self.page_elems]
+            size = (j - i) * self.cross_block_size
+            if self.cross_layout == "run":
+                view = region.view(self.num_cross, 2, self.kv_heads, size, self.head_dim)
+            else:
+                view = region.view(self.num_cross, 2, size, self.kv_heads, self.head_dim).transpose(2, 3)
+            chunks.append(view[:, :, :, : min(size, left)])
+            left -= size
+            i = j
+        return chunks
+
+    def write_cross(self, kv: SeqKV, cross: torch.Tensor) -> None:
+        """cross: (cross layers, 2, KVH, kept, hd)."""
+        start = 0
+        for chunk in self._cross_chunks(kv):
+            chunk.copy_(cross[:, :, :, start : start + chunk.shape[3]])
+            start += chunk.shape[3]
+
+    def read_cross(self, kv: SeqKV) -> torch.Tensor:
+        """(cross layers, 2, KVH, kept, hd): a view when the pages are one run, else a copy."""
+        chunks = self._cross_chunks(kv)
+        if len(chunks) == 1:
+            return chunks[0]
+        if not chunks:
+            return torch.empty(self.num_cross, 2, self.kv_heads, 0, self.head_dim, dtype=self.arena.dtype,
+                               device=self.device)
+        return torch.cat(chunks, dim=3)
+
     def cross_kv(self, kv: SeqKV, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = kv.cross_tokens
-        if kv.cross_base is not None:
-            x = self.cross_view[kv.cross_base : kv.cross_base + n, slot]
-        else:
-            x = self.cross_view[:, slot].index_select(0, kv.cross_index[:n])
-        return x[:, 0].transpose(0, 1), x[:, 1].transpose(0, 1)
+        """K, V of one cross-attention layer slot: (KVH, kept, hd) each."""
+        x = (kv.cross_dense if kv.cross_dense is not None else self.read_cross(kv))[slot]
+        return x[0], x[1]
+
+    def cross_pool(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """"page" layout: K and V page pools of one cross layer, (pages, tokens, KVH, hd), for a block table."""
+        pages = self.arena.view(-1, self.num_cross, 2, self.cross_block_size, self.kv_heads, self.head_dim)
+        return pages[:, slot, 0], pages[:, slot, 1]
 
     # --- preemption: a sequence's K/V to host memory and back ---------------------------------------------
     def swap_out(self, kv: SeqKV) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy what the sequence wrote to host memory and free its pages."""
         saved = (self.self_view[self.self_slots(kv, 0, kv.self_written)].to("cpu", copy=True),
-                 self.cross_view[self.cross_slots(kv)].to("cpu", copy=True))
+                 self.read_cross(kv).to("cpu", copy=True))
         self.release(kv)
         return saved
 
@@ -152,5 +188,5 @@ class KVCache:
         fresh.self_written = kv.self_written
         kv.__dict__.update(fresh.__dict__)
         self.self_view[self.self_slots(kv, 0, kv.self_written)] = saved[0].to(self.device)
-        self.cross_view[self.cross_slots(kv)] = saved[1].to(self.device)
+        self.write_cross(kv, saved[1].to(self.device))
         return True

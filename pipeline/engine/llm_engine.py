@@ -45,6 +45,7 @@ class LLMEngine:
         self.kv = KVCache(
             self.cfg.kv_budget_bytes, tc.num_hidden_layers, loaded.cross_layers, tc.num_key_value_heads,
             tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device, self.cfg.block_size,
+            cross_layout="page" if torch.device(loaded.device).type == "cuda" else "run",
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)

@@ -50,7 +50,7 @@ class ModelRunner:
                 cache.self_view[slots[:first_row], slot] = trim.prefix_kv[j].permute(2, 0, 1, 3).to(cache.self_view.dtype)
             cross = trim.cross_kv if trim.cross_kv.numel() else (  # "features" mode: project every layer's K/V here
                 project_cross_kv(self.text, self.loaded.cross_layers, trim.kept_features))
-            cache.cross_view[cache.cross_slots(kv)] = cross.permute(3, 0, 1, 2, 4).to(cache.cross_view.dtype)
+            cache.write_cross(kv, cross)
             visible = trim.row_visibility[first_row:, trim.kept_image]  # (rows, kept): row sees the token's image
         rows = torch.arange(first_row, n, device=self.device)
         causal = rows[:, None] >= torch.arange(n, device=self.device)[None, :]
