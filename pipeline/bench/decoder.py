@@ -32,6 +32,11 @@ def add_args(sub) -> None:
     d.add_argument("--untrimmed-slots", type=int, default=6, help="the KV budget fits this many untrimmed requests")
     d.add_argument("--k-ratio", type=float, default=None, help="default: the TrimConfig default policy")
     d.add_argument("--hf-batches", default="1,2,4,6")
+    d.add_argument("--workload", choices=("static", "realistic"), default="static",
+                   help="realistic: max_tokens 1024, each answer ending after 8-128 tokens (seeded); paged vs "
+                        "reserved KV vs HF generate at one budget")
+    d.add_argument("--tiles", type=int, default=None, help="realistic: tiles x tiles tiles an image (default 1)")
+    d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None,
                    help="torch threads for every system in the run (default: torch's); 1 on a shared machine, "
                         "where a second busy process makes 2-thread GEMMs ~10x slower")
@@ -48,10 +53,10 @@ def run(args) -> int:
     return RUNNERS[args.bench](args)
 
 
-def _images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
-    """n distinct square images of 2x2 tiles."""
+def _images(n: int, size: int, tiles: int = 2, seed: int = 0) -> list[Image.Image]:
+    """n distinct square images of tiles x tiles tiles."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (2 * size, 2 * size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 255, (tiles * size, tiles * size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -68,18 +73,11 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
 
 
 def _run_engine(loaded, sources, budget, params):
+    # "reserved": every request holds its worst case (prompt + max_tokens), as this bench has always compared
     engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=budget, max_running=256, max_waiting=4096,
-                                            max_model_len=4096))
+                                            max_model_len=4096, kv_allocation="reserved"))
     seqs = [engine.add_request(s, params) for s in sources]
-    admitted_at_once = len(engine.scheduler.admit())
-    # put them back in the queue so the timed run starts from a clean state
-    for s in list(engine.scheduler.running):
-        engine.kv.release(s.kv)
-        s.kv = None
-    engine.scheduler.waiting.extendleft(reversed(engine.scheduler.running))
-    engine.scheduler.running.clear()
-    for s in engine.scheduler.waiting:
-        s.status = s.status.WAITING
+    admitted_at_once = engine.scheduler.count_admissible()
     batch_sizes, step_ms = [], []
     t0 = time.perf_counter()
     while engine.has_work():
@@ -104,7 +102,24 @@ def _hf_generate(loaded, prepared_list, max_tokens):
     return out.shape[0] * max_tokens, time.perf_counter() - t0, out[:, prepared_list[0].input_ids.numel():]
 
 
-def run_decoder(args) -> int:
+def hf_batches_that_fit(requested: str, fit: int) -> list[int]:
+    """The requested HF batch sizes ("2,4") whose worst-case KV fits the budget (`fit` requests)."""
+    return [b for b in (int(x) for x in requested.split(",")) if 1 <= b <= fit]
+
+
+def hf_summary(hf_runs: dict[int, float], engine_tokens_per_s: float) -> dict:
+    """HF generate's best batch; None everywhere when no requested batch fit the budget."""
+    best = max(hf_runs, key=hf_runs.get) if hf_runs else None
+    return {
+        "tokens_per_s_hf_generate": round(hf_runs[best], 2) if hf_runs else None, "hf_generate_best_batch": best,
+        "hf_generate_tokens_per_s_by_batch": {str(k): round(v, 2) for k, v in hf_runs.items()},
+        "trimmed_vs_hf_generate": round(engine_tokens_per_s / hf_runs[best], 3) if hf_runs else None,
+    }
+
+
+def prepare_sources(args, tiles: int):
+    """The bench model and min(requests, 8) distinct image requests of tiles x tiles tiles, trimmed by the
+    policy and untrimmed, with the encoder's and trimmer's times."""
     from pipeline.inprocess import Pipeline
     from pipeline.model.presets import build_bench_model
 
@@ -114,10 +129,8 @@ def run_decoder(args) -> int:
     loaded = build_bench_model()
     pipe = Pipeline(loaded, engine=EngineConfig(kv_budget_bytes=2**20))
     trim_cfg = TrimConfig() if args.k_ratio is None else TrimConfig(k_ratio=args.k_ratio)
-    n_distinct = min(args.requests, 8)
-    images = _images(n_distinct, loaded.model.config.vision_config.image_size)
+    images = _images(min(args.requests, 8), loaded.model.config.vision_config.image_size, tiles)
     prepared = [prepare_prompt(loaded.processor, user_message(PROMPT, 1), [img], 1, 4096) for img in images]
-
     stage_ms = {"encoder": [], "trimmer_trimmed": [], "trimmer_untrimmed": []}
     trimmed, untrimmed = [], []
     for p in prepared:
@@ -131,6 +144,16 @@ def run_decoder(args) -> int:
         stage_ms["encoder"].append((t1 - t0) * 1e3)
         stage_ms["trimmer_trimmed"].append((t2 - t1) * 1e3)
         stage_ms["trimmer_untrimmed"].append((t3 - t2) * 1e3)
+    return loaded, prepared, trimmed, untrimmed, stage_ms, trim_cfg
+
+
+def run_decoder(args) -> int:
+    if args.workload == "realistic":
+        from pipeline.bench.realistic import run_realistic
+
+        return run_realistic(args)
+    loaded, prepared, trimmed, untrimmed, stage_ms, trim_cfg = prepare_sources(args, tiles=2)
+    n_distinct = len(prepared)
     pick = lambda xs: [xs[i % n_distinct] for i in range(args.requests)]  # noqa: E731
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
 
@@ -143,16 +166,14 @@ def run_decoder(args) -> int:
     res_full, seqs_full = _run_engine(loaded, pick(untrimmed), budget, params)
 
     # HF generate: static batches of the same requests, batch sizes whose KV fits the same budget.
-    hf_runs = {}
-    for b in [int(x) for x in args.hf_batches.split(",")]:
-        if b > res_full["admitted_at_once"]:
-            continue
+    hf_runs, exact = {}, None  # exact: only checked when batch 1 runs
+    for b in hf_batches_that_fit(args.hf_batches, res_full["admitted_at_once"]):
         tokens, seconds, out = _hf_generate(loaded, [prepared[i % n_distinct] for i in range(b)], args.max_tokens)
         hf_runs[b] = tokens / seconds
         if b == 1:  # the engine's untrimmed greedy tokens equal HF's on the bench model too
             hf_first = trim_generated(out[0].tolist(), loaded.model)[: args.max_tokens]
             exact = seqs_full[0].output_ids[: len(hf_first)] == hf_first
-    best_b = max(hf_runs, key=hf_runs.get)
+    hf = hf_summary(hf_runs, res_trim["tokens_per_s"])
 
     # Batch-1 decode step against the bandwidth bound: weights + KV read per step over copy bandwidth.
     one, _ = _run_engine(loaded, [trimmed[0]], budget, params)
@@ -181,10 +202,8 @@ def run_decoder(args) -> int:
         "concurrency_ratio": round(res_trim["admitted_at_once"] / res_full["admitted_at_once"], 3),
         "tokens_per_s_untrimmed": round(res_full["tokens_per_s"], 2),
         "tokens_per_s_trimmed": round(res_trim["tokens_per_s"], 2),
-        "tokens_per_s_hf_generate": round(hf_runs[best_b], 2),
-        "hf_generate_best_batch": best_b, "hf_generate_tokens_per_s_by_batch": {str(k): round(v, 2) for k, v in hf_runs.items()},
+        **hf,
         "trimmed_vs_untrimmed": round(res_trim["tokens_per_s"] / res_full["tokens_per_s"], 3),
-        "trimmed_vs_hf_generate": round(res_trim["tokens_per_s"] / hf_runs[best_b], 3),
         "mean_batch_untrimmed": round(res_full["mean_batch"], 2), "mean_batch_trimmed": round(res_trim["mean_batch"], 2),
         "decode_step_ms_batch1": round(one["step_ms_mean"], 2),
         "bandwidth_bound_ms_batch1": round(bound_ms, 2),
@@ -214,7 +233,8 @@ def _print_table(r: dict) -> None:
         ("tokens/s untrimmed", r["tokens_per_s_untrimmed"]),
         ("tokens/s trimmed", f'{r["tokens_per_s_trimmed"]} (x{r["trimmed_vs_untrimmed"]} untrimmed)'),
         ("tokens/s HF generate (best batch)", f'{r["tokens_per_s_hf_generate"]} (batch {r["hf_generate_best_batch"]}; '
-                                              f'trimmed is x{r["trimmed_vs_hf_generate"]})'),
+                                              f'trimmed is x{r["trimmed_vs_hf_generate"]})' if r["hf_generate_best_batch"]
+                                              else "no requested batch fits the budget"),
         ("mean decode batch untrimmed / trimmed", f'{r["mean_batch_untrimmed"]} / {r["mean_batch_trimmed"]}'),
         ("decode step batch 1 (ms)", f'{r["decode_step_ms_batch1"]} vs bound {r["bandwidth_bound_ms_batch1"]} '
                                      f'(x{r["step_vs_bound_batch1"]})'),
