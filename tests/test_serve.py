@@ -421,6 +421,27 @@ def test_concurrent_requests_are_batched(serve_app, http, images):
     assert stats["kv_used_bytes"] == 0
 
 
+def test_48_long_requests_all_succeed_and_run_16_at_once(serve_app, http, images):
+    """KV in pages: 48 concurrent image requests asking max_tokens 1024 (the model answers in a few tokens) all
+    succeed, the decoder runs max_running (16) of them at once, and every KV byte is free afterwards."""
+    from ray import serve
+
+    engine = serve_app.config["applications"][0]["args"]["engine"]
+    serve.get_deployment_handle("DecoderPool", app_name=APP).reset_peaks.remote().result()
+    urls = [data_url(images[k]) for k in ("batch", "exact", "exact2", "cache")]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=120) as c:
+            bodies = [chat("where is the yellow square?", urls[i % 4], max_tokens=1024) for i in range(48)]
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 48, [r.text for r in responses if r.status_code != 200]
+    stats = decoder_stats(http)
+    assert stats["peak_running"] == engine["max_running"] == 16, stats
+    assert stats["kv_used_bytes"] == stats["kv_written_bytes"] == 0 and stats["running"] == stats["swapped"] == 0
+
+
 # ---------------------------------------------------------------- errors: a clear 4xx/503, nothing lost
 
 def test_malformed_and_schema_errors(serve_app, http):
