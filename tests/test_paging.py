@@ -182,3 +182,32 @@ def test_engine_detokenizes_incrementally(tiny_pipeline, cases):
     (seq,) = engine.generate([cases[3][0]], SamplingParams(max_tokens=48, ignore_eos=True))
     assert seq.text == full_decode.decode(seq.output_ids, skip_special_tokens=True)
     assert 0 < counting.longest <= 16, f"decoded {counting.longest} tokens at once: the whole output every step"
+
+
+def test_n_completions_share_pages_and_equal_separate_requests(tiny_pipeline, cases):
+    """n = 3 seeded: completion i equals a lone request seeded seed + i; the image's and prompt's pages are held
+    once; with a pool so small that siblings preempt each other, nothing changes."""
+    loaded = tiny_pipeline.loaded
+    src = cases[3][0]
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=5, ignore_eos=True, logprobs=True, top_logprobs=3)
+    alone = [LLMEngine(loaded).generate([src], params.model_copy(update={"seed": 5 + i}))[0] for i in range(3)]
+    single = LLMEngine(loaded)
+    single.add_request(src, params)
+    single.step()
+    one_bytes = single.kv.used_bytes
+    for pool in (LLMEngine(loaded), _small_engine(loaded, [src], 24, fraction=1.3)):
+        seq = pool.add_request(src, params.model_copy(update={"n": 3}))
+        outs = pool.step()
+        assert [o.index for o in outs] == [0, 1, 2]
+        if pool.scheduler.preemptions == 0 and pool.kv.blocks.num_pages > 100:
+            assert pool.kv.used_bytes == one_bytes, "siblings share every page after the prefill"
+        while pool.has_work():
+            outs += pool.step()
+        for i, s in enumerate([seq] + seq.siblings):
+            assert s.index == i and s.output_ids == alone[i].output_ids
+            mine = [o for o in outs if o.index == i]
+            assert [t for o in mine for t in o.new_token_ids] == alone[i].output_ids
+            assert all(len(o.top_logprobs[0]) == 3 and o.top_logprobs[0][0][1] >= o.logprobs[0] - 1e-6
+                       for o in mine if o.new_token_ids)
+        assert pool.kv.used_bytes == 0 and not pool.seqs
+    assert pool.scheduler.preemptions > 0

@@ -34,13 +34,14 @@ class AsyncLLMEngine:
         self._streams[seq.request_id] = (loop, q)
         self._inbox.put(("add", seq))
         self._wake.set()
-        finished = False
+        finished, done = False, 0
         try:
             while not finished:
                 out = await q.get()
                 if isinstance(out, BaseException):
                     raise out
-                finished = out.finished
+                done += out.finished
+                finished = done == params.n  # every one of the n completions
                 yield out
         finally:
             self._streams.pop(seq.request_id, None)

@@ -82,15 +82,32 @@ class KVCache:
         return kv
 
     def grow(self, kv: SeqKV, self_tokens: int) -> bool:
-        """Room for `self_tokens` positions: one more page when the last is full; False if none is free."""
+        """Room to write position self_tokens - 1: one more page when the last is full, or a private copy of the
+        last page when it is shared (copy on write); False if no page is free."""
         need = -(-self_tokens // self.block_size) - len(kv.self_pages)
-        if need <= 0:
+        last = (self_tokens - 1) // self.block_size
+        if need <= 0 and self.blocks.refs[kv.self_pages[last]] == 1:
             return True
-        if not self.blocks.can_allocate(need):
+        if not self.blocks.can_allocate(max(need, 1)):
             return False
-        kv.self_pages += self.blocks.allocate(need, after=kv.self_pages[-1] if kv.self_pages else None)
+        if need > 0:
+            kv.self_pages += self.blocks.allocate(need, after=kv.self_pages[-1] if kv.self_pages else None)
+        else:
+            shared = kv.self_pages[last]
+            (page,) = self.blocks.allocate(1, after=kv.self_pages[last - 1] if last else None)
+            size = self.block_size
+            self.self_view[page * size : (page + 1) * size] = self.self_view[shared * size : (shared + 1) * size]
+            self.blocks.free([shared])
+            kv.self_pages[last] = page
         self._index(kv)
         return True
+
+    def fork(self, kv: SeqKV) -> SeqKV:
+        """A second holder of every page (n > 1): the image's and the prompt's K/V are stored once."""
+        self.blocks.share(kv.self_pages)
+        self.blocks.share(kv.cross_pages)
+        return SeqKV(list(kv.self_pages), list(kv.cross_pages), kv.cross_tokens, kv.self_written, kv.self_base,
+                     kv.self_index, kv.cross_dense)
 
     def release(self, kv: SeqKV) -> None:
         self.blocks.free(kv.self_pages)

@@ -78,8 +78,9 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
-        if seq is not None and not seq.finished:
-            self.scheduler.finish(seq, "abort")
+        for s in [seq] + seq.siblings if seq is not None else []:
+            if not s.finished:
+                self.scheduler.finish(s, "abort")
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.swapped)
@@ -92,10 +93,18 @@ class LLMEngine:
         for seq in admitted:
             if seq.trim is not None and seq.trim.hidden.device != self.loaded.device:
                 seq.trim = seq.trim.to(self.loaded.device)
-            seq.generator = make_generator(seq.params, self.loaded.device)
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
-            outputs.append(self._append(seq, self.runner.prefill(seq)))
+            logits = self.runner.prefill(seq)
             seq.trim = seq.trim and seq.trim.without_resume_state()
+            for i in range(1, seq.params.n):  # n > 1: siblings share the prompt's and image's pages
+                child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, trim=seq.trim)
+                child.index, child.arrival = i, seq.arrival
+                self.scheduler.fork(seq, child)
+                seq.siblings.append(child)
+            for s in [seq] + seq.siblings:
+                seed = None if s.params.seed is None else s.params.seed + s.index
+                s.generator = make_generator(s.params.model_copy(update={"seed": seed}), self.loaded.device)
+                s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop)
+                outputs.append(self._append(s, logits))
         if batch:
             self.decode_steps += 1
             self.decode_rows += len(batch)
@@ -125,16 +134,25 @@ class LLMEngine:
         seq.text = seq.detok.text
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            self.seqs.pop(seq.request_id, None)
+            parent = self.seqs.get(seq.request_id)
+            if parent is not None and all(s.finished for s in [parent] + parent.siblings):
+                del self.seqs[seq.request_id]
         new_text = ""
         # The detokenizer holds back a trailing partial UTF-8 character; never re-send text already streamed.
         if len(seq.text) > len(seq.emitted):
             new_text, seq.emitted = seq.text[len(seq.emitted) :], seq.text
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=reason is not None,
             finish_reason=reason, prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids),
-            logprobs=[logprob] if new_ids and seq.params.logprobs else [],
+            index=seq.index,
         )
+        if new_ids and seq.params.logprobs:  # the model's distribution (before sampling filters), as OpenAI
+            logp = torch.log_softmax(logits.float(), -1)
+            out.logprobs = [float(logp[token])]
+            if seq.params.top_logprobs:
+                top = torch.topk(logp, seq.params.top_logprobs)
+                out.top_logprobs = [list(zip(top.indices.tolist(), top.values.tolist()))]
+        return out
 
     def stats(self) -> EngineStats:
         sched = self.scheduler

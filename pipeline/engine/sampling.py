@@ -16,6 +16,8 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)  # with logprobs: this many most likely tokens a position
+    n: int = Field(1, ge=1, le=16)  # completions of one prompt, sharing its prompt and image KV pages
 
     @property
     def greedy(self) -> bool:

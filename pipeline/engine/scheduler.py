@@ -27,7 +27,9 @@ class Scheduler:
                 f"prompt ({seq.prompt_len} tokens) + max_tokens ({seq.params.max_tokens}) exceeds "
                 f"max_model_len {self.cfg.max_model_len}"
             )
-        need = self.kv.bytes_needed(seq.max_self_tokens, seq.cross_tokens)
+        if seq.params.n > self.cfg.max_running:
+            raise InvalidRequest(f"n={seq.params.n} exceeds the decoder's max_running {self.cfg.max_running}")
+        need = self.kv.bytes_needed(seq.max_self_tokens, seq.cross_tokens)  # each of n alone fits too
         if need > self.kv.capacity_bytes:
             raise InvalidRequest(f"request needs {need} bytes of KV; the whole budget is {self.kv.capacity_bytes}")
 
@@ -64,7 +66,7 @@ class Scheduler:
             seq.swapped, seq.status = None, Status.RUNNING
             self.running.append(seq)
             resumed.append(seq)
-        while not self.swapped and self.waiting and len(self.running) < self.cfg.max_running:
+        while not self.swapped and self.waiting and len(self.running) + self.waiting[0].params.n <= self.cfg.max_running:
             seq = self.waiting[0]
             kv = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
             if kv is None:
@@ -80,10 +82,15 @@ class Scheduler:
         free, n = self.kv.blocks.free_pages - self._watermark(), 0
         for seq in self.waiting:
             free -= self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens)
-            if free < 0 or len(self.running) + n >= self.cfg.max_running:
+            if free < 0 or len(self.running) + n + seq.params.n > self.cfg.max_running:
                 break
             n += 1
         return n
+
+    def fork(self, seq: Sequence, child: Sequence) -> None:
+        """A sibling sharing `seq`'s pages joins the running batch right after it (admitted with it)."""
+        child.kv, child.status = self.kv.fork(seq.kv), Status.RUNNING
+        self.running.append(child)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Free the sequence's KV at once, wherever it is."""
