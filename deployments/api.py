@@ -62,7 +62,9 @@ class ChatCompletionRequest(_Wire):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=16)  # completions sharing the prompt's and the image's KV pages
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -97,13 +99,13 @@ def prompt_chars(messages: list[Message]) -> int:
 
 
 def to_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
-    if req.n != 1:
-        raise InvalidRequest(f"n={req.n}: only n=1 is supported")
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs: true")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     fields = dict(
         max_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop,
-        ignore_eos=req.ignore_eos,
+        ignore_eos=req.ignore_eos, n=req.n, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
     )
     try:
         return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
@@ -138,19 +140,45 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+def choice(index: int, text: str, finish_reason: str, logprobs: list[dict] | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": None if logprobs is None else {"content": logprobs}, "finish_reason": finish_reason}
+
+
+def completion(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
                extra: dict) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
-        **extra,
+        "choices": choices, "usage": usage(prompt_tokens, completion_tokens), **extra,
     }
 
 
-def chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
-    choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+class TokenBytes:
+    """A token id's text and exact bytes for OpenAI's logprobs entries (byte-level BPE: a token may be part of
+    a UTF-8 character, so its bytes come from the vocabulary, not from decoding it alone)."""
+
+    def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer, self.byte_of = tokenizer, {c: b for b, c in bytes_to_unicode().items()}
+
+    def __call__(self, token_id: int) -> dict:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+        raw = (bytes(self.byte_of[c] for c in piece) if all(c in self.byte_of for c in piece)
+               else piece.encode())
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+
+    def entries(self, item: dict) -> list[dict]:
+        """One OpenAI logprobs `content` entry per new token of a decoder item."""
+        tops = item.get("top_logprobs") or [[] for _ in item["logprobs"]]
+        return [{**self(t), "logprob": lp, "top_logprobs": [{**self(i), "logprob": v} for i, v in top]}
+                for t, lp, top in zip(item["new_token_ids"], item["logprobs"], tops)]
+
+
+def chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, index: int = 0,
+          logprobs: list[dict] | None = None, **extra) -> dict:
+    choices = [{"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
+                "finish_reason": finish_reason}]
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices, **extra}
 

@@ -76,6 +76,7 @@ class Ingress:
         self.processor = load_processor(cfg.model)
         # HF fast tokenizers raise "Already borrowed" when threads use one at once; images decode in parallel.
         self.processor_lock = threading.Lock()
+        self.token_bytes = api.TokenBytes(self.processor.tokenizer)  # logprobs entries' token text and bytes
         self.fetcher = ImageFetcher(cfg)
         self.encoder, self.trimmer = encoder, trimmer
         self.decoder = decoder.options(stream=True)
@@ -205,21 +206,30 @@ class Ingress:
         return extra
 
     async def _collect(self, req, items, first) -> dict:
-        text, token_ids, item = [], [], first
+        """Every item of the request's n completions, by index, into one response."""
+        text, token_ids, logprobs = ([[] for _ in range(req.n)] for _ in range(3))
+        last, item, done = {}, first, 0
         try:
             while True:
                 if "error" in item:
                     raise ApiError(item["error"]["status"], item["error"]["message"])
-                text.append(item["new_text"])
-                token_ids += item["new_token_ids"]
-                if item["finished"]:
+                i = item.get("index", 0)
+                text[i].append(item["new_text"])
+                token_ids[i] += item["new_token_ids"]
+                if req.logprobs:
+                    logprobs[i] += self.token_bytes.entries(item)
+                last[i] = item
+                done += item["finished"]
+                if done == req.n:
                     break
                 item = await self._next(items)
         finally:
             items.cancel()  # a no-op when finished; frees the KV when the client went away mid-request
-        return api.completion(first["request_id"], self.cfg.served_model_name, "".join(text), item["finish_reason"],
-                              item["prompt_tokens"], item["completion_tokens"],
-                              self._extra(req, first.get("trim"), token_ids))
+        choices = [api.choice(i, "".join(text[i]), last[i]["finish_reason"], logprobs[i] if req.logprobs else None)
+                   for i in range(req.n)]
+        extra = self._extra(req, first.get("trim"), token_ids[0] if req.n == 1 else token_ids)
+        return api.completion(first["request_id"], self.cfg.served_model_name, choices, first["prompt_tokens"],
+                              sum(last[i]["completion_tokens"] for i in range(req.n)), extra)
 
     @staticmethod
     async def _next(items) -> dict:
@@ -234,28 +244,35 @@ class Ingress:
 
     async def _sse(self, req, items, first):
         rid, model = first["request_id"], self.cfg.served_model_name
-        token_ids, last, prev = [], first, time.perf_counter()
+        token_ids, last, prev = [[] for _ in range(req.n)], {}, time.perf_counter()
         try:
-            yield sse(api.chunk(rid, model, {"role": "assistant", "content": ""}))
-            item = first
+            for i in range(req.n):
+                yield sse(api.chunk(rid, model, {"role": "assistant", "content": ""}, index=i))
+            item, done = first, 0
             while True:
                 if "error" in item:  # after the 200 header the error travels in the stream
                     yield sse(api.error_body(item["error"]["status"], item["error"]["message"]))
                     break
-                token_ids += item["new_token_ids"]
-                last = item
+                i = item.get("index", 0)
+                token_ids[i] += item["new_token_ids"]
+                last[i] = item
+                logprobs = self.token_bytes.entries(item) if req.logprobs and item["new_token_ids"] else None
+                delta = {"content": item["new_text"]} if item["new_text"] else {}
                 if item["finished"]:
-                    yield sse(api.chunk(rid, model, {"content": item["new_text"]} if item["new_text"] else {},
-                                        item["finish_reason"], **self._extra(req, first.get("trim"), token_ids)))
-                    break
-                if item["new_text"]:
-                    yield sse(api.chunk(rid, model, {"content": item["new_text"]}))
+                    done += 1
+                    yield sse(api.chunk(rid, model, delta, item["finish_reason"], index=i, logprobs=logprobs,
+                                        **self._extra(req, first.get("trim"), token_ids[i])))
+                    if done == req.n:
+                        break
+                elif delta or logprobs:
+                    yield sse(api.chunk(rid, model, delta, index=i, logprobs=logprobs))
                 item = await self._next(items)
                 now = time.perf_counter()
                 self.itl.observe(now - prev)
                 prev = now
             if req.stream_options and req.stream_options.include_usage:
-                yield sse(api.usage_chunk(rid, model, last["prompt_tokens"], last["completion_tokens"]))
+                yield sse(api.usage_chunk(rid, model, first["prompt_tokens"],
+                                          sum(x["completion_tokens"] for x in last.values())))
             yield "data: [DONE]\n\n"
         finally:
             items.cancel()  # the client disconnected (or we are done): stop the decoder's generator

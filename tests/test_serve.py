@@ -331,6 +331,41 @@ def test_openai_client_with_image(serve_app, oracle, images):
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
+def test_n_completions_and_logprobs_streamed_and_not(serve_app, http, images):
+    """n = 3 seeded completions with logprobs / top_logprobs in OpenAI's shape (the official client parses them);
+    streamed and not they agree; every KV byte is free afterwards."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=serve_app.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(images["openai"])}},
+        {"type": "text", "text": "tell me about the shapes"}]}]
+    kw = dict(model="crosstrim-tiny", messages=messages, max_tokens=8, temperature=2.0, seed=3, n=3,
+              logprobs=True, top_logprobs=2)
+    resp = client.chat.completions.create(**kw)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert len({c.message.content for c in resp.choices}) > 1, "seeds seed, seed + 1, ... differ"
+    tokens = 0
+    for c in resp.choices:
+        content = c.logprobs.content
+        assert content and all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-5
+                               and e.logprob <= 0 for e in content)
+        assert bytes(b for e in content for b in e.bytes).decode("utf-8", "replace") == c.message.content
+        tokens += len(content) + (c.finish_reason == "stop")
+    assert resp.usage.completion_tokens == tokens
+
+    text, lp = ["", "", ""], [[], [], []]
+    for ch in client.chat.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            text[c.index] += c.delta.content or ""
+            lp[c.index] += [e.logprob for e in (c.logprobs.content if c.logprobs else [])]
+    assert text == [c.message.content for c in resp.choices]
+    assert lp == [[e.logprob for e in c.logprobs.content] for c in resp.choices]
+    r = http.post("/v1/chat/completions", json=chat("hi", max_tokens=2, top_logprobs=2))
+    assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+    assert decoder_stats(http)["kv_used_bytes"] == 0
+
+
 def test_sse_wire_format(serve_app, http):
     with http.stream("POST", "/v1/chat/completions", json=chat("hi", max_tokens=4, stream=True)) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
