@@ -11,6 +11,7 @@ from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.async_engine import AsyncLLMEngine
 from pipeline.engine.block_manager import BlockManager, runs
 from pipeline.engine.detokenizer import IncrementalDetokenizer
+from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate, trim_generated
@@ -211,3 +212,23 @@ def test_n_completions_share_pages_and_equal_separate_requests(tiny_pipeline, ca
                        for o in mine if o.new_token_ids)
         assert pool.kv.used_bytes == 0 and not pool.seqs
     assert pool.scheduler.preemptions > 0
+
+
+def test_cross_page_layout_is_the_pool_a_block_table_indexes():
+    """The "page" layout (CUDA's): page p of cross_pool(slot) holds tokens p*size.. of the sequence using it,
+    and writes read back the same through fragmented pages."""
+    kv = KVCache(2**20, 6, [1, 4], 2, 8, torch.float32, "cpu", block_size=4, cross_layout="page")
+    bm = kv.blocks
+    holes = bm.allocate(bm.num_pages)
+    bm.free(holes[::3])
+    seq = kv.allocate(0, 21)
+    assert runs(seq.cross_pages) > 1
+    cross = torch.randn(2, 2, 2, 21, 8)
+    kv.write_cross(seq, cross)
+    torch.testing.assert_close(kv.read_cross(seq), cross, rtol=0, atol=0)
+    k_pool, v_pool = kv.cross_pool(1)
+    size = kv.cross_block_size
+    for i, page in enumerate(seq.cross_pages):
+        n = min(size, 21 - i * size)
+        torch.testing.assert_close(k_pool[page, :n], cross[1, 0, :, i * size : i * size + n].transpose(0, 1))
+        torch.testing.assert_close(v_pool[page, :n], cross[1, 1, :, i * size : i * size + n].transpose(0, 1))

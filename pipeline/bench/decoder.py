@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import EngineConfig, TrimConfig
+from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.model.inputs import prepare_prompt, user_message
@@ -37,6 +37,8 @@ def add_args(sub) -> None:
                         "reserved KV vs HF generate at one budget")
     d.add_argument("--tiles", type=int, default=None, help="realistic: tiles x tiles tiles an image (default 1)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    d.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="float32")
     d.add_argument("--threads", type=int, default=None,
                    help="torch threads for every system in the run (default: torch's); 1 on a shared machine, "
                         "where a second busy process makes 2-thread GEMMs ~10x slower")
@@ -92,10 +94,17 @@ def _run_engine(loaded, sources, budget, params):
                 mean_batch=statistics.mean(batch_sizes), step_ms_mean=statistics.mean(step_ms)), seqs
 
 
+def hf_batch(loaded, prepared_list) -> dict:
+    """HF generate's inputs for a static batch of prompts, on the model's device (floats in its dtype)."""
+    batch = {k: torch.cat([p.hf_inputs()[k] for p in prepared_list]) for k in prepared_list[0].hf_inputs()}
+    return {k: v.to(loaded.device, loaded.dtype) if v.is_floating_point() else v.to(loaded.device)
+            for k, v in batch.items()}
+
+
 def _hf_generate(loaded, prepared_list, max_tokens):
     """HF generate over one static batch (same prompt, so no padding); returns (tokens, seconds)."""
     model = loaded.model
-    batch = {k: torch.cat([p.hf_inputs()[k] for p in prepared_list]) for k in prepared_list[0].hf_inputs()}
+    batch = hf_batch(loaded, prepared_list)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
@@ -126,7 +135,7 @@ def prepare_sources(args, tiles: int):
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = build_bench_model()
+    loaded = build_bench_model(ModelConfig(source="preset:bench", device=args.device, dtype=args.dtype))
     pipe = Pipeline(loaded, engine=EngineConfig(kv_budget_bytes=2**20))
     trim_cfg = TrimConfig() if args.k_ratio is None else TrimConfig(k_ratio=args.k_ratio)
     images = _images(min(args.requests, 8), loaded.model.config.vision_config.image_size, tiles)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.bench.decoder import prepare_sources
+from pipeline.bench.decoder import hf_batch, prepare_sources
 from pipeline.config import EngineConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
@@ -64,7 +64,7 @@ def hf_generate_workload(loaded, prepared, lengths: list[int], batch: int) -> di
     model, tokens, elapsed = loaded.model, 0, 0.0
     for i in range(0, len(prepared), batch):
         group, ends = prepared[i : i + batch], lengths[i : i + batch]
-        inputs = {k: torch.cat([p.hf_inputs()[k] for p in group]) for k in group[0].hf_inputs()}
+        inputs = hf_batch(loaded, group)
         t0 = time.perf_counter()
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=max(ends), min_new_tokens=max(ends), do_sample=False)

@@ -20,6 +20,11 @@ from pipeline.model.loaded import LoadedModel
 from pipeline.types import RequestOutput, TrimResult
 
 
+# Flash attention 2's paged path (what varlen_attn calls with a block table) takes pages of a multiple of 256
+# tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
+CUDA_PAGE = 256
+
+
 @dataclass
 class EngineStats:
     running: int
@@ -42,10 +47,12 @@ class LLMEngine:
         self.loaded = loaded
         self.cfg = cfg or EngineConfig()
         tc = loaded.text_config
+        block_size, layout = self.cfg.block_size, "run"
+        if torch.device(loaded.device).type == "cuda":
+            block_size, layout = -(-block_size // CUDA_PAGE) * CUDA_PAGE, "page"
         self.kv = KVCache(
             self.cfg.kv_budget_bytes, tc.num_hidden_layers, loaded.cross_layers, tc.num_key_value_heads,
-            tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device, self.cfg.block_size,
-            cross_layout="page" if torch.device(loaded.device).type == "cuda" else "run",
+            tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device, block_size, layout,
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)

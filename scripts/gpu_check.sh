@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command: the gpu-marked tests (CUDA varlen paged attention vs the
+# per-sequence path, the engine on CUDA vs CPU) and `crosstrim bench decoder` on CUDA in bf16 (static and
+# realistic workloads). Writes OUT/gpu_check.json (default OUT: bench-results/gpu-check) and exits non-zero
+# when a test fails. Usage: scripts/gpu_check.sh [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench-results/gpu-check}
+mkdir -p "$OUT"
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device here')"
+
+set +e
+python -m pytest -q -m gpu -rs tests/ --junitxml "$OUT/gpu-tests.xml" | tee "$OUT/gpu-tests.log"
+tests_rc=${PIPESTATUS[0]}
+set -e
+crosstrim bench decoder --device cuda --dtype bfloat16 --requests 32 --max-tokens 32 --k-ratio 0.08 \
+    --json "$OUT/decoder.json"
+crosstrim bench decoder --workload realistic --device cuda --dtype bfloat16 --requests 96 --k-ratio 0.08 \
+    --json "$OUT/decoder-realistic.json"
+
+python - "$OUT" "$tests_rc" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+
+out, rc = Path(sys.argv[1]), int(sys.argv[2])
+suite = ET.parse(out / "gpu-tests.xml").getroot()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+summary = {
+    "tests": {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}, "pytest_exit": rc,
+    "bench_decoder": json.loads((out / "decoder.json").read_text()),
+    "bench_decoder_realistic": json.loads((out / "decoder-realistic.json").read_text()),
+}
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+print(f"wrote {out / 'gpu_check.json'}: {summary['tests']}")
+sys.exit(rc)
+PY
