@@ -37,7 +37,9 @@ class DecoderPool:
         self.avg_request_kv_bytes = 0.0
         self.gauges = {name: Gauge(f"crosstrim_decoder_{name}", description=desc) for name, desc in (
             ("running", "Sequences being decoded"), ("waiting", "Sequences waiting for KV budget"),
-            ("kv_used_bytes", "KV bytes reserved"), ("kv_budget_bytes", "KV budget of the replica"),
+            ("kv_used_bytes", "Bytes of the KV pages held"), ("kv_budget_bytes", "KV budget of the replica"),
+            ("kv_written_bytes", "Bytes of K/V written in the held pages"),
+            ("swapped", "Sequences preempted to host memory"), ("preemptions", "Preemptions since start"),
         )}
 
     async def generate(self, source: Handoff | list[int], params: dict, request_id: str):

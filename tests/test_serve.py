@@ -617,6 +617,17 @@ def test_prometheus_metrics(serve_app, http):
                  if line.startswith("ray_crosstrim_visual_tokens") and not line.startswith("#"))
     assert visual > 0
 
+    def gauge(name):
+        text = httpx.get(serve_app.metrics_url, timeout=5).text
+        return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+
+    # The KV gauges are the block manager's bytes, as /stats reports them; after the load above, 0 held.
+    stats = decoder_stats(http)
+    assert stats["kv_used_bytes"] == 0
+    wait_for(lambda: gauge("ray_crosstrim_decoder_kv_used_bytes") == [0.0] and
+             gauge("ray_crosstrim_decoder_kv_budget_bytes") == [float(stats["kv_budget_bytes"])],
+             20, "KV gauges equal to /stats", interval=1.0)
+
 
 def test_ship_features_matches_in_process(serve_app, http, oracle, images):
     """Redeploy with `ship: features`: the trimmer ships kept features (hidden floats a token, a quarter of the
