@@ -22,6 +22,7 @@ from pipeline.types import PreparedPrompt
 from . import api
 from .config import AppConfig
 from .images import ImageFetcher, image_key
+from .replicas import aggregate, routing_stats
 
 TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -104,10 +105,12 @@ class Ingress:
 
     @app.get("/stats")
     async def stats(self) -> dict:
-        """Internal view for operators and tests: one decoder replica's engine stats, the encoder cache."""
-        decoder, encoder = await asyncio.gather(self.decoder_calls.stats.remote(),
-                                                self.encoder.cache_stats.remote())
-        return {"decoder": decoder, "encoder_cache": encoder}
+        """Internal view for operators and tests: the decoder pool's engine stats summed over its replicas (each
+        replica's too), the encoder cache."""
+        app = serve.get_replica_context().app_name
+        pool, encoder = await asyncio.gather(routing_stats(app, "DecoderPool"), self.encoder.cache_stats.remote())
+        replicas = [s["engine"] for s in pool]
+        return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: api.ChatCompletionRequest):

@@ -4,22 +4,19 @@ against the memory-bandwidth bound. Prints a table and writes JSON. `crosstrim b
 locust (loadtests/bench_e2e, registered as a `crosstrim.bench` entry point so this library never imports it)."""
 
 import json
-from importlib.metadata import entry_points
 import statistics
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from pipeline.config import EngineConfig, ModelConfig, TrimConfig
+from pipeline.bench.realistic import run_realistic
+from pipeline.bench.sources import hf_batch, prepare_sources
+from pipeline.config import EngineConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
-from pipeline.model.inputs import prepare_prompt, user_message
 from pipeline.quality.reference import trim_generated
-
-PROMPT = "Describe the picture in detail, please."
 
 
 def add_args(sub) -> None:
@@ -55,12 +52,6 @@ def run(args) -> int:
     return RUNNERS[args.bench](args)
 
 
-def _images(n: int, size: int, tiles: int = 2, seed: int = 0) -> list[Image.Image]:
-    """n distinct square images of tiles x tiles tiles."""
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (tiles * size, tiles * size, 3), dtype=np.uint8)) for _ in range(n)]
-
-
 def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Bytes copied per second by a large tensor copy (the memcpy convention: N bytes read and N written in
     time t give N / t; STREAM counts the traffic, 2N / t), best of a few."""
@@ -94,13 +85,6 @@ def _run_engine(loaded, sources, budget, params):
                 mean_batch=statistics.mean(batch_sizes), step_ms_mean=statistics.mean(step_ms)), seqs
 
 
-def hf_batch(loaded, prepared_list) -> dict:
-    """HF generate's inputs for a static batch of prompts, on the model's device (floats in its dtype)."""
-    batch = {k: torch.cat([p.hf_inputs()[k] for p in prepared_list]) for k in prepared_list[0].hf_inputs()}
-    return {k: v.to(loaded.device, loaded.dtype) if v.is_floating_point() else v.to(loaded.device)
-            for k, v in batch.items()}
-
-
 def _hf_generate(loaded, prepared_list, max_tokens):
     """HF generate over one static batch (same prompt, so no padding); returns (tokens, seconds)."""
     model = loaded.model
@@ -126,40 +110,8 @@ def hf_summary(hf_runs: dict[int, float], engine_tokens_per_s: float) -> dict:
     }
 
 
-def prepare_sources(args, tiles: int):
-    """The bench model and min(requests, 8) distinct image requests of tiles x tiles tiles, trimmed by the
-    policy and untrimmed, with the encoder's and trimmer's times."""
-    from pipeline.inprocess import Pipeline
-    from pipeline.model.presets import build_bench_model
-
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = build_bench_model(ModelConfig(source="preset:bench", device=args.device, dtype=args.dtype))
-    pipe = Pipeline(loaded, engine=EngineConfig(kv_budget_bytes=2**20))
-    trim_cfg = TrimConfig() if args.k_ratio is None else TrimConfig(k_ratio=args.k_ratio)
-    images = _images(min(args.requests, 8), loaded.model.config.vision_config.image_size, tiles)
-    prepared = [prepare_prompt(loaded.processor, user_message(PROMPT, 1), [img], 1, 4096) for img in images]
-    stage_ms = {"encoder": [], "trimmer_trimmed": [], "trimmer_untrimmed": []}
-    trimmed, untrimmed = [], []
-    for p in prepared:
-        t0 = time.perf_counter()
-        visual = pipe.encoder.encode(p)
-        t1 = time.perf_counter()
-        trimmed.append(pipe.trimmer.trim(p, visual, trim_cfg))
-        t2 = time.perf_counter()
-        untrimmed.append(pipe.trimmer.trim(p, visual, TrimConfig(policy="none")))
-        t3 = time.perf_counter()
-        stage_ms["encoder"].append((t1 - t0) * 1e3)
-        stage_ms["trimmer_trimmed"].append((t2 - t1) * 1e3)
-        stage_ms["trimmer_untrimmed"].append((t3 - t2) * 1e3)
-    return loaded, prepared, trimmed, untrimmed, stage_ms, trim_cfg
-
-
 def run_decoder(args) -> int:
     if args.workload == "realistic":
-        from pipeline.bench.realistic import run_realistic
-
         return run_realistic(args)
     loaded, prepared, trimmed, untrimmed, stage_ms, trim_cfg = prepare_sources(args, tiles=2)
     n_distinct = len(prepared)
@@ -241,9 +193,10 @@ def _print_table(r: dict) -> None:
                                                f'(x{r["concurrency_ratio"]})'),
         ("tokens/s untrimmed", r["tokens_per_s_untrimmed"]),
         ("tokens/s trimmed", f'{r["tokens_per_s_trimmed"]} (x{r["trimmed_vs_untrimmed"]} untrimmed)'),
-        ("tokens/s HF generate (best batch)", f'{r["tokens_per_s_hf_generate"]} (batch {r["hf_generate_best_batch"]}; '
-                                              f'trimmed is x{r["trimmed_vs_hf_generate"]})' if r["hf_generate_best_batch"]
-                                              else "no requested batch fits the budget"),
+        ("tokens/s HF generate (best batch)",
+         (f'{r["tokens_per_s_hf_generate"]} (batch {r["hf_generate_best_batch"]}; '
+          f'trimmed is x{r["trimmed_vs_hf_generate"]})') if r["hf_generate_best_batch"]
+         else "no requested batch fits the budget"),
         ("mean decode batch untrimmed / trimmed", f'{r["mean_batch_untrimmed"]} / {r["mean_batch_trimmed"]}'),
         ("decode step batch 1 (ms)", f'{r["decode_step_ms_batch1"]} vs bound {r["bandwidth_bound_ms_batch1"]} '
                                      f'(x{r["step_vs_bound_batch1"]})'),

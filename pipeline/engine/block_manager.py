@@ -1,6 +1,8 @@
 """Fixed-size KV pages: which are free, who holds them (reference-counted), and where to place new ones so that
 a sequence's pages stay one contiguous run as long as memory allows (a run is read as a view, not gathered)."""
 
+from itertools import pairwise
+
 import numpy as np
 
 
@@ -68,4 +70,4 @@ class BlockManager:
 
 def runs(pages: list[int]) -> int:
     """How many contiguous runs the pages form, in order."""
-    return 1 + sum(1 for a, b in zip(pages, pages[1:]) if b != a + 1) if pages else 0
+    return 1 + sum(1 for a, b in pairwise(pages) if b != a + 1) if pages else 0

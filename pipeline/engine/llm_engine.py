@@ -19,7 +19,6 @@ from pipeline.engine.sequence import Sequence
 from pipeline.model.loaded import LoadedModel
 from pipeline.types import RequestOutput, TrimResult
 
-
 # Flash attention 2's paged path (what varlen_attn calls with a block table) takes pages of a multiple of 256
 # tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
 CUDA_PAGE = 256

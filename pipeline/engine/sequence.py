@@ -31,7 +31,7 @@ class Sequence:
         self.swapped = None  # (self K/V, cross K/V) on the host while preempted
         self.detok = None  # IncrementalDetokenizer, made by the engine
         self.index = 0  # which of the request's n completions; index 0 is the one prefilled
-        self.siblings: list["Sequence"] = []  # on index 0: the n - 1 forked after its prefill
+        self.siblings: list[Sequence] = []  # on index 0: the n - 1 forked after its prefill
         self.generator = None
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
