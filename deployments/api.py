@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import TrimConfig
-from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
 from pipeline.errors import InvalidRequest
 
 
@@ -60,7 +60,7 @@ class ChatCompletionRequest(_Wire):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False

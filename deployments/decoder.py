@@ -3,6 +3,7 @@ token deltas per request and reports its free KV budget to the KVBudgetRouter.""
 
 import contextlib
 import dataclasses
+import logging
 import time
 
 from ray import serve
@@ -17,6 +18,8 @@ from pipeline.errors import InvalidRequest, Overloaded
 from pipeline.model.loader import load_model
 
 from .handoff import Handoff
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(
@@ -49,6 +52,9 @@ class DecoderPool:
         async with contextlib.aclosing(stream):  # an abandoned stream frees its KV at once
             try:
                 async for out in stream:
+                    if out.error is not None:  # this request alone failed in the engine; the rest go on
+                        yield {"error": {"status": 500, "message": f"the decoder failed on request {request_id}"}}
+                        break
                     item = dataclasses.asdict(out)
                     if first:
                         item["trim"], first = summary, False
@@ -58,8 +64,9 @@ class DecoderPool:
                 yield {"error": {"status": 400, "message": str(exc)}}
             except Overloaded as exc:
                 yield {"error": {"status": 503, "message": str(exc)}}
-            except Exception as exc:  # a failed step: the engine already freed what was in flight
-                yield {"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}"}}
+            except Exception as exc:  # logged here; the client sees no internals
+                log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
+                yield {"error": {"status": 500, "message": f"the decoder failed on request {request_id}"}}
         self._observe()
 
     def _observe(self) -> dict:

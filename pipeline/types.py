@@ -147,6 +147,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
+    error: str | None = None  # set (with finish_reason "error") when this request alone failed in the engine
 
 
 @dataclass

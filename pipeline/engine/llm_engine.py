@@ -3,6 +3,7 @@
 `pipeline.engine.async_engine.AsyncLLMEngine` steps it on a thread for streaming callers. Neither knows Ray Serve.
 """
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Sequence
 from pipeline.model.loaded import LoadedModel
 from pipeline.types import RequestOutput, TrimResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,26 +83,57 @@ class LLMEngine:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def step(self) -> list[RequestOutput]:
-        """Admit what fits and prefill it, then decode every other running sequence by one token."""
+        """Admit what fits and prefill it, then decode every other running sequence by one token. A failure while
+        processing one sequence fails that sequence alone (an output with finish_reason "error")."""
         t0 = time.perf_counter()
         outputs = []
         admitted = self.scheduler.admit()
         for seq in admitted:
-            if seq.trim is not None and seq.trim.hidden.device != self.loaded.device:
-                seq.trim = seq.trim.to(self.loaded.device)
-            seq.generator = make_generator(seq.params, self.loaded.device)
-            outputs.append(self._append(seq, self.runner.prefill(seq)))
-            seq.trim = seq.trim and seq.trim.without_resume_state()
+            outputs.append(self._guarded(seq, self._prefill_one))
         batch = [s for s in self.scheduler.running if s not in admitted]
         if batch:
             self.decode_steps += 1
             self.decode_rows += len(batch)
-            logits = self.runner.decode(batch)
-            outputs += [self._append(s, logits[i]) for i, s in enumerate(batch)]
+            outputs += self._decode(batch)
         self.steps += 1
         self.last_batch_size = len(batch)
         self.last_step_ms = (time.perf_counter() - t0) * 1e3
         return outputs
+
+    def _prefill_one(self, seq: Sequence) -> RequestOutput:
+        if seq.trim is not None and seq.trim.hidden.device != self.loaded.device:
+            seq.trim = seq.trim.to(self.loaded.device)
+        seq.generator = make_generator(seq.params, self.loaded.device)
+        out = self._append(seq, self.runner.prefill(seq))
+        seq.trim = seq.trim and seq.trim.without_resume_state()
+        return out
+
+    def _decode(self, batch: list[Sequence]) -> list[RequestOutput]:
+        """One batched forward, each row sampled under its own guard. If the forward itself fails, run each
+        sequence alone so the survivors go on without the offender (a position's K/V is rewritten, not added)."""
+        try:
+            logits = self.runner.decode(batch)
+        except Exception:
+            log.warning("batched decode of %d sequences failed; retrying each alone", len(batch), exc_info=True)
+            return [self._guarded(s, lambda s: self._append(s, self.runner.decode([s])[0])) for s in batch]
+        return [self._guarded(s, lambda s, row=row: self._append(s, row)) for s, row in zip(batch, logits)]
+
+    def _guarded(self, seq: Sequence, work) -> RequestOutput:
+        try:
+            return work(seq)
+        except Exception as exc:
+            return self.fail(seq, exc)
+
+    def fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
+        """End one sequence with an error, freeing its KV; logged with its id and reason, never its prompt."""
+        log.error("request %s failed in the engine: %s: %s", seq.request_id, type(exc).__name__, exc)
+        if not seq.finished:
+            self.scheduler.finish(seq, "error")
+        self.seqs.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=[], new_text="", finished=True, finish_reason="error",
+            prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids), error=type(exc).__name__,
+        )
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         token, logprob = sample(logits, seq.params, seq.generator)
