@@ -96,6 +96,25 @@ def prompt_chars(messages: list[Message]) -> int:
                sum(len(p.text) for p in m.content if isinstance(p, TextPart)) for m in messages)
 
 
+TEMPLATE_TOKENS_PER_MESSAGE = 4  # Llama 3's chat template wraps each message in at least 4 special tokens
+
+
+def check_shape(messages: list[Message], max_messages: int, max_prompt_tokens: int) -> None:
+    """Refuse before templating and tokenising: too many messages, the template alone past the token limit, text
+    that is not Unicode (lone surrogates a JSON escape can carry)."""
+    if len(messages) > max_messages:
+        raise InvalidRequest(f"{len(messages)} messages; this deployment accepts at most {max_messages}")
+    if len(messages) * TEMPLATE_TOKENS_PER_MESSAGE > max_prompt_tokens:
+        raise InvalidRequest(f"{len(messages)} messages exceed the prompt limit of {max_prompt_tokens} tokens")
+    for m in messages:
+        texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content if isinstance(p, TextPart)]
+        for text in texts + ([m.name] if m.name else []):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest("a message's text is not valid Unicode (a lone surrogate)") from None
+
+
 def to_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
     if req.n != 1:
         raise InvalidRequest(f"n={req.n}: only n=1 is supported")
@@ -160,6 +179,29 @@ def usage_chunk(rid: str, model: str, prompt_tokens: int, completion_tokens: int
             "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "overloaded_error"}
+
+
 def error_body(status: int, message: str) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "overloaded_error"}.get(status, "server_error")
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every non-2xx answer of this server."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict:
+    """FastAPI `responses=` documenting each status with the error shape (the OpenAPI document lists them)."""
+    return {s: {"model": ErrorResponse, "description": ERROR_TYPES.get(s, "server_error")} for s in statuses}

@@ -82,6 +82,10 @@ class DecoderPool:
     async def stats(self) -> dict:
         return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
 
+    async def kv_bytes_per_token(self) -> int:
+        """KV bytes one token of a sequence reserves (the ingress's per-key accounting)."""
+        return self.engine.engine.kv.bytes_needed(1, 0)
+
     async def reset_peaks(self) -> None:
         self.peak_running = self.peak_batch = 0
 
