@@ -37,7 +37,7 @@ class AppConfig(BaseModel):
     # Per client key (the API key; without auth, the client address); 0: no limit. Past them: 429 + Retry-After.
     per_key_max_concurrent: int = Field(0, ge=0)
     per_key_max_kv_bytes: int = Field(0, ge=0)  # KV reserved by the key's requests in flight (prompt + max_tokens)
-    health_timeout_s: float = Field(1.0, gt=0)  # /health is 503 when a stage does not answer by then
+    health_timeout_s: float = Field(0.8, gt=0)  # /health is 503 when a stage does not answer by then
 
     @field_validator("http_allowlist")
     @classmethod

@@ -56,6 +56,7 @@ class DecoderPool:
                         yield {"error": {"status": 500, "message": f"the decoder failed on request {request_id}"}}
                         break
                     item = dataclasses.asdict(out)
+                    del item["error"]  # "error" in an item means the request failed
                     if first:
                         item["trim"], first = summary, False
                     self._observe()

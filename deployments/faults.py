@@ -50,5 +50,5 @@ def classify(exc: BaseException, request_id: str = "") -> StageError:
         if isinstance(e, REPLICA_LOST):
             log.warning("request %s: stage replica lost (%s)", request_id, type(e).__name__)
             return StageError(503, "a serving replica was lost; try again shortly", retryable=True)
-    log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
+    log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc, exc_info=exc)
     return StageError(500, f"internal error (request {request_id})" if request_id else "internal error")

@@ -145,7 +145,7 @@ class Ingress:
                                                 self.encoder.cache_stats.remote())
         return {"decoder": decoder, "encoder_cache": encoder}
 
-    @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
+    @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 411, 413, 429, 500, 503))
     async def chat_completions(self, req: api.ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         rid = api.completion_id()

@@ -1,5 +1,5 @@
 """The ingress's ASGI guard, run before FastAPI reads a byte of the body: API key (401), per-key concurrency (429),
-a body limit (413 from Content-Length, or as the bytes arrive) and a body-read timeout (408), so a client that
+a body limit (413 from Content-Length, which is required: 411 without it) and a body-read timeout (408), so a client that
 sends a huge body or half a body and then silence costs a small, bounded amount and never blocks the others."""
 
 import asyncio
@@ -13,6 +13,7 @@ from .auth import KeyLedger, authenticate, bearer
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 PER_KEY_PATHS = frozenset({"/v1/chat/completions"})  # what per-key concurrency counts
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @dataclass
@@ -74,6 +75,8 @@ class GuardMiddleware:
         length = content_length(scope)
         if length is not None and length < 0:
             return await send_error(send, 400, "invalid Content-Length header")
+        if length is None and scope["method"] in BODY_METHODS:  # a chunked body's size is known only once read
+            return await send_error(send, 411, "a Content-Length header is required")
         if length is not None and length > guard.max_body_bytes:
             return await send_error(send, 413, f"the request body is larger than {guard.max_body_bytes} bytes")
         counted = path in PER_KEY_PATHS
