@@ -20,12 +20,12 @@ import yaml
 
 from pipeline import cli
 from pipeline.batch.config import BatchConfig, load_config
-from pipeline.storage import S3Settings
 from pipeline.config import TrimConfig
 from pipeline.engine.sampling import SamplingParams
 from pipeline.inprocess import Pipeline
 from pipeline.model.inputs import decode_image
 from pipeline.quality.synthetic import generate_samples, png_bytes
+from pipeline.storage import S3Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = ROOT / "configs" / "batch-local.yaml"

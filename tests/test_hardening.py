@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import helpers
 
 APP = "crosstrim"
 KEYS = ("k-alpha-123", "k-beta-456", "k-fuzz-789")
@@ -70,20 +72,8 @@ def app():
         localrun.stop()
 
 
-def decoder_stats(http) -> dict:
-    r = http.get("/stats")
-    assert r.status_code == 200, r.text
-    return r.json()["decoder"]
-
-
 def assert_healthy(http):
-    assert http.get("/health").json() == {"status": "ok"}
-    r = http.post("/v1/chat/completions", json=chat("still there?", max_tokens=2))
-    assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 20
-    while decoder_stats(http)["kv_used_bytes"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert decoder_stats(http)["kv_used_bytes"] == 0
+    helpers.assert_healthy(http, chat("still there?", max_tokens=2), kv_wait_s=20)
 
 
 # ---------------------------------------------------------------- auth, error shape, OpenAPI

@@ -90,8 +90,8 @@ class AsyncLLMEngine:
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # the step failed outside any one sequence's guard: never hang, never hold KV
-                log.error("engine step failed (%s: %s); failing the %d requests in flight", type(exc).__name__, exc,
-                          len(self.engine.seqs), exc_info=True)
+                log.exception("engine step failed (%s: %s); failing the %d requests in flight", type(exc).__name__, exc,
+                              len(self.engine.seqs))
                 for seq in list(self.engine.seqs.values()):
                     self._deliver(seq.request_id, self.engine.fail(seq, exc))
                 continue
