@@ -83,9 +83,9 @@ class DecoderPool:
     async def stats(self) -> dict:
         return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
 
-    async def kv_bytes_per_token(self) -> int:
-        """KV bytes one token of a sequence reserves (the ingress's per-key accounting)."""
-        return self.engine.engine.kv.bytes_needed(1, 0)
+    async def kv_bytes_per_token(self) -> float:
+        """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""
+        return self.engine.engine.kv.bytes_needed(4096, 0) / 4096
 
     async def reset_peaks(self) -> None:
         self.peak_running = self.peak_batch = 0

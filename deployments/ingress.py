@@ -112,7 +112,7 @@ class Ingress:
         app.state.guard = Guard(keys, cfg.max_body_bytes, cfg.body_read_timeout_s, cfg.retry_after_s,
                                 KeyLedger(cfg.per_key_max_concurrent, cfg.per_key_max_kv_bytes))
         log.info("ingress: API keys %s (%d keys from $%s)", "on" if keys else "off", len(keys), cfg.api_key_env)
-        self.kv_bytes_per_token: int | None = None  # from the decoder, on the first request that needs it
+        self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
 
     # ---- endpoints
 
@@ -211,7 +211,7 @@ class Ingress:
             return
         if self.kv_bytes_per_token is None:
             self.kv_bytes_per_token = await self.decoder_calls.kv_bytes_per_token.remote()
-        nbytes = tokens * self.kv_bytes_per_token
+        nbytes = int(tokens * self.kv_bytes_per_token)
         if not guard.ledger.hold_kv(client.client_key, nbytes):
             raise ApiError(429, "this API key holds its share of the decoder's KV; try again when a request ends",
                            self.cfg.retry_after_s)

@@ -27,6 +27,7 @@ KEYS = ("k-alpha-123", "k-beta-456", "k-fuzz-789")
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 BODY_TIMEOUT_S = 3
 PER_KEY_CONCURRENT = 3
+PER_KEY_KV = 4 * 2**20  # of the decoder's 16 MiB
 
 
 def chat(text: str = "hi", **fields) -> dict:
@@ -61,7 +62,8 @@ def app():
     config = localrun.load_config(ROOT / "configs" / "local.yaml")
     (application,) = config["applications"]
     application["runtime_env"]["env_vars"]["CROSSTRIM_API_KEYS"] = ",".join(KEYS)
-    application["args"].update(body_read_timeout_s=BODY_TIMEOUT_S, per_key_max_concurrent=PER_KEY_CONCURRENT)
+    application["args"].update(body_read_timeout_s=BODY_TIMEOUT_S, per_key_max_concurrent=PER_KEY_CONCURRENT,
+                               per_key_max_kv_bytes=PER_KEY_KV)
     localrun.start_ray(num_cpus=2)
     try:
         url = localrun.deploy(config, APP, timeout_s=240)
@@ -228,6 +230,36 @@ def test_per_key_concurrency_and_kv_limits(app):
     assert_openai_error(over, 429)
     assert over.headers["retry-after"] == "1"
     assert other.status_code == 200, other.text
+    assert_healthy(app.http)
+
+
+def test_per_key_kv_limit(app):
+    """A key whose requests in flight reserve more than per_key_max_kv_bytes gets 429; other keys do not."""
+    from ray import serve
+
+    per_token = serve.get_deployment_handle("DecoderPool", APP).kv_bytes_per_token.remote().result(timeout_s=30)
+    big = int(0.6 * PER_KEY_KV / per_token)  # one fits the key's share, two do not
+    assert 16 < big < 1900, big
+
+    async def run():
+        async with httpx.AsyncClient(base_url=app.url, timeout=60) as c:
+            a, b = ({"Authorization": f"Bearer {k}"} for k in KEYS[:2])
+            body = chat("long", max_tokens=big, ignore_eos=True, stream=True)
+            first = await c.send(c.build_request("POST", "/v1/chat/completions", json=body, headers=a), stream=True)
+            second = await c.post("/v1/chat/completions", json=body, headers=a)
+            small = await c.post("/v1/chat/completions", json=chat(max_tokens=4), headers=a)
+            other = await c.send(c.build_request("POST", "/v1/chat/completions", json=body, headers=b), stream=True)
+            statuses = first.status_code, other.status_code
+            await first.aclose()
+            await other.aclose()
+            again = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 8}, headers=a)
+            return statuses, second, small, again
+
+    (first, other), second, small, again = asyncio.run(run())
+    assert first == other == 200
+    assert_openai_error(second, 429)
+    assert second.headers["retry-after"] == "1" and "KV" in second.json()["error"]["message"]
+    assert small.status_code == 200 and again.status_code == 200  # what the key holds is given back
     assert_healthy(app.http)
 
 
