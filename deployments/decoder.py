@@ -98,4 +98,5 @@ class DecoderPool:
             "requests": s["running"] + s["waiting"],
             "capacity": self.cfg.max_running + self.cfg.max_waiting,
             "avg_request_kv_bytes": self.avg_request_kv_bytes,
+            "engine": {**s, "peak_running": self.peak_running, "peak_batch": self.peak_batch},  # for /stats
         }

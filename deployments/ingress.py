@@ -25,6 +25,7 @@ from .config import AppConfig
 from .faults import classify, log
 from .images import ImageFetcher, image_key
 from .limits import Guard, GuardMiddleware
+from .replicas import aggregate, routing_stats
 
 TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -140,10 +141,12 @@ class Ingress:
 
     @app.get("/stats")
     async def stats(self) -> dict:
-        """Internal view for operators and tests: one decoder replica's engine stats, the encoder cache."""
-        decoder, encoder = await asyncio.gather(self.decoder_calls.stats.remote(),
-                                                self.encoder.cache_stats.remote())
-        return {"decoder": decoder, "encoder_cache": encoder}
+        """Internal view for operators and tests: the decoder pool's engine stats summed over its replicas (each
+        replica's too), the encoder cache."""
+        app = serve.get_replica_context().app_name
+        pool, encoder = await asyncio.gather(routing_stats(app, "DecoderPool"), self.encoder.cache_stats.remote())
+        replicas = [s["engine"] for s in pool]
+        return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder}
 
     @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 411, 413, 429, 500, 503))
     async def chat_completions(self, req: api.ChatCompletionRequest, request: Request):

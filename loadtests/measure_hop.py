@@ -3,26 +3,21 @@ features) and p50 TTFT of the Serve app on a local Ray against the same stages i
 
 import argparse
 import base64
-import io
 import json
 import statistics
 import time
 
 import httpx
-import numpy as np
-from PIL import Image
 
 from deployments import localrun
+from pipeline.quality.synthetic import noise_image, png_bytes
 
 PROMPT = "What is in the image?"
 
 
 def test_image(seed: int, width: int = 128, height: int = 128) -> bytes:
     """A distinct PNG per request, so the encoder's feature cache never answers (the in-process path has none)."""
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+    return png_bytes(noise_image(width, height, seed))
 
 
 def stream_once(client: httpx.Client, png: bytes, trim, max_tokens: int) -> tuple[float, dict]:

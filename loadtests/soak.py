@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from deployments import localrun
-from loadtests.bench_e2e.run import locust_summary, replica_processes, serve_handle, stop_process_group
+from loadtests.bench_e2e.locust_runs import locust_summary, stop_process_group
+from loadtests.bench_e2e.probe import replica_processes, serve_handle
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"

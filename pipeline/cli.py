@@ -1,9 +1,12 @@
 """`crosstrim` command line: generate (one request in process), bench, batch, eval."""
 
 import argparse
+import importlib
 import json
 import sys
 import time
+
+from pydantic import ValidationError
 
 from pipeline.errors import CrosstrimError
 
@@ -57,19 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     _generate_args(sub)
     commands = {"generate": cmd_generate}
     for name, module in (("bench", "bench.decoder"), ("batch", "batch.job"), ("eval", "quality.evaluate")):
-        try:
-            mod = __import__(f"pipeline.{module}", fromlist=["add_args", "run"])
-        except ImportError:
-            continue
+        mod = importlib.import_module(f"pipeline.{module}")  # a broken subcommand fails loudly, never hides
         mod.add_args(sub)
         commands[name] = mod.run
     args = parser.parse_args(argv)
     try:
         return commands[args.command](args)
-    except CrosstrimError as exc:
-        print(f"crosstrim: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # pydantic validation errors (bad k_ratio, bad sampling parameters)
+    except (CrosstrimError, ValidationError) as exc:  # what the user can fix: bad input, bad k_ratio, bad source
         print(f"crosstrim: error: {exc}", file=sys.stderr)
         return 2
 

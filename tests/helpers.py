@@ -2,15 +2,14 @@
 
 import time
 
-import numpy as np
 from PIL import Image
+
+from pipeline.quality.synthetic import noise_image
 
 PROMPTS = ["What colour is the square?", "describe this image please", "where is the red one", "count the shapes"]
 
 
-def image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+image = noise_image
 
 
 def images() -> dict[str, Image.Image]:

@@ -114,3 +114,33 @@ def test_s3_source_downloads_and_loads(s3_server, tmp_path):
     assert (loaded.path / "model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(ModelSourceError, match="no objects"):
         resolve_source("s3://models/absent", str(tmp_path))
+
+
+def test_s3_processor_mirror_skips_weights_into_the_same_cache(s3_server, tmp_path):
+    """The ingress's processor-only mirror and the stages' full mirror share one cache path."""
+    import boto3
+
+    from pipeline.model.loader import load_processor
+    from pipeline.storage import cache_path
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="models")
+    for f in TINY.iterdir():
+        s3.upload_file(str(f), "models", f"tiny/{f.name}")
+    cfg = ModelConfig(source="s3://models/tiny", cache_dir=str(tmp_path))
+    processor = load_processor(cfg)
+    dest = cache_path(cfg.source, cfg.cache_dir)
+    assert processor.image_token == "<|image|>" and (dest / "tokenizer.json").is_file()
+    assert not (dest / "model.safetensors").exists()  # the ingress never downloads weights
+    assert load_model(cfg).path == dest and (dest / "model.safetensors").is_file()
+
+
+def test_presets_are_a_registry_with_a_valid_default():
+    from pipeline.model.presets import build_bench_model
+
+    with pytest.raises(ModelSourceError, match="no preset 'preset:nothing'.*preset:bench"):
+        load_model(ModelConfig(source="preset:nothing"))
+    with pytest.raises(ModelSourceError, match="built in memory"):
+        resolve_source("preset:bench")
+    loaded = build_bench_model()  # no config: its default source must itself be a valid source
+    assert loaded.cfg.source == "preset:bench" and loaded.path is None

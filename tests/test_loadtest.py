@@ -144,12 +144,15 @@ def test_locust_counts_malformed_streams_as_failures(tmp_path):
 
 def test_bench_e2e_point_and_report(serve_app, tmp_path):
     """One locust point as `crosstrim bench e2e` runs it, an HF generate batch, and the Markdown + plot."""
-    from loadtests.bench_e2e import run as bench_e2e
+    from loadtests.bench_e2e.constants import MARKERS, PROMPT, TILES, workload
+    from loadtests.bench_e2e.hf_baseline import hf_batch, hf_point
+    from loadtests.bench_e2e.probe import Bench
+    from loadtests.bench_e2e.report import markdown, plot, summarize, write_markdown
     from pipeline.config import ModelConfig
     from pipeline.model.loader import load_model
 
     args = SimpleNamespace(point_s=10, warmup_s=4, max_tokens=6, users=[3], saturation_gain=0.05)
-    bench = bench_e2e.Bench(serve_app.url, APP, args, tmp_path)
+    bench = Bench(serve_app.url, APP, args, tmp_path)
     assert {"Ingress", "VisionEncoder", "Trimmer", "DecoderPool"} <= set(bench.replicas)
     point = bench.point("trimmed", 3)
     assert point["locust_exit_code"] == 0 and point["failures"] == 0 and point["requests"] > 0, point
@@ -161,31 +164,31 @@ def test_bench_e2e_point_and_report(serve_app, tmp_path):
     assert point["cpu_ms_per_request"]["DecoderPool"] > 0 and point["cpu_ms_per_request"]["Trimmer"] > 0
 
     loaded = load_model(ModelConfig())
-    pngs = bench_e2e.workload().image_set(448, 2)[bench_e2e.TILES]
-    runs = [bench_e2e.hf_batch(loaded, pngs, 4)]
+    pngs = workload().image_set(448, 2)[TILES]
+    runs = [hf_batch(loaded, pngs, 4)]
     assert runs[0]["complete"] and runs[0]["tokens"] == 8 and len(runs[0]["itl_ms"]) == 3 and runs[0]["ttft_ms"] > 0
-    late = bench_e2e.hf_batch(loaded, pngs, 4, deadline=0)  # past its deadline: stops, and says so
+    late = hf_batch(loaded, pngs, 4, deadline=0)  # past its deadline: stops, and says so
     assert not late["complete"] and late["tokens"] < 8
-    hf = bench_e2e.hf_point(2, runs, kv_bytes=2**20)
+    hf = hf_point(2, runs, kv_bytes=2**20)
 
     meta = {"date": "today", "wall_s": 1.0, "cpus": 2, "max_tokens": 6, "point_s": 10, "warmup_s": 4,
-            "kv_budget_bytes": 2**24, "trim": {}, "prompt": bench_e2e.PROMPT, "tiles_per_image": 4}
+            "kv_budget_bytes": 2**24, "trim": {}, "prompt": PROMPT, "tiles_per_image": 4}
     hf_info = {"max_batch": 2, "torch_threads": 1, "itl_ms_batch1_by_threads": {1: 5.0}}
-    result = bench_e2e.summarize({"trimmed": [point], "untrimmed": []}, [hf], hf_info, meta)
+    result = summarize({"trimmed": [point], "untrimmed": []}, [hf], hf_info, meta)
     assert set(result["ratios"]) == {"trimmed_vs_hf_generate"}
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## Decoder\nkept as is\n")
     for _ in range(2):  # the second write replaces the section, once
-        bench_e2e.write_markdown(md, bench_e2e.markdown(result, "docs/e2e.png"))
+        write_markdown(md, markdown(result, "docs/e2e.png"))
     text = md.read_text()
-    assert text.count(bench_e2e.MARKERS[0]) == 1 and "## Decoder\nkept as is" in text
+    assert text.count(MARKERS[0]) == 1 and "## Decoder\nkept as is" in text
     assert "| trimmed | 3 |" in text and "| hf_generate | 2 |" in text
-    bench_e2e.plot(result, tmp_path / "e2e.png")
+    plot(result, tmp_path / "e2e.png")
     assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_e2e_saturation_rule():
-    from loadtests.bench_e2e.run import saturated
+    from loadtests.bench_e2e.locust_runs import saturated
 
     tput = lambda *xs: [{"output_tokens_per_s": x} for x in xs]  # noqa: E731
     assert not saturated(tput(10, 20, 20.5), 0.05)  # too few points to tell

@@ -611,15 +611,18 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
                 for i in range(8)]
             responses = await asyncio.gather(*(c.send(r, stream=True) for r in reqs))
             during = replicas()
+            stats = (await c.get("/stats")).json()["decoder"]  # the whole pool, not the replica a handle picks
             for r in responses:
                 await r.aclose()
-            return responses, during
+            return responses, during, stats
 
-    responses, during = asyncio.run(burst())
+    responses, during, pool = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)
     assert during is not None, "could not read both replicas' routing stats"
     assert all(s["requests"] >= 1 for s in during), f"a replica got no request: {during}"
     assert all(s["capacity"] > 0 and s["kv_free_bytes"] > 0 for s in during)
     budget = serve_app.config["applications"][0]["args"]["engine"]["kv_budget_bytes"]
+    assert pool["replicas"] == 2 and pool["kv_budget_bytes"] == 2 * budget, pool
+    assert pool["running"] + pool["waiting"] == 8, pool  # every request of the burst, wherever it landed
     wait_for(lambda: all(s["requests"] == 0 and s["kv_free_bytes"] == budget for s in replicas() or [{"requests": 1}]),
              20, "both replicas to free their KV")

@@ -4,20 +4,19 @@ against the memory-bandwidth bound. Prints a table and writes JSON. `crosstrim b
 locust (loadtests/bench_e2e, registered as a `crosstrim.bench` entry point so this library never imports it)."""
 
 import json
-from importlib.metadata import entry_points
 import statistics
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.model.inputs import prepare_prompt, user_message
 from pipeline.quality.reference import trim_generated
+from pipeline.quality.synthetic import noise_image
 
 PROMPT = "Describe the picture in detail, please."
 
@@ -46,12 +45,6 @@ def run(args) -> int:
     if args.bench == "decoder":
         return run_decoder(args)
     return RUNNERS[args.bench](args)
-
-
-def _images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
-    """n distinct square images of 2x2 tiles."""
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (2 * size, 2 * size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -115,7 +108,8 @@ def run_decoder(args) -> int:
     pipe = Pipeline(loaded, engine=EngineConfig(kv_budget_bytes=2**20))
     trim_cfg = TrimConfig() if args.k_ratio is None else TrimConfig(k_ratio=args.k_ratio)
     n_distinct = min(args.requests, 8)
-    images = _images(n_distinct, loaded.model.config.vision_config.image_size)
+    size = loaded.model.config.vision_config.image_size
+    images = [noise_image(2 * size, 2 * size, i) for i in range(n_distinct)]  # 2x2 tiles each
     prepared = [prepare_prompt(loaded.processor, user_message(PROMPT, 1), [img], 1, 4096) for img in images]
 
     stage_ms = {"encoder": [], "trimmer_trimmed": [], "trimmer_untrimmed": []}

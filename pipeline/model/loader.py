@@ -6,7 +6,7 @@ from transformers.utils import logging as hf_logging
 
 from pipeline.config import ModelConfig
 from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
-from pipeline.model.sources import is_preset, preset_builder, resolve_source
+from pipeline.model.sources import is_preset, resolve_source
 
 
 def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision", "text")) -> LoadedModel:
@@ -14,7 +14,11 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     decoder no vision tower) before moving to the device, so each replica holds only its share."""
     cfg = cfg or ModelConfig()
     if is_preset(cfg.source):  # random weights built in memory, for benchmarks
-        return preset_builder(cfg.source)(cfg)
+        from pipeline.model.presets import (
+            build_preset,  # torch-heavy presets load only when asked for
+        )
+
+        return build_preset(cfg)
     path = resolve_source(cfg.source, cfg.cache_dir)
     device, dtype = pick_device_dtype(cfg)
     processor = AutoProcessor.from_pretrained(path)

@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from pipeline.config import ModelConfig
+from pipeline.errors import ModelSourceError
 from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
 from pipeline.model.sources import ASSETS
 
@@ -72,3 +73,13 @@ def build_bench_model(cfg: ModelConfig | None = None, seed: int = 0) -> LoadedMo
         tokenizer=tok, chat_template=tiny.chat_template,
     )
     return LoadedModel(model=model, processor=processor, path=None, device=device, dtype=dtype, cfg=cfg)
+
+
+PRESETS = {"bench": build_bench_model}  # preset:NAME -> builder(ModelConfig) -> LoadedModel
+
+
+def build_preset(cfg: ModelConfig) -> LoadedModel:
+    name = cfg.source.removeprefix("preset:")
+    if name not in PRESETS:
+        raise ModelSourceError(f"no preset {cfg.source!r} (have: {', '.join('preset:' + p for p in PRESETS)})")
+    return PRESETS[name](cfg)

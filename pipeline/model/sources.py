@@ -1,7 +1,6 @@
 """Model sources, one registry keyed by scheme: `bundled:NAME`, `preset:NAME` (built in memory), `s3://bucket/prefix`
 (mirrored into the cache), a local directory, or a hub id (owner/name)."""
 
-import importlib
 import os
 import re
 from pathlib import Path
@@ -11,20 +10,10 @@ from pipeline.storage import WEIGHT_SUFFIXES, mirror_s3
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
-# preset name -> "module:function" building a LoadedModel from a ModelConfig; imported only when asked for.
-PRESETS = {"bench": "pipeline.model.presets:build_bench_model"}
-
 
 def is_preset(source: str) -> bool:
+    """`preset:NAME` models are built in memory (pipeline.model.presets); they have no files to resolve."""
     return source.startswith("preset:")
-
-
-def preset_builder(source: str):
-    name = source.removeprefix("preset:")
-    if name not in PRESETS:
-        raise ModelSourceError(f"no preset {source!r} (have: {', '.join('preset:' + p for p in PRESETS)})")
-    module, _, func = PRESETS[name].partition(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def _bundled(source: str, cache_dir: str | None, weights: bool) -> Path:

@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 TILE = 64  # image processor tile size; each tile holds 2x2 grid cells of CELL px (4x4 patches of 8 px)
@@ -114,6 +115,12 @@ def example_image() -> Image.Image:
 def chat_messages(prompt: str) -> list[dict]:
     """One user message, image first, then the question (the Llama-3.2-Vision layout)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """Seeded uniform noise: distinct pictures for tests and benchmarks, where content does not matter."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 def png_bytes(image: Image.Image) -> bytes:
