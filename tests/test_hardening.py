@@ -99,7 +99,8 @@ def test_error_shape_and_no_host_reflection(app):
     bad_bodies = [b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',  # invalid UTF-8
                   b"[" * 100_000 + b"]" * 100_000,  # deeply nested
                   b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',  # lone surrogate
-                  b'{"messages": [', b"", b"null"]
+                  b'{"messages": [', b"", b"null",
+                  b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN, "top_p": Infinity}']
     for body in bad_bodies:
         r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
         assert_openai_error(r, 400)
@@ -271,7 +272,7 @@ def test_per_key_kv_limit(app):
 
 # ---------------------------------------------------------------- fuzz
 
-_floats = st.one_of(st.floats(allow_nan=False), st.sampled_from([0.0, 1e-300, 5e-324, 1e-40, 2.0, -1.0]))
+_floats = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.0, 1e-300, 5e-324, 1e-40, 2.0, -1.0]))
 _ints = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2**63, 2**64, -(2**63) - 1]))
 _text = st.text(max_size=40)
 _part = st.one_of(
