@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import TrimConfig
-from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
 from pipeline.errors import InvalidRequest
 
 
@@ -60,7 +60,7 @@ class ChatCompletionRequest(_Wire):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)  # completions sharing the prompt's and the image's KV pages
     logprobs: bool = False
@@ -96,6 +96,25 @@ def to_hf_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
 def prompt_chars(messages: list[Message]) -> int:
     return sum(len(m.content) if isinstance(m.content, str) else
                sum(len(p.text) for p in m.content if isinstance(p, TextPart)) for m in messages)
+
+
+TEMPLATE_TOKENS_PER_MESSAGE = 4  # Llama 3's chat template wraps each message in at least 4 special tokens
+
+
+def check_shape(messages: list[Message], max_messages: int, max_prompt_tokens: int) -> None:
+    """Refuse before templating and tokenising: too many messages, the template alone past the token limit, text
+    that is not Unicode (lone surrogates a JSON escape can carry)."""
+    if len(messages) > max_messages:
+        raise InvalidRequest(f"{len(messages)} messages; this deployment accepts at most {max_messages}")
+    if len(messages) * TEMPLATE_TOKENS_PER_MESSAGE > max_prompt_tokens:
+        raise InvalidRequest(f"{len(messages)} messages exceed the prompt limit of {max_prompt_tokens} tokens")
+    for m in messages:
+        texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content if isinstance(p, TextPart)]
+        for text in texts + ([m.name] if m.name else []):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest("a message's text is not valid Unicode (a lone surrogate)") from None
 
 
 def to_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
@@ -188,6 +207,29 @@ def usage_chunk(rid: str, model: str, prompt_tokens: int, completion_tokens: int
             "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 408: "timeout_error", 411: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "overloaded_error"}
+
+
 def error_body(status: int, message: str) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "overloaded_error"}.get(status, "server_error")
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every non-2xx answer of this server."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict:
+    """FastAPI `responses=` documenting each status with the error shape (the OpenAPI document lists them)."""
+    return {s: {"model": ErrorResponse, "description": ERROR_TYPES.get(s, "server_error")} for s in statuses}

@@ -27,7 +27,17 @@ class AppConfig(BaseModel):
     http_allowlist: list[str] = Field(default_factory=list)  # URL prefixes; empty refuses http(s) images
     image_fetch_timeout_s: float = Field(10.0, gt=0)
     feature_cache_size: int = Field(64, ge=0)  # images whose encoder features are kept (LRU); 0 disables
-    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 503
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 503 or 429
+    # Hostile clients: checked before the body is parsed (see deployments/limits.py).
+    max_body_bytes: int = Field(32 * 2**20, ge=1)  # 413 past it; leave room for max_images base64 images
+    body_read_timeout_s: float = Field(10.0, gt=0)  # 408 when the whole body has not arrived by then
+    max_messages: int = Field(256, ge=1)  # refused before templating and tokenising
+    # API keys: comma-separated in this environment variable (k8s: from a Secret); unset or empty: no auth.
+    api_key_env: str = "CROSSTRIM_API_KEYS"
+    # Per client key (the API key; without auth, the client address); 0: no limit. Past them: 429 + Retry-After.
+    per_key_max_concurrent: int = Field(0, ge=0)
+    per_key_max_kv_bytes: int = Field(0, ge=0)  # KV reserved by the key's requests in flight (prompt + max_tokens)
+    health_timeout_s: float = Field(0.8, gt=0)  # /health is 503 when a stage does not answer by then
 
     @field_validator("http_allowlist")
     @classmethod

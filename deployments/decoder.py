@@ -3,6 +3,7 @@ token deltas per request and reports its free KV budget to the KVBudgetRouter.""
 
 import contextlib
 import dataclasses
+import logging
 import time
 
 from ray import serve
@@ -17,6 +18,8 @@ from pipeline.errors import InvalidRequest, Overloaded
 from pipeline.model.loader import load_model
 
 from .handoff import Handoff
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(
@@ -51,7 +54,11 @@ class DecoderPool:
         async with contextlib.aclosing(stream):  # an abandoned stream frees its KV at once
             try:
                 async for out in stream:
+                    if out.error is not None:  # this request alone failed in the engine; the rest go on
+                        yield {"error": {"status": 500, "message": f"the decoder failed on request {request_id}"}}
+                        break
                     item = dataclasses.asdict(out)
+                    del item["error"]  # "error" in an item means the request failed
                     if first:
                         item["trim"], first = summary, False
                     self._observe()
@@ -60,8 +67,9 @@ class DecoderPool:
                 yield {"error": {"status": 400, "message": str(exc)}}
             except Overloaded as exc:
                 yield {"error": {"status": 503, "message": str(exc)}}
-            except Exception as exc:  # a failed step: the engine already freed what was in flight
-                yield {"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}"}}
+            except Exception as exc:  # logged here; the client sees no internals
+                log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
+                yield {"error": {"status": 500, "message": f"the decoder failed on request {request_id}"}}
         self._observe()
 
     def _observe(self) -> dict:
@@ -76,6 +84,10 @@ class DecoderPool:
 
     async def stats(self) -> dict:
         return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
+
+    async def kv_bytes_per_token(self) -> float:
+        """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""
+        return self.engine.engine.kv.bytes_needed(4096, 0) / 4096
 
     async def reset_peaks(self) -> None:
         self.peak_running = self.peak_batch = 0

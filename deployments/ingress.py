@@ -10,24 +10,42 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
 
-from pipeline.errors import InvalidRequest, Overloaded
+from pipeline.errors import InvalidRequest
 from pipeline.model.inputs import decode_image, prepare_prompt
 from pipeline.model.loader import load_processor
 from pipeline.types import PreparedPrompt
 
 from . import api
+from .auth import KeyLedger, load_keys
 from .config import AppConfig
+from .faults import classify, log
 from .images import ImageFetcher, image_key
+from .limits import Guard, GuardMiddleware
 from .replicas import aggregate, routing_stats
 
 TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
-app = FastAPI(title="crosstrim", description=__doc__)
+# No trailing-slash redirect: Starlette builds its Location from the Host header, which a client controls.
+app = FastAPI(title="crosstrim", description=__doc__, redirect_slashes=False)
+app.add_middleware(GuardMiddleware)
+_fastapi_openapi = app.openapi
+
+
+def _openapi() -> dict:
+    """FastAPI's document without its generic 422 (this server answers a bad body with 400; see error_responses)."""
+    schema = _fastapi_openapi()
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            op.get("responses", {}).pop("422", None)
+    return schema
+
+
+app.openapi = _openapi
 
 
 class ApiError(Exception):
@@ -47,28 +65,33 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return exc.response()
 
 
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (404, 405, an unparsable body, the guard's 408/413) in the OpenAI shape."""
+    message = exc.detail if isinstance(exc.detail, str) else "invalid request"
+    return JSONResponse(api.error_body(exc.status_code, message), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: logged, and a 500 without internals."""
+    log.error("unhandled %s on %s: %s", type(exc).__name__, request.url.path, exc)
+    return JSONResponse(api.error_body(500, "internal error"), status_code=500)
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Malformed JSON or a schema violation: 400 naming the field, as OpenAI answers."""
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
     return JSONResponse(api.error_body(400, f"invalid request: {problems}"), status_code=400)
-
-
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """HTTP status and message for an exception from a stage."""
-    exc = getattr(exc, "cause", None) or exc  # Ray wraps a replica's exception; the original is its cause
-    if isinstance(exc, InvalidRequest):
-        return 400, str(exc)
-    if isinstance(exc, (Overloaded, BackPressureError)):
-        return 503, "the server is overloaded; try again later"
-    return 500, f"internal error: {type(exc).__name__}: {exc}"
 
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=512)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2048)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, cfg: AppConfig, encoder: DeploymentHandle, trimmer: DeploymentHandle,
@@ -87,18 +110,32 @@ class Ingress:
         self.itl = Histogram("crosstrim_inter_token_seconds", boundaries=ITL_BUCKETS_S,
                              description="Time between streamed tokens at the ingress")
         self.requests = Counter("crosstrim_requests", tag_keys=("status",), description="Requests by HTTP status")
+        keys = load_keys(cfg.api_key_env)
+        app.state.guard = Guard(keys, cfg.max_body_bytes, cfg.body_read_timeout_s, cfg.retry_after_s,
+                                KeyLedger(cfg.per_key_max_concurrent, cfg.per_key_max_kv_bytes))
+        log.info("ingress: API keys %s (%d keys from $%s)", "on" if keys else "off", len(keys), cfg.api_key_env)
+        self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
 
     # ---- endpoints
 
-    @app.get("/health")
+    @app.get("/health", responses=api.error_responses(503))
     async def health(self) -> dict:
-        try:
-            await asyncio.wait_for(self.decoder_calls.stats.remote(), timeout=5.0)
-        except Exception as exc:
-            raise ApiError(503, f"decoder unavailable: {type(exc).__name__}") from exc
+        """Every stage answers within health_timeout_s (a dead replica shows at once, a restarting one by then)."""
+        stages = {"decoder": self.decoder_calls.stats, "encoder": self.encoder.cache_stats,
+                  "trimmer": self.trimmer.ping}
+        calls = {name: asyncio.ensure_future(asyncio.wait_for(m.remote(), self.cfg.health_timeout_s))
+                 for name, m in stages.items()}
+        down = []
+        for name, call in calls.items():
+            try:
+                await call
+            except Exception:
+                down.append(name)
+        if down:
+            raise ApiError(503, f"unavailable: {', '.join(down)}", self.cfg.retry_after_s)
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=api.error_responses(401))
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.cfg.served_model_name, "object": "model",
                                             "created": 0, "owned_by": "crosstrim"}]}
@@ -112,15 +149,16 @@ class Ingress:
         replicas = [s["engine"] for s in pool]
         return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, req: api.ChatCompletionRequest):
+    @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 411, 413, 429, 500, 503))
+    async def chat_completions(self, req: api.ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
+        rid = api.completion_id()
         try:
-            items, first = await self._start(req, api.completion_id())
+            items, first = await self._start(req, rid, request.state)
         except Exception as exc:
             if not isinstance(exc, ApiError):  # never a bare 500 without a body
-                status, message = error_status(exc)
-                exc = ApiError(status, message, self._retry_after(status))
+                error = classify(exc, rid)
+                exc = ApiError(error.status, error.message, self._retry_after(error.status))
             error = exc
             self.requests.inc(tags={"status": str(error.status)})
             raise error
@@ -132,9 +170,10 @@ class Ingress:
 
     # ---- the pipeline
 
-    async def _start(self, req: api.ChatCompletionRequest, rid: str):
+    async def _start(self, req: api.ChatCompletionRequest, rid: str, client):
         """Preprocess and send the request down the stages; return the decoder stream and its first item
-        (errors before the first token become HTTP statuses here, before any byte is sent)."""
+        (errors before the first token become HTTP statuses here, before any byte is sent). A replica lost before
+        the first token: sent once more (another replica, or the replacement), then 503."""
         if req.model not in (None, self.cfg.served_model_name):
             raise ApiError(404, f"model {req.model!r} does not exist; this server serves "
                                 f"{self.cfg.served_model_name!r}")
@@ -147,25 +186,43 @@ class Ingress:
         room = self.cfg.engine.max_model_len - len(prepared.input_ids)
         if req.max_tokens is None and req.max_completion_tokens is None and 0 < room < params.max_tokens:
             params = params.model_copy(update={"max_tokens": room})  # the default never makes a request fail
-        items = self._send(prepared, keys, params.model_dump(), trim_cfg, rid)
-        try:
-            first = await items.__anext__()
-        except asyncio.CancelledError:
-            items.cancel()
-            raise
-        except StopAsyncIteration:
-            raise ApiError(500, "the decoder ended the stream without output") from None
-        except Exception as exc:
-            items.cancel()
-            status, message = error_status(exc)
-            raise ApiError(status, message, self._retry_after(status)) from exc
-        if "error" in first:
-            status = first["error"]["status"]
-            raise ApiError(status, first["error"]["message"], self._retry_after(status))
-        return items, first
+        await self._hold_kv(client, len(prepared.input_ids) + params.max_tokens)
+        for attempt in (1, 2):
+            items = self._send(prepared, keys, params.model_dump(), trim_cfg, rid)
+            try:
+                first = await items.__anext__()
+            except asyncio.CancelledError:
+                items.cancel()
+                raise
+            except StopAsyncIteration:
+                raise ApiError(500, f"internal error (request {rid})") from None
+            except Exception as exc:
+                items.cancel()
+                error = classify(exc, rid)
+                if error.retryable and attempt == 1:
+                    log.warning("request %s: retrying once after a lost replica", rid)
+                    continue
+                raise ApiError(error.status, error.message, self._retry_after(error.status)) from exc
+            if "error" in first:
+                status = first["error"]["status"]
+                raise ApiError(status, first["error"]["message"], self._retry_after(status))
+            return items, first
+
+    async def _hold_kv(self, client, tokens: int) -> None:
+        """Count the request's KV reservation against its key (released by the guard when the request ends)."""
+        guard = app.state.guard
+        if not guard.ledger.max_kv_bytes or not hasattr(client, "client_key"):
+            return
+        if self.kv_bytes_per_token is None:
+            self.kv_bytes_per_token = await self.decoder_calls.kv_bytes_per_token.remote()
+        nbytes = int(tokens * self.kv_bytes_per_token)
+        if not guard.ledger.hold_kv(client.client_key, nbytes):
+            raise ApiError(429, "this API key holds its share of the decoder's KV; try again when a request ends",
+                           self.cfg.retry_after_s)
+        client.kv_bytes = getattr(client, "kv_bytes", 0) + nbytes
 
     def _retry_after(self, status: int) -> int | None:
-        return self.cfg.retry_after_s if status == 503 else None
+        return self.cfg.retry_after_s if status in (429, 503) else None
 
     async def _prepare(self, req: api.ChatCompletionRequest) -> tuple[PreparedPrompt, list[str]]:
         messages, urls = api.to_hf_messages(req.messages)
@@ -174,6 +231,7 @@ class Ingress:
             raise InvalidRequest(f"{len(urls)} images in one request; this deployment accepts at most {max_images}")
         if api.prompt_chars(req.messages) > self.cfg.max_prompt_chars:
             raise InvalidRequest(f"the prompt is longer than {self.cfg.max_prompt_chars} characters")
+        api.check_shape(req.messages, self.cfg.max_messages, self.cfg.model.max_prompt_tokens)
         blobs = await asyncio.gather(*(self.fetcher.fetch(u, f"image {i + 1}") for i, u in enumerate(urls)))
         prepared = await asyncio.to_thread(self._preprocess, messages, blobs)
         return prepared, [image_key(b) for b in blobs]
@@ -187,7 +245,8 @@ class Ingress:
         except InvalidRequest:
             raise
         except Exception as exc:  # the processor choking on an odd input is the input's fault
-            raise InvalidRequest(f"could not preprocess the request: {type(exc).__name__}: {exc}") from exc
+            log.warning("preprocessing refused an input: %s: %s", type(exc).__name__, exc)
+            raise InvalidRequest("could not preprocess the request's text or images") from exc
 
     def _send(self, prepared: PreparedPrompt, keys: list[str], params: dict, trim_cfg, rid: str):
         """Chain the stages by handle: each stage's result goes to the next through the object store,
@@ -215,7 +274,8 @@ class Ingress:
         try:
             while True:
                 if "error" in item:
-                    raise ApiError(item["error"]["status"], item["error"]["message"])
+                    status = item["error"]["status"]
+                    raise ApiError(status, item["error"]["message"], self._retry_after(status))
                 i = item.get("index", 0)
                 text[i].append(item["new_text"])
                 token_ids[i] += item["new_token_ids"]
@@ -242,8 +302,8 @@ class Ingress:
         except (asyncio.CancelledError, StopAsyncIteration):
             raise
         except Exception as exc:
-            status, message = error_status(exc)
-            return {"error": {"status": status, "message": message}}
+            error = classify(exc)
+            return {"error": {"status": error.status, "message": error.message}}
 
     async def _sse(self, req, items, first):
         rid, model = first["request_id"], self.cfg.served_model_name
@@ -253,8 +313,11 @@ class Ingress:
                 yield sse(api.chunk(rid, model, {"role": "assistant", "content": ""}, index=i))
             item, done = first, 0
             while True:
-                if "error" in item:  # after the 200 header the error travels in the stream
+                if "error" in item:  # after the 200 header the error travels in the stream, then the choice ends
                     yield sse(api.error_body(item["error"]["status"], item["error"]["message"]))
+                    for i in range(req.n):  # every choice still open ends here
+                        if not last.get(i, {}).get("finished"):
+                            yield sse(api.chunk(rid, model, {}, "error", index=i))
                     break
                 i = item.get("index", 0)
                 token_ids[i] += item["new_token_ids"]

@@ -28,6 +28,10 @@ class TrimmerDeployment:
                                      description="Bytes handed from trimmer to decoder (cross K/V or features, "
                                                  "and the resume state)")
 
+    async def ping(self) -> bool:
+        """For /health: the replica answers."""
+        return True
+
     async def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None) -> Handoff:
         handoff = await asyncio.get_running_loop().run_in_executor(self.pool, self._trim, prompt, visual, cfg)
         handoff.sent_at = time.time()  # stamped last: the hop starts when the result leaves

@@ -149,6 +149,7 @@ class RequestOutput:
     logprobs: list[float] = field(default_factory=list)  # the model's log-probability of each new token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # a position: (token, logprob)s
     index: int = 0  # which of the request's n completions
+    error: str | None = None  # set (with finish_reason "error") when this request alone failed in the engine
 
 
 @dataclass

@@ -320,3 +320,47 @@ def test_stages_in_process_turn_failures_into_error_rows():
     assert decode.engine.stats().kv_used_bytes == 0 and not decode.engine.has_work()
     decode.engine.step = real_step
     assert decode(states).to_pylist() == out[:1]
+
+
+def test_decoder_actor_killed_mid_job(local_ray, tmp_path):
+    """kill -9 of the decoder actor while it decodes: Ray Data restarts it and re-runs its batch; the job
+    completes with every input row exactly once and no error rows."""
+    import threading
+
+    import psutil
+
+    n = 48
+    pq.write_table(rows_table([{"id": f"t-{i}", "prompt": f"tell me about shape {i}", "image": None,
+                                "image_uri": None} for i in range(n)]), tmp_path / "rows.parquet")
+    cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
+    cfg["sampling"].update(max_tokens=160, ignore_eos=True)  # long enough to kill it mid-batch
+    cfg["decoder"]["batch_size"] = 8  # six decoder batches
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    result = {}
+
+    def job():
+        result["code"], result["stdout"] = run_cli("batch", "--config", str(tmp_path / "cfg.yaml"), "--input",
+                                                   str(tmp_path / "rows.parquet"), "--output", str(tmp_path / "out"))
+
+    thread = threading.Thread(target=job)
+    thread.start()
+
+    def decoder_actor():
+        for p in psutil.Process().children(recursive=True):  # this driver's Ray only
+            try:
+                if "DecodeStage" in " ".join(p.cmdline()) and p.cpu_percent(0.2) > 20:
+                    return p
+            except psutil.Error:
+                continue
+        return None
+
+    deadline, victim = time.monotonic() + 240, None
+    while victim is None and thread.is_alive() and time.monotonic() < deadline:
+        victim = decoder_actor()
+    assert victim is not None, "the decoder actor was never seen decoding"
+    victim.kill()
+    thread.join(600)
+    assert not thread.is_alive() and result["code"] == 0, result.get("stdout")
+    out = read_output(str(tmp_path / "out"))  # asserts no duplicate ids
+    assert sorted(out) == sorted(f"t-{i}" for i in range(n))
+    assert all(r["error"] is None and r["completion_tokens"] == 160 for r in out.values())

@@ -209,16 +209,15 @@ def test_async_engine_fails_requests_not_the_replica(tiny_pipeline, sources, mon
 
     def flaky(seqs):
         boom["n"] += 1
-        if boom["n"] == 2:
+        if boom["n"] in (2, 3):  # the batched forward and its retry alone
             raise RuntimeError("injected")
         return real_decode(seqs)
 
     monkeypatch.setattr(aeng.engine.runner, "decode", flaky)
 
     async def run():
-        with pytest.raises(RuntimeError, match="injected"):
-            async for _ in aeng.generate(sources[1], SamplingParams(max_tokens=20, ignore_eos=True)):
-                pass
+        outs = [o async for o in aeng.generate(sources[1], SamplingParams(max_tokens=20, ignore_eos=True))]
+        assert outs[-1].finish_reason == "error" and outs[-1].error == "RuntimeError"
         assert aeng.stats().kv_used_bytes == 0
         outs = [o async for o in aeng.generate(sources[0], SamplingParams(max_tokens=3, ignore_eos=True))]
         assert outs[-1].finished and outs[-1].completion_tokens == 3
@@ -227,3 +226,54 @@ def test_async_engine_fails_requests_not_the_replica(tiny_pipeline, sources, mon
         asyncio.run(run())
     finally:
         aeng.shutdown()
+
+
+# --- isolation: one request's failure is that request's alone --------------------------------------------
+
+@pytest.mark.parametrize("bad", [dict(seed=2**64), dict(seed=-(2**63) - 1), dict(temperature=1e-300),
+                                 dict(temperature=1e-40), dict(top_p=5e-324)])
+def test_sampling_params_refuse_what_the_sampler_cannot_compute(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_sampling_at_the_floors_works():
+    logits = torch.randn(50) * 30
+    for params in (SamplingParams(temperature=1e-5, seed=2**64 - 1), SamplingParams(temperature=1.0, top_p=1e-6,
+                                                                                      seed=-(2**63))):
+        from pipeline.engine.sampling import make_generator
+        token, _ = sample(logits, params, make_generator(params, "cpu"))
+        assert token == int(torch.argmax(logits))
+
+
+def test_one_failing_sequence_leaves_the_batch_alone(tiny_pipeline, sources, monkeypatch):
+    """A sequence whose sampling raises, and one that poisons the batched forward, each fail alone; the others
+    give exactly their tokens decoded alone, and the KV is all freed."""
+    loaded = tiny_pipeline.loaded
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    alone = [_alone(loaded, s, params) for s in sources[:4]]
+    engine = LLMEngine(loaded)
+    seqs = [engine.add_request(s, params, f"r{i}") for i, s in enumerate(sources[:4])]
+    real_decode, real_append = engine.runner.decode, engine._append
+
+    def decode(batch):  # r1 poisons any forward it is in, once it has a token
+        if any(s.request_id == "r1" for s in batch):
+            raise RuntimeError("poisoned forward")
+        return real_decode(batch)
+
+    def append(seq, logits):
+        if seq.request_id == "r2" and seq.output_ids:
+            raise FloatingPointError("bad sample")
+        return real_append(seq, logits)
+
+    monkeypatch.setattr(engine.runner, "decode", decode)
+    monkeypatch.setattr(engine, "_append", append)
+    finals = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals["r1"].finish_reason == "error" and finals["r2"].finish_reason == "error"
+    for i in (0, 3):
+        assert finals[f"r{i}"].finish_reason == "length" and seqs[i].output_ids == alone[i]
+    assert engine.stats().kv_used_bytes == 0 and not engine.seqs

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from helpers import decoder_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
@@ -50,12 +51,6 @@ def serve_app():
             yield SimpleNamespace(url=url, http=client, config=config)
     finally:
         localrun.stop()
-
-
-def decoder_stats(http) -> dict:
-    r = http.get("/stats")
-    assert r.status_code == 200, r.text
-    return r.json()["decoder"]
 
 
 # ------------------------------------------------------------------------------------------------ the locustfile

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import image  # noqa: E402
+import helpers  # noqa: E402
+from helpers import decoder_stats, image  # noqa: E402
 
 from deployments.localrun import free_port  # noqa: E402
 
@@ -168,17 +169,8 @@ def oracle():
     return Pipeline(ModelConfig(**args["model"]), trim=TrimConfig(**args["trim"]))
 
 
-def decoder_stats(http) -> dict:
-    r = http.get("/stats")
-    assert r.status_code == 200, r.text
-    return r.json()["decoder"]
-
-
 def assert_healthy(http):
-    assert http.get("/health").json() == {"status": "ok"}
-    r = http.post("/v1/chat/completions", json=chat("still there?", max_tokens=2))
-    assert r.status_code == 200, r.text
-    assert decoder_stats(http)["kv_used_bytes"] == 0
+    helpers.assert_healthy(http, chat("still there?", max_tokens=2))
 
 
 def expected(oracle, prompt: str, pngs: list[bytes], max_tokens: int, trim=None):

@@ -43,7 +43,10 @@ def pool_args(pool: PoolConfig) -> dict:
     lo, hi = (pool.concurrency, pool.concurrency) if isinstance(pool.concurrency, int) else pool.concurrency
     return dict(compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=pool.batch_size,
                 num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, batch_format="pyarrow",
-                udf_modifying_row_count=False)
+                udf_modifying_row_count=False,
+                # A lost actor (kill -9, OOM, node loss) is restarted and its batch re-run there: the batch's rows
+                # are written once, by the run that finishes (Ray Data's defaults, stated so they stay so).
+                max_restarts=-1, max_task_retries=-1)
 
 
 def build_dataset(cfg: BatchConfig, fs: pafs.FileSystem, path: str, columns: list[str], s3: S3Settings):

@@ -184,6 +184,9 @@ class DecodeStage:
         for i, seq in running:
             if i in results:
                 continue
+            if seq.finish_reason == "error":  # this row alone failed in the engine (logged there)
+                results[i] = {"id": ids[i], "error": "decoder: the engine failed on this row"}
+                continue
             gen = make_generation(seq, seq.trim if seq.trim is not None else seq.prompt_token_ids)
             results[i] = {"id": ids[i], "text": gen.text, "prompt_tokens": gen.prompt_tokens,
                           "completion_tokens": len(gen.token_ids), "visual_tokens": gen.visual_tokens,

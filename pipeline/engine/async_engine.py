@@ -1,12 +1,15 @@
 """AsyncLLMEngine: steps an LLMEngine on a background thread; every request is an async iterator of deltas."""
 
 import asyncio
+import logging
 import queue
 import threading
 
 from pipeline.engine.llm_engine import EngineStats, LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import Overloaded
+
+log = logging.getLogger(__name__)
 
 
 class AsyncLLMEngine:
@@ -87,10 +90,11 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # never leave callers hanging or KV held: fail what was in flight
-                for rid in list(self.engine.seqs):
-                    self.engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"decoder step failed: {exc}"))
+            except Exception as exc:  # the step failed outside any one sequence's guard: never hang, never hold KV
+                log.exception("engine step failed (%s: %s); failing the %d requests in flight", type(exc).__name__, exc,
+                              len(self.engine.seqs))
+                for seq in list(self.engine.seqs.values()):
+                    self._deliver(seq.request_id, self.engine.fail(seq, exc))
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

@@ -3,6 +3,7 @@
 `pipeline.engine.async_engine.AsyncLLMEngine` steps it on a thread for streaming callers. Neither knows Ray Serve.
 """
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pipeline.types import RequestOutput, TrimResult
 # Flash attention 2's paged path (what varlen_attn calls with a block table) takes pages of a multiple of 256
 # tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
 CUDA_PAGE = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,34 +94,81 @@ class LLMEngine:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.swapped)
 
     def step(self) -> list[RequestOutput]:
-        """Admit what fits and prefill it, then decode every other running sequence by one token."""
+        """Admit what fits and prefill it, then decode every other running sequence by one token. A failure while
+        processing one sequence fails that sequence alone (an output with finish_reason "error")."""
         t0 = time.perf_counter()
         outputs = []
         admitted, batch = self.scheduler.schedule()
         for seq in admitted:
-            if seq.trim is not None and seq.trim.hidden.device != self.loaded.device:
-                seq.trim = seq.trim.to(self.loaded.device)
-            logits = self.runner.prefill(seq)
-            seq.trim = seq.trim and seq.trim.without_resume_state()
-            for i in range(1, seq.params.n):  # n > 1: siblings share the prompt's and image's pages
-                child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, trim=seq.trim)
-                child.index, child.arrival = i, seq.arrival
-                self.scheduler.fork(seq, child)
-                seq.siblings.append(child)
-            for s in [seq] + seq.siblings:
-                seed = None if s.params.seed is None else s.params.seed + s.index
-                s.generator = make_generator(s.params.model_copy(update={"seed": seed}), self.loaded.device)
-                s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop)
-                outputs.append(self._append(s, logits))
+            outputs += self._guarded_all(seq, self._prefill_one)
         if batch:
             self.decode_steps += 1
             self.decode_rows += len(batch)
-            logits = self.runner.decode(batch)
-            outputs += [self._append(s, logits[i]) for i, s in enumerate(batch)]
+            outputs += self._decode(batch)
         self.steps += 1
         self.last_batch_size = len(batch)
         self.last_step_ms = (time.perf_counter() - t0) * 1e3
         return outputs
+
+    def _prefill_one(self, seq: Sequence) -> list[RequestOutput]:
+        """The prompt's forward, then the first token of each of its n completions."""
+        if seq.trim is not None and seq.trim.hidden.device != self.loaded.device:
+            seq.trim = seq.trim.to(self.loaded.device)
+        logits = self.runner.prefill(seq)
+        seq.trim = seq.trim and seq.trim.without_resume_state()
+        for i in range(1, seq.params.n):  # n > 1: siblings share the prompt's and image's pages
+            child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, trim=seq.trim)
+            child.index, child.arrival = i, seq.arrival
+            self.scheduler.fork(seq, child)
+            seq.siblings.append(child)
+        outputs = []
+        for s in [seq] + seq.siblings:
+            seed = None if s.params.seed is None else s.params.seed + s.index
+            s.generator = make_generator(s.params.model_copy(update={"seed": seed}), self.loaded.device)
+            s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop)
+            outputs.append(self._append(s, logits))
+        return outputs
+
+    def _decode(self, batch: list[Sequence]) -> list[RequestOutput]:
+        """One batched forward, each row sampled under its own guard. If the forward itself fails, run each
+        sequence alone so the survivors go on without the offender (a position's K/V is rewritten, not added)."""
+        try:
+            logits = self.runner.decode(batch)
+        except Exception:
+            log.warning("batched decode of %d sequences failed; retrying each alone", len(batch), exc_info=True)
+            return [self._guarded(s, lambda s: self._append(s, self.runner.decode([s])[0])) for s in batch]
+        return [self._guarded(s, lambda s, row=row: self._append(s, row)) for s, row in zip(batch, logits)]
+
+    def _guarded(self, seq: Sequence, work) -> RequestOutput:
+        try:
+            return work(seq)
+        except Exception as exc:
+            return self.fail(seq, exc)
+
+    def _guarded_all(self, seq: Sequence, work) -> list[RequestOutput]:
+        """`work` for a sequence and the siblings it forks; a failure fails every one of them."""
+        try:
+            return work(seq)
+        except Exception as exc:
+            return [self.fail(s, exc) for s in [seq] + seq.siblings]
+
+    def fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
+        """End one sequence with an error, freeing its KV; logged with its id and reason, never its prompt."""
+        log.error("request %s failed in the engine: %s: %s", seq.request_id, type(exc).__name__, exc)
+        if not seq.finished:
+            self.scheduler.finish(seq, "error")
+        self._forget_if_done(seq)
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=[], new_text="", finished=True, finish_reason="error",
+            prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids), error=type(exc).__name__,
+            index=seq.index,
+        )
+
+    def _forget_if_done(self, seq: Sequence) -> None:
+        """Drop the request once every one of its n completions has finished."""
+        parent = self.seqs.get(seq.request_id)
+        if parent is not None and all(s.finished for s in [parent] + parent.siblings):
+            del self.seqs[seq.request_id]
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         token, logprob = sample(logits, seq.params, seq.generator)
@@ -140,9 +189,7 @@ class LLMEngine:
         seq.text = seq.detok.text
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            parent = self.seqs.get(seq.request_id)
-            if parent is not None and all(s.finished for s in [parent] + parent.siblings):
-                del self.seqs[seq.request_id]
+            self._forget_if_done(seq)
         new_text = ""
         # The detokenizer holds back a trailing partial UTF-8 character; never re-send text already streamed.
         if len(seq.text) > len(seq.emitted):

@@ -1,0 +1,373 @@
+"""A public endpoint under hostile clients and dying replicas: one real local Ray + Serve app (configs/local.yaml
+with API keys and per-key limits on), spoken to over HTTP and raw sockets on 127.0.0.1."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import helpers
+
+APP = "crosstrim"
+KEYS = ("k-alpha-123", "k-beta-456", "k-fuzz-789")
+AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
+BODY_TIMEOUT_S = 3
+PER_KEY_CONCURRENT = 3
+PER_KEY_KV = 4 * 2**20  # of the decoder's 16 MiB
+
+
+def chat(text: str = "hi", **fields) -> dict:
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 4, **fields}
+
+
+def assert_openai_error(r: httpx.Response, status: int):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
+    assert "Traceback" not in r.text and "ray." not in r.text.lower() and "\x1b[" not in r.text
+
+
+def replica_pid(name: str) -> int:
+    """The pid of this test's replica of deployment `name`: a descendant of this driver (other Serve apps on the
+    machine have replicas of the same name)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:{APP}:{name}" in " ".join(p.cmdline()):
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    assert len(found) == 1, f"{len(found)} live {name} replicas"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def app():
+    from deployments import localrun
+
+    config = localrun.load_config(ROOT / "configs" / "local.yaml")
+    (application,) = config["applications"]
+    application["runtime_env"]["env_vars"]["CROSSTRIM_API_KEYS"] = ",".join(KEYS)
+    application["args"].update(body_read_timeout_s=BODY_TIMEOUT_S, per_key_max_concurrent=PER_KEY_CONCURRENT,
+                               per_key_max_kv_bytes=PER_KEY_KV)
+    localrun.start_ray(num_cpus=2)
+    try:
+        url = localrun.deploy(config, APP, timeout_s=240)
+        port = config["http_options"]["port"]
+        with httpx.Client(base_url=url, timeout=60, headers=AUTH) as http:
+            yield SimpleNamespace(url=url, port=port, http=http, config=config)
+    finally:
+        localrun.stop()
+
+
+def assert_healthy(http):
+    helpers.assert_healthy(http, chat("still there?", max_tokens=2), kv_wait_s=20)
+
+
+# ---------------------------------------------------------------- auth, error shape, OpenAPI
+
+def test_auth(app):
+    with httpx.Client(base_url=app.url, timeout=30) as anon:
+        assert anon.get("/health").status_code == 200  # stays open for probes
+        r = anon.post("/v1/chat/completions", json=chat())
+        assert_openai_error(r, 401)
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert_openai_error(anon.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer nope"}),
+                            401)
+        assert_openai_error(anon.get("/v1/models", headers={"Authorization": f"Basic {KEYS[0]}"}), 401)
+        for key in KEYS[:2]:
+            r = anon.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+
+
+def test_error_shape_and_no_host_reflection(app):
+    http = app.http
+    bad_bodies = [b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',  # invalid UTF-8
+                  b"[" * 100_000 + b"]" * 100_000,  # deeply nested
+                  b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',  # lone surrogate
+                  b'{"messages": [', b"", b"null",
+                  b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN, "top_p": Infinity}']
+    for body in bad_bodies:
+        r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert_openai_error(r, 400)
+    assert_openai_error(http.get("/nowhere"), 404)
+    assert_openai_error(http.get("/v1/chat/completions"), 405)
+    r = http.post("/v1/chat/completions/", json=chat(), headers={"Host": "evil.example.com"})
+    assert "evil" not in r.headers.get("location", "") and r.status_code < 500
+    assert_openai_error(r, 404)
+    assert_openai_error(http.post("/v1/chat/completions", json=chat(model="gpt-4")), 404)
+
+
+def test_openapi_lists_the_real_statuses(app):
+    doc = app.http.get("/openapi.json").json()
+    chat_op = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "401", "408", "411", "413", "429", "503"} <= set(chat_op) and "422" not in chat_op
+    assert "ErrorResponse" in json.dumps(chat_op["400"])
+    assert "503" in doc["paths"]["/health"]["get"]["responses"]
+
+
+# ---------------------------------------------------------------- isolation in the engine
+
+BAD_SAMPLING = [dict(seed=2**64), dict(seed=-(2**63) - 1), dict(temperature=1e-300), dict(temperature=1e-40),
+                dict(top_p=5e-324), dict(temperature=1.0, seed=18446744073709551616)]
+
+
+def test_streams_survive_bad_requests_among_them(app):
+    async def run():
+        async with httpx.AsyncClient(base_url=app.url, timeout=60,
+                                     headers={"Authorization": f"Bearer {KEYS[1]}"}) as c:
+            async def stream(i):
+                body = chat(f"story {i}", max_tokens=40, ignore_eos=True, stream=True, temperature=0.7, seed=i)
+                reasons = []
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            reasons += [ch["finish_reason"] for ch in json.loads(line[6:]).get("choices", [])]
+                return [x for x in reasons if x]
+
+            streams = [asyncio.create_task(stream(i)) for i in range(PER_KEY_CONCURRENT)]
+            await asyncio.sleep(1.0)
+            bad = [await c.post("/v1/chat/completions", json=chat(**p), headers={"Authorization": f"Bearer {KEYS[2]}"})
+                   for p in BAD_SAMPLING]
+            return await asyncio.gather(*streams), bad
+
+    finishes, bad = asyncio.run(run())
+    assert finishes == [["length"]] * PER_KEY_CONCURRENT
+    for r in bad:
+        assert_openai_error(r, 400)
+    assert_healthy(app.http)
+
+
+# ---------------------------------------------------------------- limits
+
+def test_body_and_message_limits(app):
+    http, limit = app.http, app.config["applications"][0]["args"]["max_body_bytes"]
+    ingress = psutil.Process(replica_pid("Ingress"))
+    rss0 = ingress.memory_info().rss
+    # Four 50 MB bodies sent in full, one after another: each refused from its Content-Length, unread.
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEYS[0].encode() + b"\r\nContent-Length: 50000000\r\n\r\n")
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", app.port), timeout=30) as s:
+            s.sendall(head)
+            try:
+                for _ in range(50):
+                    s.sendall(b"a" * 1_000_000)
+            except OSError:  # answered and closed while we still sent
+                pass
+            assert b" 413 " in s.recv(4096).split(b"\r\n")[0]
+    # A body without a length (chunked) is refused before a byte of it is read.
+    def chunks():
+        for _ in range(50):
+            yield b"a" * 1_000_000
+    assert_openai_error(http.post("/v1/chat/completions", content=chunks(),
+                                  headers={"Content-Type": "application/json"}), 411)
+    grown = ingress.memory_info().rss - rss0
+    print(f"ingress RSS growth after 4 x 50 MB bodies: {grown / 2**20:.1f} MiB (limit {limit / 2**20:.0f} MiB)")
+    assert grown < 50 * 2**20
+    # 30,000 one-character messages: refused before templating or tokenising.
+    t0 = time.perf_counter()
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}] * 30_000})
+    assert_openai_error(r, 400)
+    assert "messages" in r.json()["error"]["message"] and time.perf_counter() - t0 < 5
+
+
+def test_idle_half_sent_connections_do_not_starve_others(app):
+    """300 connections announce a 100 kB body, send a part, then go silent: /health and a normal request still
+    answer within 2 s; each idle one gets 408 after body_read_timeout_s."""
+    socks = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + KEYS[2].encode() + b"\r\nContent-Length: 100000\r\n\r\n{\"mess")
+            socks.append(s)
+        time.sleep(1.0)
+        with httpx.Client(base_url=app.url, timeout=2.0, headers={"Authorization": f"Bearer {KEYS[1]}"}) as quick:
+            t0 = time.perf_counter()
+            assert quick.get("/health").status_code == 200
+            r = quick.post("/v1/chat/completions", json=chat(max_tokens=2))
+            assert r.status_code == 200, r.text
+            print(f"/health + a request with 300 idle connections open: {time.perf_counter() - t0:.2f} s")
+        socks[0].settimeout(BODY_TIMEOUT_S + 15)
+        assert b" 408 " in socks[0].recv(4096).split(b"\r\n")[0]
+    finally:
+        for s in socks:
+            s.close()
+    assert_healthy(app.http)
+
+
+def test_per_key_concurrency_and_kv_limits(app):
+    async def run():
+        async with httpx.AsyncClient(base_url=app.url, timeout=60) as c:
+            key = {"Authorization": f"Bearer {KEYS[0]}"}
+            body = chat("long", max_tokens=300, ignore_eos=True, stream=True)
+            held = [await c.send(c.build_request("POST", "/v1/chat/completions", json=body, headers=key), stream=True)
+                    for _ in range(PER_KEY_CONCURRENT)]
+            over = await c.post("/v1/chat/completions", json=chat(), headers=key)
+            other = await c.post("/v1/chat/completions", json=chat(),
+                                 headers={"Authorization": f"Bearer {KEYS[1]}"})
+            for r in held:
+                await r.aclose()
+            return [r.status_code for r in held], over, other
+
+    held, over, other = asyncio.run(run())
+    assert held == [200] * PER_KEY_CONCURRENT
+    assert_openai_error(over, 429)
+    assert over.headers["retry-after"] == "1"
+    assert other.status_code == 200, other.text
+    assert_healthy(app.http)
+
+
+def test_per_key_kv_limit(app):
+    """A key whose requests in flight reserve more than per_key_max_kv_bytes gets 429; other keys do not."""
+    from ray import serve
+
+    per_token = serve.get_deployment_handle("DecoderPool", APP).kv_bytes_per_token.remote().result(timeout_s=30)
+    big = int(0.6 * PER_KEY_KV / per_token)  # one fits the key's share, two do not
+    assert 16 < big < 1900, big
+
+    async def run():
+        async with httpx.AsyncClient(base_url=app.url, timeout=60) as c:
+            a, b = ({"Authorization": f"Bearer {k}"} for k in KEYS[:2])
+            body = chat("long", max_tokens=big, ignore_eos=True, stream=True)
+            first = await c.send(c.build_request("POST", "/v1/chat/completions", json=body, headers=a), stream=True)
+            second = await c.post("/v1/chat/completions", json=body, headers=a)
+            small = await c.post("/v1/chat/completions", json=chat(max_tokens=4), headers=a)
+            other = await c.send(c.build_request("POST", "/v1/chat/completions", json=body, headers=b), stream=True)
+            statuses = first.status_code, other.status_code
+            await first.aclose()
+            await other.aclose()
+            for _ in range(20):  # the guard gives the key's KV back once the server has seen the disconnect
+                r = await c.send(c.build_request("POST", "/v1/chat/completions", json=body, headers=a), stream=True)
+                again = r.status_code
+                await r.aclose()
+                if again != 429:
+                    break
+                await asyncio.sleep(0.5)
+            return statuses, second, small, again
+
+    (first, other), second, small, again = asyncio.run(run())
+    assert first == other == 200
+    assert_openai_error(second, 429)
+    assert second.headers["retry-after"] == "1" and "KV" in second.json()["error"]["message"]
+    assert small.status_code == 200 and again == 200  # what the key holds is given back
+    assert_healthy(app.http)
+
+
+# ---------------------------------------------------------------- fuzz
+
+_floats = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.0, 1e-300, 5e-324, 1e-40, 2.0, -1.0]))
+_ints = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2**63, 2**64, -(2**63) - 1]))
+_text = st.text(max_size=40)
+_part = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": _text}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": st.one_of(
+        _text, st.binary(max_size=300).map(lambda b: "data:image/png;base64," + __import__("base64").b64encode(
+            b"\x89PNG\r\n\x1a\n" + b).decode())),
+    })}),
+    st.dictionaries(_text, st.none() | _text, max_size=2),
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", ""]),
+     "content": st.one_of(_text, st.lists(_part, max_size=3), st.none(), st.integers())})
+_request = st.fixed_dictionaries(
+    {"messages": st.one_of(st.lists(_message, min_size=0, max_size=3), _text)},
+    optional={"max_tokens": _ints, "temperature": _floats, "top_p": _floats, "top_k": _ints, "seed": _ints,
+              "stop": st.one_of(_text, st.lists(_text, max_size=3)), "n": _ints, "stream": st.booleans(),
+              "trim": st.one_of(_text, st.dictionaries(st.sampled_from(["k_ratio", "policy", "mass", "enabled"]),
+                                                       st.one_of(_floats, _text, st.booleans()), max_size=2)),
+              "model": st.one_of(st.none(), _text), "ignore_eos": st.booleans(),
+              "stream_options": st.dictionaries(st.just("include_usage"), st.booleans())},
+)
+
+
+def test_fuzz_never_5xx(app):
+    statuses = []
+    with httpx.Client(base_url=app.url, timeout=60, headers={"Authorization": f"Bearer {KEYS[2]}"}) as http:
+        @settings(max_examples=int(os.environ.get("CROSSTRIM_FUZZ_EXAMPLES", "60")), deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(_request)
+        def probe(req):
+            if isinstance(req.get("max_tokens"), int) and req["max_tokens"] > 8:
+                req["max_tokens"] = 8  # keep the run short; huge values are still tried below 2^70 by the floats
+            r = http.post("/v1/chat/completions", json=req)
+            statuses.append(r.status_code)
+            assert r.status_code < 500, (req, r.text)
+            if r.status_code != 200:
+                assert_openai_error(r, r.status_code)
+
+        probe()
+    print(f"fuzz: {len(statuses)} requests, statuses {sorted(set(statuses))}")
+    assert_healthy(app.http)
+
+
+# ---------------------------------------------------------------- replica loss (last: it restarts a replica)
+
+def test_decoder_kill_under_load_is_retried(app):
+    """kill -9 of the decoder replica under 6 streaming users: a request whose first token had not been sent
+    succeeds (retried on the replacement); one cut mid-stream ends with an error event and finish_reason "error";
+    none hangs; /health says 503 within 1 s; no 500 with internals."""
+    results, stop = [], asyncio.Event()
+
+    async def user(c, i):
+        key = {"Authorization": f"Bearer {KEYS[i % 3]}"}  # 2 users per key: within per_key_max_concurrent
+        while not stop.is_set():
+            body = chat(f"user {i}", max_tokens=30, ignore_eos=True, stream=True)
+            got_token, events, reasons = False, [], []
+            async with c.stream("POST", "/v1/chat/completions", json=body, headers=key) as r:
+                if r.status_code != 200:
+                    results.append(("refused", r.status_code, (await r.aread()).decode()))
+                    continue
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    item = json.loads(line[6:])
+                    if "error" in item:
+                        events.append(item["error"])
+                    for ch in item.get("choices", []):
+                        got_token |= bool(ch["delta"].get("content"))
+                        if ch["finish_reason"]:
+                            reasons.append(ch["finish_reason"])
+            results.append(("ok" if reasons == ["length"] else "cut", got_token, events, reasons))
+
+    async def run():
+        async with httpx.AsyncClient(base_url=app.url, timeout=90) as c:
+            users = [asyncio.create_task(user(c, i)) for i in range(6)]
+            await asyncio.sleep(4)
+            os.kill(replica_pid("DecoderPool"), signal.SIGKILL)
+            t0 = time.perf_counter()
+            health = await c.get("/health", timeout=5)
+            health_s = time.perf_counter() - t0
+            await asyncio.sleep(25)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*users), 120)
+            return health, health_s
+
+    health, health_s = asyncio.run(run())
+    print(f"/health after kill: {health.status_code} in {health_s:.2f} s; results: "
+          f"{sum(r[0] == 'ok' for r in results)} ok, {sum(r[0] == 'cut' for r in results)} cut mid-stream, "
+          f"{sum(r[0] == 'refused' for r in results)} refused")
+    assert health.status_code == 503 and health_s < 1.0
+    assert_openai_error(health, 503)
+    assert not [r for r in results if r[0] == "refused"], results
+    cut = [r for r in results if r[0] == "cut"]
+    for _, got_token, events, reasons in cut:
+        assert got_token and events and events[0]["code"] == 503 and reasons == ["error"], (events, reasons)
+    assert sum(r[0] == "ok" for r in results) > 6
+    assert_healthy(app.http)
