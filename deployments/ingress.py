@@ -20,6 +20,7 @@ from pipeline.model.loader import load_processor
 from pipeline.types import PreparedPrompt
 
 from . import api
+from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch, replica_lost
 from .config import AppConfig
 from .images import ImageFetcher, image_key
 from .replicas import aggregate, routing_stats
@@ -61,6 +62,10 @@ def error_status(exc: BaseException) -> tuple[int, str]:
         return 400, str(exc)
     if isinstance(exc, (Overloaded, BackPressureError)):
         return 503, "the server is overloaded; try again later"
+    if isinstance(exc, StageUnavailable):
+        return 503, str(exc)
+    if replica_lost(exc):
+        return 503, "a replica serving the request was lost; try again"
     return 500, f"internal error: {type(exc).__name__}: {exc}"
 
 
@@ -86,11 +91,15 @@ class Ingress:
         self.itl = Histogram("crosstrim_inter_token_seconds", boundaries=ITL_BUCKETS_S,
                              description="Time between streamed tokens at the ingress")
         self.requests = Counter("crosstrim_requests", tag_keys=("status",), description="Requests by HTTP status")
+        self.watch = StageWatch(serve.get_replica_context().app_name)
 
     # ---- endpoints
 
     @app.get("/health")
     async def health(self) -> dict:
+        down = self.watch.down()
+        if down:
+            raise ApiError(503, f"unavailable: {', '.join(down)} (no running replica)", self.cfg.retry_after_s)
         try:
             await asyncio.wait_for(self.decoder_calls.stats.remote(), timeout=5.0)
         except Exception as exc:
@@ -146,9 +155,11 @@ class Ingress:
         room = self.cfg.engine.max_model_len - len(prepared.input_ids)
         if req.max_tokens is None and req.max_completion_tokens is None and 0 < room < params.max_tokens:
             params = params.model_copy(update={"max_tokens": room})  # the default never makes a request fail
+        stages = STAGES if prepared.num_images else TEXT_STAGES
+        self.watch.check(stages)  # 503 at once rather than Serve queueing for a replica that is not there
         items = self._send(prepared, keys, params.model_dump(), trim_cfg, rid)
         try:
-            first = await items.__anext__()
+            first = await self.watch.first(items, stages)
         except asyncio.CancelledError:
             items.cancel()
             raise
