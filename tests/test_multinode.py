@@ -96,6 +96,8 @@ def test_losing_the_decoder_node_fails_fast_and_heals(two_nodes):
         t0 = time.monotonic()
         try:
             inflight["result"] = stream(http, chat("describe it", url, max_tokens=1500, ignore_eos=True), 30)
+        except Exception as exc:  # the assertion below shows it
+            inflight["result"] = (None, [repr(exc)])
         finally:
             inflight["ended"] = time.monotonic()
             inflight["took"] = inflight["ended"] - t0
