@@ -193,7 +193,8 @@ def expected(oracle, prompt: str, pngs: list[bytes], max_tokens: int, trim=None)
 
 # ---------------------------------------------------------------- configs and router (no cluster)
 
-@pytest.mark.parametrize("name", ["local.yaml", "local-2node.yaml", "llama-3.2-11b-vision.yaml", "llama-3.2-90b-vision.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "local-2node.yaml", "llama-3.2-11b-vision.yaml",
+                                  "llama-3.2-90b-vision.yaml"])
 def test_config_validates(name):
     from ray.serve.schema import ServeDeploySchema
 
