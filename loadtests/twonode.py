@@ -2,7 +2,6 @@
 node A (head) runs the frontend stages, node B the decoder pool; node B can be killed (kill -9) and started again."""
 
 import os
-import time
 
 from deployments.localrun import deploy, free_port, load_config
 
@@ -100,12 +99,3 @@ def replica_nodes(app: str, deployment: str) -> list[str]:
     return sorted(a["Address"]["NodeID"] for a in actors().values()
                   if a["State"] == "ALIVE" and (a.get("Name") or "").startswith(prefix))
 
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"not true after {timeout_s}s")
