@@ -65,14 +65,16 @@ class StageWatch:
         """`items.__anext__()`, or StageUnavailable as soon as a stage the request waits on has no running replica
         (Serve would hold the request until one is back, however long that takes)."""
         step = asyncio.ensure_future(items.__anext__())
-        while True:
-            done, _ = await asyncio.wait({step}, timeout=self.period_s)
-            if done:
-                return step.result()
-            down = self.down(stages)
-            if down:
-                step.cancel()
-                raise StageUnavailable(down)
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=self.period_s)
+                if done:
+                    return step.result()
+                down = self.down(stages)
+                if down:
+                    raise StageUnavailable(down)
+        finally:
+            step.cancel()  # a no-op once it is done; else the client left or the stage went down
 
     def report(self) -> dict:
         """For /health: each stage "ok" or "unavailable", and how fresh the view is."""

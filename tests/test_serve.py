@@ -652,3 +652,41 @@ def test_decoder_autoscaling_target_follows_max_running(name):
     pool = next(d for d in app["deployments"] if d["name"] == "DecoderPool")
     assert pool["autoscaling_config"]["target_ongoing_requests"] == engine["max_running"] * 3 // 4
     assert pool["max_ongoing_requests"] > engine["max_running"] + engine["max_waiting"]
+
+
+def test_stage_watch_ends_a_wait_when_its_stage_has_no_replica():
+    """The ingress's wait for a first token ends with StageUnavailable once a stage it needs reports no running
+    replica (Serve alone would hold the request until one is back); items that arrive are returned."""
+    from deployments.availability import StageUnavailable, StageWatch
+
+    class Items:  # a decoder stream whose first item comes after `delay` seconds (never, if None)
+        def __init__(self, delay):
+            self.delay = delay
+
+        async def __anext__(self):
+            await asyncio.sleep(3600 if self.delay is None else self.delay)
+            return {"new_text": "x"}
+
+    async def run():
+        watch = StageWatch("crosstrim", period_s=0.05)
+        watch.task = asyncio.get_running_loop().create_future()  # no poller: the test sets the counts
+        watch.running = {"VisionEncoder": 1, "Trimmer": 1, "DecoderPool": 1}
+        assert await watch.first(Items(0.01), ("DecoderPool",)) == {"new_text": "x"}
+        assert watch.down() == [] and watch.report()["stages"]["DecoderPool"] == "ok"
+
+        async def lose_decoder():
+            await asyncio.sleep(0.2)
+            watch.running["DecoderPool"] = 0
+
+        t0 = time.monotonic()
+        loss = asyncio.ensure_future(lose_decoder())
+        with pytest.raises(StageUnavailable, match="DecoderPool"):
+            await asyncio.wait_for(watch.first(Items(None), ("VisionEncoder", "Trimmer", "DecoderPool")), 5)
+        await loss
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(StageUnavailable):
+            watch.check(("DecoderPool",))
+        watch.check(("VisionEncoder", "Trimmer"))  # a request those stages serve alone is not refused
+        assert watch.report()["stages"]["DecoderPool"] == "unavailable"
+
+    asyncio.run(run())
