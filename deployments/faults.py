@@ -9,6 +9,8 @@ from ray.serve import exceptions as serve_errors
 
 from pipeline.errors import InvalidRequest, Overloaded
 
+from .availability import StageUnavailable
+
 log = logging.getLogger("ray.serve")
 
 # A replica, its worker or its node went away (kill -9, OOM, node loss) or is restarting: the request did nothing
@@ -47,6 +49,8 @@ def classify(exc: BaseException, request_id: str = "") -> StageError:
             return StageError(400, str(e))
         if isinstance(e, OVERLOADED):
             return StageError(503, "the server is overloaded; try again later")
+        if isinstance(e, StageUnavailable):  # its node died: nothing to retry on until a replica is back
+            return StageError(503, str(e))
         if isinstance(e, REPLICA_LOST):
             log.warning("request %s: stage replica lost (%s)", request_id, type(e).__name__)
             return StageError(503, "a serving replica was lost; try again shortly", retryable=True)

@@ -21,6 +21,7 @@ from pipeline.types import PreparedPrompt
 
 from . import api
 from .auth import KeyLedger, load_keys
+from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .config import AppConfig
 from .faults import classify, log
 from .images import ImageFetcher, image_key
@@ -115,12 +116,17 @@ class Ingress:
                                 KeyLedger(cfg.per_key_max_concurrent, cfg.per_key_max_kv_bytes))
         log.info("ingress: API keys %s (%d keys from $%s)", "on" if keys else "off", len(keys), cfg.api_key_env)
         self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
+        self.watch = StageWatch(serve.get_replica_context().app_name)
 
     # ---- endpoints
 
     @app.get("/health", responses=api.error_responses(503))
     async def health(self) -> dict:
-        """Every stage answers within health_timeout_s (a dead replica shows at once, a restarting one by then)."""
+        """Every stage answers within health_timeout_s (a dead replica shows at once, a restarting one by then);
+        a stage with no running replica at all (its node died) is named without waiting."""
+        down = self.watch.down()
+        if down:
+            raise ApiError(503, f"unavailable: {', '.join(down)} (no running replica)", self.cfg.retry_after_s)
         stages = {"decoder": self.decoder_calls.stats, "encoder": self.encoder.cache_stats,
                   "trimmer": self.trimmer.ping}
         calls = {name: asyncio.ensure_future(asyncio.wait_for(m.remote(), self.cfg.health_timeout_s))
@@ -187,10 +193,14 @@ class Ingress:
         if req.max_tokens is None and req.max_completion_tokens is None and 0 < room < params.max_tokens:
             params = params.model_copy(update={"max_tokens": room})  # the default never makes a request fail
         await self._hold_kv(client, len(prepared.input_ids) + params.max_tokens)
+        stages = STAGES if prepared.num_images else TEXT_STAGES
         for attempt in (1, 2):
+            down = self.watch.down(stages)  # 503 at once rather than Serve queueing for a replica that is not there
+            if down:
+                raise ApiError(503, str(StageUnavailable(down)), self.cfg.retry_after_s)
             items = self._send(prepared, keys, params.model_dump(), trim_cfg, rid)
             try:
-                first = await items.__anext__()
+                first = await self.watch.first(items, stages)  # ends early if a stage it waits on goes down
             except asyncio.CancelledError:
                 items.cancel()
                 raise

@@ -38,7 +38,8 @@ def deploy(config: dict, app: str = "crosstrim", timeout_s: float = 300) -> str:
 
     schema = ServeDeploySchema.model_validate(config)
     http = {"host": schema.http_options.host, "port": schema.http_options.port}
-    serve.start(http_options=http)
+    # The config's proxy placement: proxies on several nodes of one machine would share the port (SO_REUSEPORT).
+    serve.start(proxy_location=schema.proxy_location, http_options=http)
     _get_global_client().deploy_apps(schema)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

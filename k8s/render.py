@@ -29,7 +29,7 @@ class Target:
 TARGETS = (
     Target("k8s/rayservice-llama-3.2-11b-vision.yaml", "configs/llama-3.2-11b-vision.yaml", pin_stages=True),
     Target("k8s/rayservice-llama-3.2-90b-vision.yaml", "configs/llama-3.2-90b-vision.yaml", pin_stages=True),
-    Target("k8s/rayservice-tiny-cpu.yaml", "configs/local.yaml"),
+    Target("k8s/rayservice-tiny-cpu.yaml", "configs/local-2node.yaml"),
 )
 
 # `serveConfigV2: |` and the indented lines (or blank lines) of its block scalar.

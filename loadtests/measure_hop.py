@@ -93,11 +93,12 @@ def measure_in_process(config_path: str, n: int, seed0: int) -> dict:
     return {name: {"ttft_p50_ms": 1e3 * statistics.median(t)} for name, t in times.items()}
 
 
-LLAMA_11B = dict(hidden=4096, kv_heads=8, head_dim=128, layers=40, cross_layers=8, first_cross=3)
+LLAMA_11B = dict(hidden=4096, kv_heads=8, head_dim=128, layers=40, cross_layers=8, first_cross=3, visual=6404)
 
 
 def synthetic_trim(kept: int, prompt: int, prefix: int, dtype, m: dict = LLAMA_11B):
-    """A TrimResult with Llama-3.2-11B-Vision's shapes (one 4-tile image of 6404 tokens, `kept` of them kept)."""
+    """A TrimResult with a model's shapes (default Llama-3.2-11B-Vision: one 4-tile image of 6404 visual tokens),
+    `kept` of the image's tokens kept."""
     import torch
 
     from pipeline.types import TrimResult
@@ -111,7 +112,7 @@ def synthetic_trim(kept: int, prompt: int, prefix: int, dtype, m: dict = LLAMA_1
         prefix_kv=torch.randn(later_self, *kv, prefix, m["head_dim"]).to(dtype),
         cross_kv=torch.randn(m["cross_layers"], *kv, kept, m["head_dim"]).to(dtype),
         kept_image=torch.zeros(kept, dtype=torch.long), kept_index=torch.arange(kept),
-        row_visibility=torch.ones(prompt, 1, dtype=torch.bool), visual_tokens=[6404], kept_tokens=[kept],
+        row_visibility=torch.ones(prompt, 1, dtype=torch.bool), visual_tokens=[m["visual"]], kept_tokens=[kept],
         kept_features=torch.randn(kept, m["hidden"]).to(dtype),
         kv_bytes_per_visual_token=m["cross_layers"] * 2 * m["kv_heads"] * m["head_dim"] * dtype.itemsize,
     )

@@ -185,7 +185,8 @@ def expected(oracle, prompt: str, pngs: list[bytes], max_tokens: int, trim=None)
 
 # ---------------------------------------------------------------- configs and router (no cluster)
 
-@pytest.mark.parametrize("name", ["local.yaml", "llama-3.2-11b-vision.yaml", "llama-3.2-90b-vision.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "local-2node.yaml", "llama-3.2-11b-vision.yaml",
+                                  "llama-3.2-90b-vision.yaml"])
 def test_config_validates(name):
     from ray.serve.schema import ServeDeploySchema
 
@@ -203,6 +204,12 @@ def test_config_validates(name):
         assert cfg.model.source == "bundled:tiny-mllama-vqa"  # the trained demo model
         assert sum(d.ray_actor_options.num_cpus * d.num_replicas for d in app.deployments) <= 2
         assert all(d.ray_actor_options.num_cpus < 1 for d in app.deployments)
+    elif name == "local-2node.yaml":  # local.yaml's app, each stage pinned to its node by a custom resource
+        assert cfg == AppConfig(**yaml.safe_load((CONFIGS / "local.yaml").read_text())["applications"][0]["args"])
+        for d in app.deployments:
+            want = "crosstrim_decoder" if d.name == "DecoderPool" else "crosstrim_frontend"
+            assert d.ray_actor_options.resources == {want: 1}, d.name
+            assert d.ray_actor_options.num_cpus < 1
     else:
         assert cfg.model.dtype == "bfloat16" and cfg.model.source.startswith(("s3://", "/"))
         assert opts["VisionEncoder"].ray_actor_options.num_gpus > 0  # a share of a GPU is enough for the tower
@@ -695,3 +702,52 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
     assert pool["running"] + pool["waiting"] == 8, pool  # every request of the burst, wherever it landed
     wait_for(lambda: all(s["requests"] == 0 and s["kv_free_bytes"] == budget for s in replicas() or [{"requests": 1}]),
              20, "both replicas to free their KV")
+
+
+@pytest.mark.parametrize("name", ["local-2node.yaml", "llama-3.2-11b-vision.yaml", "llama-3.2-90b-vision.yaml"])
+def test_decoder_autoscaling_target_follows_max_running(name):
+    """A second decoder replica is asked for at 3/4 of the engine's max_running ongoing requests, before one
+    replica's batch is full (and Serve's queue, max_ongoing_requests, sits above running + waiting)."""
+    app = yaml.safe_load((CONFIGS / name).read_text())["applications"][0]
+    engine = app["args"]["engine"]
+    pool = next(d for d in app["deployments"] if d["name"] == "DecoderPool")
+    assert pool["autoscaling_config"]["target_ongoing_requests"] == engine["max_running"] * 3 // 4
+    assert pool["max_ongoing_requests"] > engine["max_running"] + engine["max_waiting"]
+
+
+def test_stage_watch_ends_a_wait_when_its_stage_has_no_replica():
+    """The ingress's wait for a first token ends with StageUnavailable once a stage it needs reports no running
+    replica (Serve alone would hold the request until one is back); items that arrive are returned."""
+    from deployments.availability import StageUnavailable, StageWatch
+
+    class Items:  # a decoder stream whose first item comes after `delay` seconds (never, if None)
+        def __init__(self, delay):
+            self.delay = delay
+
+        async def __anext__(self):
+            await asyncio.sleep(3600 if self.delay is None else self.delay)
+            return {"new_text": "x"}
+
+    async def run():
+        watch = StageWatch("crosstrim", period_s=0.05)
+        watch.task = asyncio.get_running_loop().create_future()  # no poller: the test sets the counts
+        watch.running = {"VisionEncoder": 1, "Trimmer": 1, "DecoderPool": 1}
+        assert await watch.first(Items(0.01), ("DecoderPool",)) == {"new_text": "x"}
+        assert watch.down() == [] and watch.report()["stages"]["DecoderPool"] == "ok"
+
+        async def lose_decoder():
+            await asyncio.sleep(0.2)
+            watch.running["DecoderPool"] = 0
+
+        t0 = time.monotonic()
+        loss = asyncio.ensure_future(lose_decoder())
+        with pytest.raises(StageUnavailable, match="DecoderPool"):
+            await asyncio.wait_for(watch.first(Items(None), ("VisionEncoder", "Trimmer", "DecoderPool")), 5)
+        await loss
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(StageUnavailable):
+            watch.check(("DecoderPool",))
+        watch.check(("VisionEncoder", "Trimmer"))  # a request those stages serve alone is not refused
+        assert watch.report()["stages"]["DecoderPool"] == "unavailable"
+
+    asyncio.run(run())
