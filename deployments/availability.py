@@ -55,17 +55,26 @@ class StageWatch:
         if down:
             raise StageUnavailable(down)
 
-    async def first(self, items, stages: tuple[str, ...]):
-        """`items.__anext__()`, or StageUnavailable as soon as a stage the request waits on has no running replica
-        (Serve would hold the request until one is back, however long that takes)."""
+    async def wait_up(self, stages: tuple[str, ...], timeout_s: float) -> list[str]:
+        """Wait up to `timeout_s` for every stage in `stages` to have a running replica; the ones still down."""
+        deadline = time.monotonic() + timeout_s
+        while (down := self.down(stages)) and time.monotonic() < deadline:
+            await asyncio.sleep(min(self.period_s, max(0.0, deadline - time.monotonic())))
+        return down
+
+    async def first(self, items, stages: tuple[str, ...], grace_s: float = 0.0):
+        """`items.__anext__()`, or StageUnavailable once a stage the request waits on has had no running replica
+        for `grace_s` (Serve would hold the request until one is back, however long that takes)."""
         step = asyncio.ensure_future(items.__anext__())
+        down_since = None
         try:
             while True:
                 done, _ = await asyncio.wait({step}, timeout=self.period_s)
                 if done:
                     return step.result()
                 down = self.down(stages)
-                if down:
+                down_since = (down_since or time.monotonic()) if down else None
+                if down and time.monotonic() - down_since >= grace_s:
                     raise StageUnavailable(down)
         finally:
             step.cancel()  # a no-op once it is done; else the client left or the stage went down

@@ -37,6 +37,9 @@ class AppConfig(BaseModel):
     # Per client key (the API key; without auth, the client address); 0: no limit. Past them: 429 + Retry-After.
     per_key_max_concurrent: int = Field(0, ge=0)
     per_key_max_kv_bytes: int = Field(0, ge=0)  # KV reserved by the key's requests in flight (prompt + max_tokens)
+    # How long a request waits for a stage with no running replica before 503: long enough to ride out a replica's
+    # restart on one node, short where a node (and its replicas) can be gone for good.
+    stage_wait_s: float = Field(5.0, ge=0)
     health_timeout_s: float = Field(0.8, gt=0)  # /health is 503 when a stage does not answer by then
 
     @field_validator("http_allowlist")

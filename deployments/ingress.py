@@ -195,12 +195,14 @@ class Ingress:
         await self._hold_kv(client, len(prepared.input_ids) + params.max_tokens)
         stages = STAGES if prepared.num_images else TEXT_STAGES
         for attempt in (1, 2):
-            down = self.watch.down(stages)  # 503 at once rather than Serve queueing for a replica that is not there
+            # A stage with no running replica: wait a bounded while for one (a restart), then 503, rather than
+            # letting Serve queue the request for as long as the replica is gone (its node may be dead).
+            down = await self.watch.wait_up(stages, self.cfg.stage_wait_s)
             if down:
                 raise ApiError(503, str(StageUnavailable(down)), self.cfg.retry_after_s)
             items = self._send(prepared, keys, params.model_dump(), trim_cfg, rid)
             try:
-                first = await self.watch.first(items, stages)  # ends early if a stage it waits on goes down
+                first = await self.watch.first(items, stages, self.cfg.stage_wait_s)  # ends if a stage stays down
             except asyncio.CancelledError:
                 items.cancel()
                 raise
