@@ -19,7 +19,7 @@ from .handoff import Handoff, contiguous
 @serve.deployment(name="Trimmer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class TrimmerDeployment:
     def __init__(self, model: ModelConfig, trim: TrimConfig, ship: str = "kv"):
-        self.stage = Trimmer(load_model(model, parts=("text",)), trim)
+        self.stage = Trimmer(load_model(model, parts=("trim",)), trim)
         self.ship = ship
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.visual_tokens = Counter("crosstrim_visual_tokens", description="Visual tokens seen by the trimmer")

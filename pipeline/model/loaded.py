@@ -24,8 +24,7 @@ def prepare_for_inference(model: MllamaForConditionalGeneration) -> MllamaForCon
     model = model.eval().requires_grad_(False)
     layers = model.model.language_model.layers
     for idx in model.config.text_config.cross_attention_layers:
-        if idx < len(layers):
-            layers[idx].cross_attn.is_causal = False
+        layers[idx].cross_attn.is_causal = False
     return model
 
 
@@ -39,6 +38,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     cfg: ModelConfig
+    loaded_bytes: int = 0  # the weights this stage read from the checkpoint
+    load_s: float = 0.0
 
     @property
     def text(self):
