@@ -80,7 +80,8 @@ class Trimmer:
         return TrimResult(
             prompt_token_ids=ids.tolist(),
             hidden=h[0, prefix:],
-            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros(0),
+            # (first, 2, KVH, S, hd); empty but shaped when the first cross-attention layer is layer 0
+            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros((0, 2, k.shape[0], len(ids), k.shape[2])),
             prefix_kv=prefix_kv,
             cross_kv=cross,
             kept_image=kept_image,
