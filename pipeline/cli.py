@@ -12,6 +12,8 @@ def _generate_args(sub) -> None:
     p = sub.add_parser("generate", help="run one request through encoder -> trimmer -> decoder in this process")
     p.add_argument("--model", default="bundled:tiny-mllama-vqa",
                    help="local dir, s3://bucket/prefix, hub id, bundled:NAME (default: the trained demo model)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -40,7 +42,7 @@ def cmd_generate(args) -> int:
     images = [read_image_file(path) for path in args.image]
     t0 = time.perf_counter()
     engine = EngineConfig(kv_budget_bytes=args.kv_budget) if args.kv_budget else None
-    pipe = Pipeline(ModelConfig(source=args.model), trim, engine, fit_kv=args.kv_budget is None)
+    pipe = Pipeline(ModelConfig(source=args.model, dtype=args.dtype), trim, engine, fit_kv=args.kv_budget is None)
     t_load = time.perf_counter()
     out = pipe.generate(args.prompt, images, params)
     t_gen = time.perf_counter()
