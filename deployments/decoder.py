@@ -32,7 +32,8 @@ from .handoff import Handoff
 class DecoderPool:
     def __init__(self, model: ModelConfig, engine: EngineConfig):
         self.cfg = engine
-        self.engine = AsyncLLMEngine(LLMEngine(load_model(model, parts=("text",)), engine))
+        self.loaded = load_model(model, parts=("text",))
+        self.engine = AsyncLLMEngine(LLMEngine(self.loaded, engine))
         self.peak_running = self.peak_batch = 0
         self.avg_request_kv_bytes = 0.0
         self.gauges = {name: Gauge(f"crosstrim_decoder_{name}", description=desc) for name, desc in (
@@ -74,6 +75,9 @@ class DecoderPool:
 
     async def stats(self) -> dict:
         return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
+
+    async def load_stats(self) -> dict:
+        return self.loaded.load_stats()
 
     async def reset_peaks(self) -> None:
         self.peak_running = self.peak_batch = 0

@@ -1,5 +1,5 @@
-"""Trimmer deployment: runs the prompt to the first cross-attention layer, keeps the top visual tokens and
-hands the decoder only their K/V (or features) plus the small resume state."""
+"""Trimmer deployment (`parts=("trim",)`): runs the prompt to the first cross-attention layer, keeps the top
+visual tokens and hands the decoder only their K/V (or features) plus the small resume state."""
 
 import asyncio
 import time
@@ -27,6 +27,9 @@ class TrimmerDeployment:
         self.shipped_bytes = Counter("crosstrim_shipped_bytes", tag_keys=("part",),
                                      description="Bytes handed from trimmer to decoder (cross K/V or features, "
                                                  "and the resume state)")
+
+    def load_stats(self) -> dict:
+        return self.stage.loaded.load_stats()
 
     async def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None) -> Handoff:
         handoff = await asyncio.get_running_loop().run_in_executor(self.pool, self._trim, prompt, visual, cfg)
