@@ -14,12 +14,17 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor, PreTrainedTokenizerFast
+from transformers import (
+    MllamaForConditionalGeneration,
+    MllamaImageProcessorPil,
+    MllamaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_tiny_mllama import CHAT_TEMPLATE, build_config  # noqa: E402
+from build_tiny_mllama import CHAT_TEMPLATE, build_config
 
-from pipeline.model.presets import init_weights  # noqa: E402
+from pipeline.model.presets import init_weights
 
 VOCAB = 128256  # lm_head width; <|image|> is 128256, the embedding has 8 more rows
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]

@@ -17,7 +17,7 @@ from pipeline.quality.reference import reference_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from build_real_layout import find_tokenizer  # noqa: E402
+from build_real_layout import find_tokenizer
 
 pytestmark = pytest.mark.slow
 GiB = 2**30

@@ -8,7 +8,6 @@ import torch
 
 from pipeline.config import TrimConfig
 
-
 ROW_CHUNK = 128  # prompt rows scored at a time: 32 heads x 128 rows x 6,404 tokens is 105 MB in fp32
 
 

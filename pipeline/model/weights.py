@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
 
 from pipeline.errors import ModelSourceError
 
