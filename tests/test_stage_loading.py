@@ -130,3 +130,22 @@ def test_target_policy_and_long_prompt_equal_the_reference(tiny_pipeline, imgs):
         if cfg.policy == "target":
             trim = pipe.trim(prepared, cfg)
             assert trim.kept_tokens == [topk_count(0.25, n) for n in trim.visual_tokens]
+
+
+def test_stages_loaded_apart_give_the_pipelines_tokens(tiny_pipeline, imgs):
+    """Encoder, trimmer and decoder each holding only their tensors (as Serve replicas do), both hand-off modes."""
+    from pipeline.engine.llm_engine import LLMEngine
+    from pipeline.model.encoder import VisionEncoder
+    from pipeline.model.trimmer import Trimmer
+
+    cfg = ModelConfig(**CPU32)
+    encoder = VisionEncoder(load_model(cfg, parts=("vision",)))
+    trimmer = Trimmer(load_model(cfg, parts=("trim",)))
+    decoder = LLMEngine(load_model(cfg, parts=("text",)))
+    assert decoder.loaded.model.model.vision_model.class_embedding.is_meta  # the decoder holds no vision tower
+    prepared = tiny_pipeline.prepare(PROMPTS[1], [imgs["4tile"]])
+    trim = trimmer.trim(prepared, encoder.encode(prepared), TrimConfig(), keep_features=True)
+    expected = tiny_pipeline.generate(PROMPTS[1], [imgs["4tile"]], SamplingParams(max_tokens=8), TrimConfig()).token_ids
+    for source in (trim.without_features(), trim.as_features()):
+        (seq,) = decoder.generate([source], SamplingParams(max_tokens=8))
+        assert seq.output_ids == expected
