@@ -47,8 +47,9 @@ class TrimOverride(_Wire):
     """The request's `trim` extension as an object: {"k_ratio": R}, {"enabled": false}, or TrimConfig fields."""
 
     enabled: bool | None = None
-    policy: Literal["topk_union", "budget", "mass", "none"] | None = None
+    policy: Literal["topk_union", "target", "budget", "mass", "none"] | None = None
     k_ratio: float | None = None
+    target_fraction: float | None = None
     budget_tokens: int | None = None
     mass: float | None = None
 

@@ -35,7 +35,8 @@ log = logging.getLogger("ray.serve")
 class DecoderPool:
     def __init__(self, model: ModelConfig, engine: EngineConfig):
         self.cfg = engine
-        self.engine = AsyncLLMEngine(LLMEngine(load_model(model, parts=("text",)), engine))
+        self.loaded = load_model(model, parts=("text",))
+        self.engine = AsyncLLMEngine(LLMEngine(self.loaded, engine))
         self.peak_running = self.peak_batch = 0
         self.avg_request_kv_bytes = 0.0
         self.gauges = {name: Gauge(f"crosstrim_decoder_{name}", description=desc) for name, desc in (
@@ -88,6 +89,9 @@ class DecoderPool:
     async def kv_bytes_per_token(self) -> float:
         """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""
         return self.engine.engine.kv.bytes_needed(4096, 0) / 4096
+
+    async def load_stats(self) -> dict:
+        return self.loaded.load_stats()
 
     async def reset_peaks(self) -> None:
         self.peak_running = self.peak_batch = 0

@@ -78,6 +78,9 @@ class VisionEncoderDeployment:
         return VisualFeatures(features=torch.stack([c[0] for c in cached]),
                               token_valid=torch.stack([c[1] for c in cached]))
 
+    def load_stats(self) -> dict:
+        return self.stage.loaded.load_stats()
+
     def cache_stats(self) -> dict:
         c = self.cache
         return {"entries": len(c.entries), "size": c.size, "hits": c.hits, "misses": c.misses}

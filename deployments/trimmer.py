@@ -1,5 +1,5 @@
-"""Trimmer deployment: runs the prompt to the first cross-attention layer, keeps the top visual tokens and
-hands the decoder only their K/V (or features) plus the small resume state."""
+"""Trimmer deployment (`parts=("trim",)`): runs the prompt to the first cross-attention layer, keeps the top
+visual tokens and hands the decoder only their K/V (or features) plus the small resume state."""
 
 import asyncio
 import time
@@ -19,7 +19,7 @@ from .handoff import Handoff, contiguous
 @serve.deployment(name="Trimmer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class TrimmerDeployment:
     def __init__(self, model: ModelConfig, trim: TrimConfig, ship: str = "kv"):
-        self.stage = Trimmer(load_model(model, parts=("text",)), trim)
+        self.stage = Trimmer(load_model(model, parts=("trim",)), trim)
         self.ship = ship
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.visual_tokens = Counter("crosstrim_visual_tokens", description="Visual tokens seen by the trimmer")
@@ -31,6 +31,9 @@ class TrimmerDeployment:
     async def ping(self) -> bool:
         """For /health: the replica answers."""
         return True
+
+    def load_stats(self) -> dict:
+        return self.stage.loaded.load_stats()
 
     async def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None) -> Handoff:
         handoff = await asyncio.get_running_loop().run_in_executor(self.pool, self._trim, prompt, visual, cfg)

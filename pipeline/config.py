@@ -23,8 +23,10 @@ class ModelConfig(_Strict):
 class TrimConfig(_Strict):
     """Which visual tokens the cross-attention layers keep (the Trimmed-Llama selection and ablations)."""
 
-    policy: Literal["topk_union", "budget", "mass", "random", "none"] = "topk_union"
+    policy: Literal["topk_union", "target", "budget", "mass", "random", "none"] = "topk_union"
     k_ratio: float = Field(0.15, gt=0.0, le=1.0)  # topk_union: per head, keep ceil(k_ratio * tokens)
+    # target: per image exactly ceil(target_fraction * tokens), the per-head top-k union with k searched for it
+    target_fraction: float = Field(0.5, gt=0.0, le=1.0)
     budget_tokens: int = Field(64, ge=1)  # budget: the same per-head top-k, k fixed per image
     mass: float = Field(0.5, gt=0.0, le=1.0)  # mass: per head, fewest tokens holding this share of attention
     seed: int = 0  # random: a control keeping budget_tokens tokens chosen at random

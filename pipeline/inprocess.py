@@ -18,8 +18,11 @@ class Pipeline:
     """VisionEncoder -> Trimmer -> LLMEngine over one loaded model."""
 
     def __init__(self, model: ModelConfig | LoadedModel | None = None, trim: TrimConfig | None = None,
-                 engine: EngineConfig | None = None):
+                 engine: EngineConfig | None = None, fit_kv: bool = False):
+        """fit_kv: size the engine's KV budget (and max_model_len) for each request generate() runs, as the CLI
+        does for its one request; otherwise `engine`'s budget holds and a request beyond it is refused."""
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.fit_kv = fit_kv
         self.encoder = VisionEncoder(self.loaded)
         self.trimmer = Trimmer(self.loaded, trim)
         self.engine = LLMEngine(self.loaded, engine)
@@ -38,8 +41,24 @@ class Pipeline:
     def generate(self, prompt: str, images: list[Image.Image], params: SamplingParams | None = None,
                  trim: TrimConfig | None = None) -> Generation:
         source = self.trim(self.prepare(prompt, images), trim)
-        (seq,) = self.engine.generate([source], params or SamplingParams())
+        params = params or SamplingParams()
+        if self.fit_kv:
+            self.fit_engine(source, params)
+        (seq,) = self.engine.generate([source], params)
         return make_generation(seq, source)
+
+
+    def fit_engine(self, source: TrimResult | list[int], params: SamplingParams) -> None:
+        """Rebuild the engine with exactly the KV one request needs, when the current budget cannot hold it."""
+        trim = source if isinstance(source, TrimResult) else None
+        seq = Sequence("fit", trim.prompt_token_ids if trim else source, params, trim=trim)
+        need = self.engine.kv.bytes_needed(seq.self_tokens, seq.cross_tokens)
+        length = seq.prompt_len + params.max_tokens
+        cfg = self.engine.cfg
+        if need > self.engine.kv.capacity_bytes or length > cfg.max_model_len:
+            self.engine = None  # free the old arena first
+            self.engine = LLMEngine(self.loaded, cfg.model_copy(update={
+                "kv_budget_bytes": max(need, cfg.kv_budget_bytes), "max_model_len": max(length, cfg.max_model_len)}))
 
 
 def make_generation(seq: Sequence, source: TrimResult | list[int]) -> Generation:

@@ -62,3 +62,15 @@ def test_later_layers_matter_for_the_demo_model():
     direct = [pipe.generate(s.prompt, [s.image], SamplingParams(max_tokens=8), TrimConfig(policy="none")).text.strip()
               for s in samples[:6]]
     assert unblinded == direct
+
+
+def test_eval_reports_the_target_policy_at_its_fraction(tiny_pipeline):
+    rows = [Row(s.id, s.image, s.prompt, s.answer, s.kind) for s in generate_samples(4, seed=99)]
+    result = evaluate(tiny_pipeline, rows, [0.3], ["later"], MAX_NEW, target_fractions=[0.25])
+    topk, target = result["protocols"]["later"]
+    assert (topk["policy"], target["policy"]) == ("topk_union", "target")
+    prepared = [tiny_pipeline.prepare(r.prompt, [r.image]) for r in rows]
+    expected = statistics.mean(tiny_pipeline.trim(p, TrimConfig(policy="target", target_fraction=0.25)).kept_fraction
+                               for p in prepared)
+    assert target["kept_fraction"] == expected
+    assert 0.25 <= target["kept_fraction"] < 0.26  # ceil(0.25 * tokens) of each image's tokens

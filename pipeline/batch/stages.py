@@ -114,7 +114,7 @@ class TrimStage:
 
     def __init__(self, cfg: BatchConfig):
         _threads_for(cfg.trimmer)
-        self.loaded = load_model(cfg.model, parts=("text",))
+        self.loaded = load_model(cfg.model, parts=("trim",))
         self.trimmer = Trimmer(self.loaded, cfg.trim)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -18,14 +18,23 @@ def pick_device_dtype(cfg: ModelConfig) -> tuple[torch.device, torch.dtype]:
     return torch.device(device), dtype
 
 
+def peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def prepare_for_inference(model: MllamaForConditionalGeneration) -> MllamaForConditionalGeneration:
     """eval, no grads, and cross-attention never causal: HF's SDPA path treats a maskless multi-row query as
     causal, which truncates cross-attention K/V."""
     model = model.eval().requires_grad_(False)
     layers = model.model.language_model.layers
     for idx in model.config.text_config.cross_attention_layers:
-        if idx < len(layers):
-            layers[idx].cross_attn.is_causal = False
+        layers[idx].cross_attn.is_causal = False
     return model
 
 
@@ -39,6 +48,12 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     cfg: ModelConfig
+    loaded_bytes: int = 0  # the weights this stage read from the checkpoint
+    load_s: float = 0.0
+
+    def load_stats(self) -> dict:
+        """What this stage loaded and the process's peak resident memory (VmHWM; Linux, else ru_maxrss)."""
+        return {"loaded_bytes": self.loaded_bytes, "load_s": round(self.load_s, 3), "peak_rss_bytes": peak_rss()}
 
     @property
     def text(self):

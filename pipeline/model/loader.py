@@ -1,37 +1,46 @@
 """Load a stage's share of a checkpoint (from any model source) and its processor."""
 
-import torch
-from transformers import AutoProcessor, MllamaForConditionalGeneration
-from transformers.utils import logging as hf_logging
+import logging
+import time
+
+from transformers import AutoProcessor, GenerationConfig, MllamaConfig
 
 from pipeline.config import ModelConfig
 from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
 from pipeline.model.sources import is_preset, resolve_source
+from pipeline.model.weights import load_stage_weights
+
+log = logging.getLogger(__name__)
+PARTS = ("vision", "trim", "text")
 
 
 def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision", "text")) -> LoadedModel:
-    """Load the checkpoint; `parts` drops what a stage never runs (the encoder needs no text layers, the
-    decoder no vision tower) before moving to the device, so each replica holds only its share."""
+    """Load only the tensors `parts` run ("vision": tower and projector; "trim": the text model without lm_head;
+    "text": the text model and lm_head), straight from the safetensors into the device and dtype; the rest of
+    the model stays on the meta device and holds no memory."""
     cfg = cfg or ModelConfig()
+    if unknown := set(parts) - set(PARTS):
+        raise ValueError(f"unknown model parts {sorted(unknown)} (have: {PARTS})")
     if is_preset(cfg.source):  # random weights built in memory, for benchmarks
-        from pipeline.model.presets import (
-            build_preset,  # torch-heavy presets load only when asked for
-        )
+        # torch-heavy presets load only when asked for
+        from pipeline.model.presets import build_preset
 
         return build_preset(cfg)
+    t0 = time.perf_counter()
     path = resolve_source(cfg.source, cfg.cache_dir)
     device, dtype = pick_device_dtype(cfg)
     processor = AutoProcessor.from_pretrained(path)
-    hf_logging.disable_progress_bar()
-    model = MllamaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    if "vision" not in parts:
-        model.model.vision_model = None
-        model.model.multi_modal_projector = None
-    if "text" not in parts:
-        model.model.language_model.layers = torch.nn.ModuleList()
-        model.lm_head = None
-    model = prepare_for_inference(model.to(device))
-    return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=dtype, cfg=cfg)
+    config = MllamaConfig.from_pretrained(path)
+    config._attn_implementation = "sdpa"
+    model, nbytes = load_stage_weights(path, config, parts, dtype, lambda name: device)
+    if (path / "generation_config.json").exists():  # EOS ids as from_pretrained reads them
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model = prepare_for_inference(model)
+    load_s = time.perf_counter() - t0
+    log.info("loaded %s of %s: %.1f MiB in %.1f s (%s, %s)", "+".join(parts), path, nbytes / 2**20, load_s,
+             dtype, device)
+    return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=dtype, cfg=cfg,
+                       loaded_bytes=nbytes, load_s=load_s)
 
 
 def load_processor(cfg: ModelConfig):

@@ -1,5 +1,6 @@
-"""Which visual tokens to keep, from per-head attention scores: Trimmed-Llama's union of per-head top-k, and
-two ablations (a fixed token budget, an attention-mass threshold). Pure functions on tensors."""
+"""Which visual tokens to keep, from per-head attention scores: Trimmed-Llama's union of per-head top-k, the same
+union sized to a target kept fraction, and ablations (a fixed token budget, an attention-mass threshold). Pure
+functions on tensors."""
 
 import math
 
@@ -7,14 +8,26 @@ import torch
 
 from pipeline.config import TrimConfig
 
+ROW_CHUNK = 128  # prompt rows scored at a time: 32 heads x 128 rows x 6,404 tokens is 105 MB in fp32
+
+
+def chunk_scores(probs: torch.Tensor, token_visible: torch.Tensor) -> torch.Tensor:
+    """One chunk of rows: probs (H, c, V), token_visible (c, V) -> their votes (H, V) in float32."""
+    return (probs.float() * token_visible).sum(dim=1)
+
 
 def head_scores(probs: torch.Tensor, token_visible: torch.Tensor) -> torch.Tensor:
     """probs (H, S, V) softmax attention; token_visible (S, V) True where row s sees token v.
 
     A token's score in a head is the attention it gets summed over the rows that can see it, so rows before
-    an image (which HF lets attend uniformly) do not vote. Returns (H, V) in float32.
+    an image (which HF lets attend uniformly) do not vote. Returns (H, V) in float32. Summed ROW_CHUNK rows at a
+    time, in the order the trimmer's chunked scoring adds them, so both give bit-identical scores.
     """
-    return (probs.float() * token_visible).sum(dim=1)
+    scores = None
+    for r in range(0, probs.shape[1], ROW_CHUNK):
+        part = chunk_scores(probs[:, r : r + ROW_CHUNK], token_visible[r : r + ROW_CHUNK])
+        scores = part if scores is None else scores + part
+    return scores
 
 
 def _ranked(scores: torch.Tensor) -> torch.Tensor:
@@ -43,6 +56,33 @@ def select_budget(scores: torch.Tensor, budget: int) -> torch.Tensor:
     return torch.tensor(sorted(kept), dtype=torch.long)
 
 
+def select_target(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Exactly ceil(fraction * N) tokens, so an operator can size KV budgets in advance: the largest k whose
+    per-head top-k union stays under the target (binary search; the union grows with k), then rank k of each
+    head in head order until the target is met (as select_budget merges ranks)."""
+    n = scores.shape[1]
+    want = topk_count(fraction, n)
+    ranked = _ranked(scores)
+    lo, hi = 0, n  # invariant: union(lo) < want <= union(hi); union(0) is empty
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(torch.unique(ranked[:, :mid])) >= want:
+            hi = mid
+        else:
+            lo = mid
+    kept = torch.unique(ranked[:, :lo])
+    taken = torch.zeros(n, dtype=torch.bool)
+    taken[kept] = True
+    extra = []
+    for idx in ranked[:, lo].tolist():  # rank lo of every head, head by head
+        if len(kept) + len(extra) == want:
+            break
+        if not taken[idx]:
+            taken[idx] = True
+            extra.append(idx)
+    return torch.sort(torch.cat([kept, torch.tensor(extra, dtype=torch.long)])).values
+
+
 def select_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
     """Per head, the fewest tokens holding `mass` of its attention; the union over heads."""
     ranked = _ranked(scores)
@@ -60,6 +100,8 @@ def select_tokens(scores: torch.Tensor, cfg: TrimConfig) -> torch.Tensor:
         return torch.arange(n)
     if cfg.policy == "topk_union":
         return select_topk_union(scores, topk_count(cfg.k_ratio, n))
+    if cfg.policy == "target":
+        return select_target(scores, cfg.target_fraction)
     if cfg.policy == "budget":
         return select_budget(scores, cfg.budget_tokens)
     if cfg.policy == "mass":

@@ -14,7 +14,7 @@ from pipeline.model.layers import (
     self_qkv,
 )
 from pipeline.model.loaded import LoadedModel
-from pipeline.model.selection import head_scores, select_tokens
+from pipeline.model.selection import ROW_CHUNK, chunk_scores, select_tokens
 from pipeline.types import PreparedPrompt, TrimResult, VisualFeatures
 
 
@@ -50,8 +50,7 @@ class Trimmer:
         prefix = int(sees.long().argmax())  # rows after the first image token all see an image
         assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
         h_in = h
-        h, probs, k, v = self._first_cross_layer(h, feats, token_visible, sees)
-        scores = head_scores(probs, token_visible)  # (H, images * tokens_per_image)
+        h, scores, k, v = self._first_cross_layer(h, feats, token_visible, sees)  # scores (H, images * tokens)
 
         kept = []
         for i in range(images):
@@ -80,7 +79,8 @@ class Trimmer:
         return TrimResult(
             prompt_token_ids=ids.tolist(),
             hidden=h[0, prefix:],
-            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros(0),
+            # (first, 2, KVH, S, hd); empty but shaped when the first cross-attention layer is layer 0
+            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros((0, 2, k.shape[0], len(ids), k.shape[2])),
             prefix_kv=prefix_kv,
             cross_kv=cross,
             kept_image=kept_image,
@@ -122,17 +122,26 @@ class Trimmer:
         return torch.stack(kv) if kv else h.new_zeros(0)
 
     def _first_cross_layer(self, h, feats, token_visible, row_sees_image):
-        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring."""
+        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring; ROW_CHUNK
+        prompt rows at a time, so a long prompt never holds (heads x rows x visual tokens) probabilities.
+        Returns (h, per-head scores (H, V), k, v)."""
         layer = self.text.layers[self.first]
         attn = layer.cross_attn
         q = cross_q(layer, h)[0]  # (H, S, hd)
         k, v = cross_kv(layer, feats)  # (KVH, V, hd)
         groups = attn.num_key_value_groups
+        kt, vg = k.repeat_interleave(groups, dim=0).transpose(1, 2), v.repeat_interleave(groups, dim=0)
         # Rows that see no image get an all-zero mask (a uniform average), as HF's mask preparation gives them.
         allowed = token_visible | ~row_sees_image[:, None]
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
-        logits = q @ k.repeat_interleave(groups, dim=0).transpose(1, 2) * attn.scaling + bias
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = probs @ v.repeat_interleave(groups, dim=0)
+        out, scores = torch.empty_like(q), None
+        for r in range(0, q.shape[1], ROW_CHUNK):
+            rows = slice(r, r + ROW_CHUNK)
+            bias = torch.zeros(allowed[rows].shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~allowed[rows], torch.finfo(q.dtype).min)
+            logits = q[:, rows] @ kt * attn.scaling + bias  # (H, rows, V)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[:, rows] = probs @ vg
+            part = chunk_scores(probs, token_visible[rows])
+            scores = part if scores is None else scores + part
         h = cross_finish(layer, h, out[None], row_sees_image[None])
-        return h, probs, k, v
+        return h, scores, k, v

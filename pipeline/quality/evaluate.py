@@ -38,6 +38,8 @@ def add_args(sub) -> None:
     src.add_argument("--synthetic", type=int, metavar="N", help="N fresh samples of the synthetic task")
     p.add_argument("--seed", type=int, default=777, help="seed of the synthetic samples (not a training seed)")
     p.add_argument("--k-ratios", default="1,0.5,0.3,0.2,0.1")
+    p.add_argument("--target-fractions", default="0.5,0.3,0.2",
+                   help="policy target: each image keeps exactly this fraction (sizes KV in advance)")
     p.add_argument("--protocols", default="later,all")
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--diagnostic-samples", type=int, default=32)
@@ -71,7 +73,8 @@ def _accuracy(texts: list[str], labels: list[str]) -> float:
     return sum(t == lab.strip() for t, lab in zip(texts, labels)) / len(labels)
 
 
-def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str], max_tokens: int) -> dict:
+def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str], max_tokens: int,
+             target_fractions: list[float] = ()) -> dict:
     prepared = [pipe.prepare(r.prompt, [r.image]) for r in rows]
     visual = [pipe.encoder.encode(p) for p in prepared]
     trim = pipe.trimmer.trim
@@ -85,15 +88,18 @@ def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str],
               "protocols": {}}
     for protocol in protocols:
         points = []
-        for k in k_ratios:
-            cfg = TrimConfig(k_ratio=k, trim_first_layer=PROTOCOLS[protocol])
+        first = PROTOCOLS[protocol]
+        settings = [("topk_union", "k_ratio", k, TrimConfig(k_ratio=k, trim_first_layer=first)) for k in k_ratios]
+        settings += [("target", "target_fraction", f, TrimConfig(policy="target", target_fraction=f,
+                                                                  trim_first_layer=first)) for f in target_fractions]
+        for policy, knob, value, cfg in settings:
             trims = [trim(p, v, cfg) for p, v in zip(prepared, visual)]
             texts = _generate(pipe, trims, max_tokens)
             controls = [trim(p, v, TrimConfig(policy="random", budget_tokens=t.kept_tokens[0], seed=i,
                                               trim_first_layer=PROTOCOLS[protocol]))
                         for i, (p, v, t) in enumerate(zip(prepared, visual, trims))]
             random_texts = _generate(pipe, controls, max_tokens)
-            point = {"k_ratio": k, "kept_fraction": statistics.mean(t.kept_fraction for t in trims),
+            point = {"policy": policy, knob: value, "kept_fraction": statistics.mean(t.kept_fraction for t in trims),
                      "accuracy": _accuracy(texts, labels), "random_accuracy": _accuracy(random_texts, labels)}
             for kind in kinds:
                 idx = [i for i, r in enumerate(rows) if r.kind == kind]
@@ -214,6 +220,7 @@ def plot(pipe, result: dict, row: Row, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for protocol, style in zip(result["protocols"], ("-", "--")):
         pts = result["protocols"][protocol]
+        pts = [p for p in pts if p["policy"] == "topk_union"]
         xs = [p["kept_fraction"] for p in pts]
         axes[0].plot(xs, [p["accuracy"] for p in pts], "o" + style, color="C0", label=f"Trimmed Llama ({protocol})")
         axes[0].plot(xs, [p["random_accuracy"] for p in pts], "s" + style, color="C3", label=f"random ({protocol})")
@@ -239,13 +246,15 @@ def run(args) -> int:
     pipe = Pipeline(ModelConfig(source=args.model),
                     engine=EngineConfig(kv_budget_bytes=1 << 30, max_running=128, max_waiting=1 << 20))
     rows = load_rows(args)
-    result = evaluate(pipe, rows, k_ratios, protocols, args.max_tokens)
+    targets = [float(x) for x in args.target_fractions.split(",") if x]
+    result = evaluate(pipe, rows, k_ratios, protocols, args.max_tokens, targets)
     result["diagnostics"] = diagnostics(pipe, rows[: args.diagnostic_samples], TrimConfig().k_ratio)
     print(f"{result['samples']} samples, {result['metric']}; untrimmed {result['untrimmed_accuracy']:.3f}, "
           f"later cross-attention layers blinded {result['later_layers_blinded_accuracy']:.3f}")
     for protocol, pts in result["protocols"].items():
         for p in pts:
-            print(f"  {protocol:5s} k_ratio {p['k_ratio']:<5} kept {p['kept_fraction']:.3f}  "
+            knob = f"k_ratio {p['k_ratio']:<5}" if "k_ratio" in p else f"target {p['target_fraction']:<6}"
+            print(f"  {protocol:5s} {knob} kept {p['kept_fraction']:.3f}  "
                   f"accuracy {p['accuracy']:.3f}  random {p['random_accuracy']:.3f}")
     print(json.dumps(result["diagnostics"]))
     if args.json_path:

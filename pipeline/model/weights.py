@@ -1,0 +1,123 @@
+"""Per-stage loading: build the model on the meta device and read only the tensors a stage runs from the (sharded)
+safetensors, one tensor at a time straight into its dtype and device; keys renamed by transformers' own mapping."""
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import torch
+from transformers import MllamaConfig, MllamaForConditionalGeneration
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
+
+from pipeline.errors import ModelSourceError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+VISION = ("model.vision_model.", "model.multi_modal_projector.")
+TEXT = ("model.language_model.",)
+
+
+def wanted(config: MllamaConfig, parts: tuple[str, ...]):
+    """A predicate on (renamed) parameter names: does a stage running `parts` need this tensor?
+
+    vision: the tower and projector. text: the whole text model and lm_head (the decoder). trim: the text model
+    without lm_head and final norm (the trimmer: the rows before the first image, which HF lets attend to every
+    visual token, padding tiles' included, run through every layer there; see Trimmer._finish_blind_prefix)."""
+    def need(name: str) -> bool:
+        if "vision" in parts and name.startswith(VISION):
+            return True
+        if "text" in parts and (name.startswith(TEXT) or name.startswith("lm_head.")):
+            return True
+        if "trim" in parts and name.startswith(TEXT):
+            return not name.startswith("model.language_model.norm.")
+        return False
+    return need
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelSourceError(f"no safetensors weights in {path}")
+    return files
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """The safetensors header {name: {dtype, shape, data_offsets}} and where the data starts."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_tensor(f, start: int, info: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One tensor read with plain file reads (no mmap: the page cache is not charged to this process)."""
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(start + begin)
+    f.readinto(memoryview(buf.numpy()))
+    t = buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+    if t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)  # one tensor at a time: the transient copy is one tensor's size
+    return t.to(device)
+
+
+def _set(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_stage_weights(path: Path, config: MllamaConfig, parts: tuple[str, ...], dtype: torch.dtype,
+                       device_of) -> tuple[MllamaForConditionalGeneration, int]:
+    """The model with the tensors `parts` need loaded (device_of(name) places each) and everything else left on
+    the meta device (it holds no memory). Returns (model, bytes loaded)."""
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    state = model.state_dict()  # meta tensors: names only
+    need = wanted(config, parts)
+    todo = {n for n in state if need(n)}
+    loaded = 0
+    for file in shard_files(path):
+        header, start = read_header(file)
+        with open(file, "rb") as f:
+            for key, info in header.items():
+                name, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+                if name not in todo:
+                    continue
+                t = read_tensor(f, start, info, dtype, device_of(name))
+                if tuple(t.shape) != tuple(state[name].shape):
+                    raise ModelSourceError(f"{file.name}: {key} has shape {tuple(t.shape)}, the config says "
+                                           f"{tuple(state[name].shape)}")
+                _set(model, name, t)
+                todo.discard(name)
+                loaded += t.numel() * t.element_size()
+    if todo:
+        raise ModelSourceError(f"{path}: {len(todo)} weights missing from the checkpoint, e.g. {sorted(todo)[:3]}")
+    if any(p in parts for p in ("text", "trim")):  # the rotary table is computed, not stored
+        text = model.model.language_model
+        with torch.device("cpu"):
+            rotary = type(text.rotary_emb)(config.text_config)
+        text.rotary_emb = rotary.to(device_of("model.language_model.rotary_emb.inv_freq"))
+    return model, loaded
+
+
+def layer_of(name: str) -> int | None:
+    m = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
