@@ -98,13 +98,19 @@ def s3_server(monkeypatch):
         proc.wait(timeout=10)
 
 
-def test_s3_source_downloads_and_loads(s3_server, tmp_path):
+def upload_tiny(prefix: str) -> str:
+    """The tiny checkpoint's files under s3://models/PREFIX; its URI."""
     import boto3
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="models")
     for f in TINY.iterdir():
-        s3.upload_file(str(f), "models", f"tiny/v1/{f.name}")
+        s3.upload_file(str(f), "models", f"{prefix}/{f.name}")
+    return f"s3://models/{prefix}"
+
+
+def test_s3_source_downloads_and_loads(s3_server, tmp_path):
+    upload_tiny("tiny/v1")
     cfg = ModelConfig(source="s3://models/tiny/v1", cache_dir=str(tmp_path))
     loaded = load_model(cfg)
     assert loaded.path == tmp_path / "s3" / "models" / "tiny" / "v1"
@@ -118,16 +124,10 @@ def test_s3_source_downloads_and_loads(s3_server, tmp_path):
 
 def test_s3_processor_mirror_skips_weights_into_the_same_cache(s3_server, tmp_path):
     """The ingress's processor-only mirror and the stages' full mirror share one cache path."""
-    import boto3
-
     from pipeline.model.loader import load_processor
     from pipeline.storage import cache_path
 
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="models")
-    for f in TINY.iterdir():
-        s3.upload_file(str(f), "models", f"tiny/{f.name}")
-    cfg = ModelConfig(source="s3://models/tiny", cache_dir=str(tmp_path))
+    cfg = ModelConfig(source=upload_tiny("tiny"), cache_dir=str(tmp_path))
     processor = load_processor(cfg)
     dest = cache_path(cfg.source, cfg.cache_dir)
     assert processor.image_token == "<|image|>" and (dest / "tokenizer.json").is_file()
