@@ -52,7 +52,7 @@ class Pipeline:
         """Rebuild the engine with exactly the KV one request needs, when the current budget cannot hold it."""
         trim = source if isinstance(source, TrimResult) else None
         seq = Sequence("fit", trim.prompt_token_ids if trim else source, params, trim=trim)
-        need = self.engine.kv.bytes_needed(seq.self_tokens, seq.cross_tokens)
+        need = self.engine.kv.bytes_needed(seq.max_self_tokens, seq.cross_tokens)
         length = seq.prompt_len + params.max_tokens
         cfg = self.engine.cfg
         if need > self.engine.kv.capacity_bytes or length > cfg.max_model_len:
