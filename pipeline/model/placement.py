@@ -12,7 +12,7 @@ from pipeline.config import ModelConfig
 def pick_devices(cfg: ModelConfig, device: torch.device) -> list[torch.device]:
     """None: everything on `device`; "auto": every GPU this process sees (Ray sets CUDA_VISIBLE_DEVICES to the
     actor's num_gpus), one device when there are fewer than two; a list: those devices, in order."""
-    if cfg.devices is None:
+    if cfg.devices is None or (cfg.devices == "auto" and device.type != "cuda"):
         return [device]
     if cfg.devices == "auto":
         n = torch.cuda.device_count()
