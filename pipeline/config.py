@@ -15,6 +15,9 @@ class ModelConfig(_Strict):
     source: str = "bundled:tiny-mllama"  # local dir, s3://bucket/prefix, hub id, bundled:NAME, preset:bench
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Split the text layers over several devices (embeddings and vision tower on the first, norm and lm_head on the
+    # last): "auto" = every GPU the actor holds (cuda:0..N-1), or a list (e.g. ["cpu", "cpu"]); None = `device` only.
+    devices: Literal["auto"] | list[str] | None = None
     cache_dir: str | None = None  # where s3:// checkpoints are downloaded; default ~/.cache/crosstrim
     max_images: int = Field(2, ge=1)  # images per prompt the deployment accepts
     max_prompt_tokens: int = Field(1024, ge=1)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command: the gpu-marked tests (CUDA varlen paged attention vs the
-# per-sequence path, the engine on CUDA vs CPU) and `crosstrim bench decoder` on CUDA in bf16 (static and
-# realistic workloads). Writes OUT/gpu_check.json (default OUT: bench-results/gpu-check) and exits non-zero
-# when a test fails. Usage: scripts/gpu_check.sh [OUT]
+# per-sequence path, the engine on CUDA vs CPU, layers split over cuda:0/cuda:1 vs one GPU when there are 2) and
+# `crosstrim bench decoder` on CUDA in bf16 (static and realistic workloads). Writes OUT/gpu_check.json (default
+# OUT: bench-results/gpu-check) and exits non-zero when a test fails. Usage: scripts/gpu_check.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench-results/gpu-check}

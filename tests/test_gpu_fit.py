@@ -1,5 +1,6 @@
 """The GPU configs ask for enough GPUs: each stage's weights (counted on the meta device from the model's published
-dims, with the loader's own per-stage selection) plus the decoder's KV budget fit the GPUs its replica holds."""
+dims, with the loader's own per-stage selection and, for `devices: auto`, its own layer placement over the replica's
+GPUs) plus the decoder's KV arenas (the engine's own KVCache, built on the meta device) fit every GPU it holds."""
 
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import torch
 import yaml
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 
+from pipeline.engine.kv_cache import KVCache
+from pipeline.model.placement import placement_of
 from pipeline.model.weights import wanted
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,6 +40,25 @@ def stage_bytes(config: MllamaConfig, counts: dict[str, int], parts: tuple[str, 
     return sum(c for n, c in counts.items() if need(n)) * itemsize
 
 
+def per_gpu_bytes(config: MllamaConfig, counts: dict[str, int], parts: tuple[str, ...], itemsize: int,
+                  gpus: int, kv_budget: int) -> list[int]:
+    """Weights and KV arena bytes on each of the replica's GPUs, placed as the loader and engine place them."""
+    text = config.text_config
+    placement, index = placement_of(text.num_hidden_layers, gpus)
+    need = wanted(config, parts)
+    out = [0] * gpus
+    for n, c in counts.items():
+        if need(n):
+            out[index(n)] += c * itemsize
+    if kv_budget:
+        kv = KVCache(kv_budget, text.num_hidden_layers, text.cross_attention_layers, text.num_key_value_heads,
+                     text.hidden_size // text.num_attention_heads, torch.bfloat16 if itemsize == 2 else torch.float32,
+                     "meta", 256, "page", placement=placement, devices=["meta"] * gpus)
+        for g, arena in enumerate(kv.arenas):
+            out[g] += arena.data.numel() * arena.data.element_size()
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(TEXT))
 def test_weights_plus_kv_fit_the_gpus_each_stage_asks_for(name):
     app = yaml.safe_load((CONFIGS / name).read_text())["applications"][0]
@@ -46,10 +68,15 @@ def test_weights_plus_kv_fit_the_gpus_each_stage_asks_for(name):
     counts = param_counts(config)
     for stage, parts in STAGES.items():
         gpus = deployments[stage]["ray_actor_options"]["num_gpus"]
-        weights = stage_bytes(config, counts, parts, itemsize)
         kv = args["engine"]["kv_budget_bytes"] if stage == "DecoderPool" else 0
-        print(f"{name} {stage}: {weights / 1e9:.1f} GB weights + {kv / 1e9:.1f} GB KV on {gpus} x 80 GB")
-        assert weights + kv <= gpus * GPU_BYTES * 0.95, f"{stage} needs {(weights + kv) / 1e9:.1f} GB"
+        if gpus > 1:  # layers split over the replica's GPUs: each GPU must hold its share
+            assert args["model"].get("devices") == "auto", f"{stage} holds {gpus} GPUs but the model is not placed"
+            shares = per_gpu_bytes(config, counts, parts, itemsize, int(gpus), kv)
+        else:
+            shares = [stage_bytes(config, counts, parts, itemsize) + kv]
+        print(f"{name} {stage} on {gpus} x 80 GB: per GPU {[round(b / 1e9, 1) for b in shares]} GB (weights + KV)")
+        assert max(shares) <= min(gpus, 1) * GPU_BYTES * 0.95, f"{stage} needs {max(shares) / 1e9:.1f} GB on a GPU"
+        assert sum(shares) >= stage_bytes(config, counts, parts, itemsize) + kv * 0.99  # nothing left unplaced
     # The published sizes: ~10.7 B parameters for the 11B, ~88.8 B for the 90B (lm_head counted in the decoder).
     expected = {"llama-3.2-11b-vision.yaml": 10.6e9, "llama-3.2-90b-vision.yaml": 88.6e9}[name]
     decoder_and_vision = stage_bytes(config, counts, ("vision", "text"), 1)

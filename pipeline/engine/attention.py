@@ -15,9 +15,10 @@ class PerSequenceAttention:
         self.kv = kv
 
     def write_self(self, slot: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        view = self.kv.self_view
-        view[slots, slot, 0] = k[:, :, 0]
-        view[slots, slot, 1] = v[:, :, 0]
+        view = self.kv.self_layer(slot)  # on the layer's device, as k and v are
+        slots = slots.to(view.device)
+        view[slots, 0] = k[:, :, 0]
+        view[slots, 1] = v[:, :, 0]
 
     def self_attn(self, q, kvs: list[SeqKV], lengths: list[int], slot: int, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -44,9 +45,9 @@ class VarlenPagedAttention(PerSequenceAttention):
 
         self.varlen_attn = varlen_attn
 
-    def _pages(self, view: torch.Tensor, slot: int, size: int):
-        """(pages, page_size, KVH, hd) K and V pools of one layer, strided views of the arena."""
-        layer = view[:, slot].unflatten(0, (-1, size))  # (pages, size, 2, KVH, hd)
+    def _pages(self, slot: int, size: int):
+        """(pages, page_size, KVH, hd) K and V pools of one layer, strided views of its arena."""
+        layer = self.kv.self_layer(slot).unflatten(0, (-1, size))  # (pages, size, 2, KVH, hd)
         return layer[:, :, 0], layer[:, :, 1]
 
     def _call(self, q, k_pool, v_pool, tables: list[list[int]], lengths: list[int], scale: float):
@@ -62,7 +63,7 @@ class VarlenPagedAttention(PerSequenceAttention):
         return out[:, :, None]
 
     def self_attn(self, q, kvs, lengths, slot, scale):
-        k_pool, v_pool = self._pages(self.kv.self_view, slot, self.kv.block_size)
+        k_pool, v_pool = self._pages(slot, self.kv.block_size)
         return self._call(q, k_pool, v_pool, [kv.self_pages for kv in kvs], lengths, scale)
 
     def cross_attn(self, q, kvs, masks, slot, scale):

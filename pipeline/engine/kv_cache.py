@@ -6,10 +6,15 @@ Self pages: the token is the outer dimension, so pages p..p+m form one flat toke
 are one run is read as a strided view, (KVH, T, hd), with no copy (a fragmented one is gathered). Cross pages are
 written once, at admission, so each contiguous run of them is laid out as a whole, (layers, 2, KVH, T, hd): read
 as contiguous K/V like a dense cache ("run" layout, CPU); "page" layout (CUDA) lays out every page alone as
-(layers, 2, tokens, KVH, hd), the page pool a block table indexes."""
+(layers, 2, tokens, KVH, hd), the page pool a block table indexes.
+
+Layers placed over several devices: one arena per device holds the layers placed there, page p at the same index in
+every arena (one page id, one BlockManager). An arena's page holds P tokens x layers, P a common multiple of the self
+and cross page sizes covering its layers; with the layers' self/cross ratio in every arena (e.g. the 90B over 4 GPUs)
+that is exactly its share, otherwise a few rows pad it."""
 
 from dataclasses import dataclass, field
-from math import gcd
+from math import gcd, lcm
 
 import torch
 
@@ -24,29 +29,69 @@ class SeqKV:
     self_written: int = 0  # self-attention positions holding K/V (bytes written, for utilisation)
     self_base: int | None = None  # flat slot of position 0 when the self pages are one run
     self_index: torch.Tensor | None = None  # flat slots of every held position, for a gather when fragmented
-    cross_dense: torch.Tensor | None = None  # (layers, 2, KVH, kept, hd) view when the cross pages are one chunk
+    cross_dense: list[torch.Tensor] | None = None  # per arena (rows, 2, KVH, kept, hd) when the pages are one chunk
+
+
+@dataclass
+class Arena:
+    """One device's pages: `self_rows` self-layer rows of block_size tokens or `cross_rows` cross-layer rows of
+    cross_block_size tokens a page (the layers placed here, plus padding rows)."""
+
+    data: torch.Tensor  # (pages * page_elems,)
+    self_rows: int
+    cross_rows: int
+    page_elems: int
+    cross_slots: list[int]  # the cross slots it holds, row by row
+    self_view: torch.Tensor  # (slots, self_rows, 2, KVH, hd): slot s of page p is p * block_size + s
 
 
 class KVCache:
     def __init__(self, budget_bytes: int, num_layers: int, cross_layers: list[int], kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, block_size: int = 16, cross_layout: str = "run"):
+                 dtype: torch.dtype, device, block_size: int = 16, cross_layout: str = "run",
+                 placement: list[int] | None = None, devices: list | None = None):
+        """placement[i]: the index in `devices` of layer i's device (None: every layer on `device`)."""
         self.num_self, self.num_cross = num_layers - len(cross_layers), len(cross_layers)
         self.slot = {}  # layer index -> its position among the self or the cross layers
         for kind in (False, True):
             idx = [i for i in range(num_layers) if (i in cross_layers) == kind]
             self.slot.update({layer: n for n, layer in enumerate(idx)})
-        self.kv_heads, self.head_dim, self.itemsize, self.device = kv_heads, head_dim, dtype.itemsize, device
+        self.kv_heads, self.head_dim, self.itemsize = kv_heads, head_dim, dtype.itemsize
+        devices = [torch.device(d) for d in (devices or [device])]
+        placement = placement or [0] * num_layers
+        self.device = devices[0]
         ns, nc = max(self.num_self, 1), max(self.num_cross, 1)
         step = nc // gcd(ns, nc)  # the page holds a whole number of cross tokens
         self.block_size = -(-block_size // step) * step  # self tokens a page
         self.cross_block_size = self.block_size * ns // nc  # cross tokens a page
         self.token_elems = 2 * kv_heads * head_dim  # one token's K and V in one layer
-        self.page_elems = self.block_size * ns * self.token_elems
-        self.blocks = BlockManager(budget_bytes // (self.page_elems * self.itemsize), self.page_elems * self.itemsize)
-        self.arena = torch.zeros(self.blocks.num_pages * self.page_elems, dtype=dtype, device=device)
-        # (slots, layers, K/V, KVH, hd): slot s of page p is p * block_size + s
-        self.self_view = self.arena.view(-1, ns, 2, kv_heads, head_dim)
+        # Per arena: token-rows P a page, a multiple of both page sizes covering its self and its cross layers.
+        unit, shape, self.where = lcm(self.block_size, self.cross_block_size), [], {}
+        for a in range(len(devices)):
+            mine = [i for i in range(num_layers) if placement[i] == a]
+            self_slots = [self.slot[i] for i in mine if i not in cross_layers]
+            cross_slots = [self.slot[i] for i in mine if i in cross_layers]
+            self.where.update({(False, s): (a, row) for row, s in enumerate(self_slots)})
+            self.where.update({(True, s): (a, row) for row, s in enumerate(cross_slots)})
+            rows = max(self.block_size * len(self_slots), self.cross_block_size * len(cross_slots))
+            shape.append((-(-rows // unit) * unit, cross_slots))
+        page_bytes = sum(p for p, _ in shape) * self.token_elems * self.itemsize
+        self.blocks = BlockManager(budget_bytes // page_bytes, page_bytes)
+        self.arenas = []
+        for d, (p, cross_slots) in zip(devices, shape):
+            data = torch.zeros(self.blocks.num_pages * p * self.token_elems, dtype=dtype, device=d)
+            self.arenas.append(Arena(data, p // self.block_size, p // self.cross_block_size, p * self.token_elems,
+                                     cross_slots, data.view(-1, p // self.block_size, 2, kv_heads, head_dim)))
         self.cross_layout = cross_layout
+
+    @property
+    def arena(self) -> torch.Tensor:
+        """The first device's arena (the only one without a placement)."""
+        return self.arenas[0].data
+
+    def self_layer(self, slot: int) -> torch.Tensor:
+        """One self-attention layer's K/V over every slot, (slots, 2, KVH, hd), on the layer's device."""
+        a, row = self.where[False, slot]
+        return self.arenas[a].self_view[:, row]
 
     # --- bytes ------------------------------------------------------------------------------------------
     @property
@@ -77,8 +122,8 @@ class KVCache:
         kv = SeqKV(cross_pages=self.blocks.allocate(n_cross), cross_tokens=cross_tokens)
         kv.self_pages = self.blocks.allocate(n_self)
         self._index(kv)
-        chunks = self._cross_chunks(kv)
-        kv.cross_dense = chunks[0] if len(chunks) == 1 else None
+        chunks = [self._cross_chunks(kv, arena) for arena in self.arenas]
+        kv.cross_dense = [c[0] for c in chunks] if all(len(c) == 1 for c in chunks) else None
         return kv
 
     def grow(self, kv: SeqKV, self_tokens: int) -> bool:
@@ -96,7 +141,9 @@ class KVCache:
             shared = kv.self_pages[last]
             (page,) = self.blocks.allocate(1, after=kv.self_pages[last - 1] if last else None)
             size = self.block_size
-            self.self_view[page * size : (page + 1) * size] = self.self_view[shared * size : (shared + 1) * size]
+            for arena in self.arenas:
+                view = arena.self_view
+                view[page * size : (page + 1) * size] = view[shared * size : (shared + 1) * size]
             self.blocks.free([shared])
             kv.self_pages[last] = page
         self._index(kv)
@@ -135,65 +182,83 @@ class KVCache:
 
     def self_kv(self, kv: SeqKV, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of positions [0, n) of one self-attention layer slot: (KVH, n, hd) each, a view when possible."""
+        layer = self.self_layer(slot)
         if kv.self_base is not None:
-            x = self.self_view[kv.self_base : kv.self_base + n, slot]
+            x = layer[kv.self_base : kv.self_base + n]
         else:
-            x = self.self_view[:, slot].index_select(0, kv.self_index[:n])
+            x = layer.index_select(0, kv.self_index[:n].to(layer.device))
         return x[:, 0].transpose(0, 1), x[:, 1].transpose(0, 1)
 
     # --- cross pages: written once, read in runs ------------------------------------------------------------
-    def _cross_chunks(self, kv: SeqKV) -> list[torch.Tensor]:
-        """Views (layers, 2, KVH, tokens, hd) of the sequence's cross pages, in token order, with the tokens
-        each holds: one per contiguous run ("run" layout) or per page ("page" layout)."""
+    def _cross_chunks(self, kv: SeqKV, arena: Arena) -> list[torch.Tensor]:
+        """Views (rows, 2, KVH, tokens, hd) of the sequence's cross pages in one arena, in token order, with the
+        tokens each holds: one per contiguous run ("run" layout) or per page ("page" layout)."""
         pages, chunks, left = kv.cross_pages, [], kv.cross_tokens
         i = 0
         while i < len(pages) and left > 0:
             j = i + 1
             while self.cross_layout == "run" and j < len(pages) and pages[j] == pages[j - 1] + 1:
                 j += 1
-            region = self.arena[pages[i] * self.page_elems : (pages[i] + j - i) * self.page_elems]
+            region = arena.data[pages[i] * arena.page_elems : (pages[i] + j - i) * arena.page_elems]
             size = (j - i) * self.cross_block_size
             if self.cross_layout == "run":
-                view = region.view(self.num_cross, 2, self.kv_heads, size, self.head_dim)
+                view = region.view(arena.cross_rows, 2, self.kv_heads, size, self.head_dim)
             else:
-                view = region.view(self.num_cross, 2, size, self.kv_heads, self.head_dim).transpose(2, 3)
+                view = region.view(arena.cross_rows, 2, size, self.kv_heads, self.head_dim).transpose(2, 3)
             chunks.append(view[:, :, :, : min(size, left)])
             left -= size
             i = j
         return chunks
 
     def write_cross(self, kv: SeqKV, cross: torch.Tensor) -> None:
-        """cross: (cross layers, 2, KVH, kept, hd)."""
-        start = 0
-        for chunk in self._cross_chunks(kv):
-            chunk.copy_(cross[:, :, :, start : start + chunk.shape[3]])
-            start += chunk.shape[3]
+        """cross: (cross layers, 2, KVH, kept, hd); each arena takes its layers' rows."""
+        for arena in self.arenas:
+            rows, start = len(arena.cross_slots), 0
+            for chunk in self._cross_chunks(kv, arena):
+                chunk[:rows].copy_(cross[arena.cross_slots, :, :, start : start + chunk.shape[3]])
+                start += chunk.shape[3]
 
-    def read_cross(self, kv: SeqKV) -> torch.Tensor:
-        """(cross layers, 2, KVH, kept, hd): a view when the pages are one run, else a copy."""
-        chunks = self._cross_chunks(kv)
+    def _read_arena(self, kv: SeqKV, a: int) -> torch.Tensor:
+        """(rows, 2, KVH, kept, hd) of one arena: a view when the pages are one run, else a copy."""
+        if kv.cross_dense is not None:
+            return kv.cross_dense[a]
+        arena = self.arenas[a]
+        chunks = self._cross_chunks(kv, arena)
         if len(chunks) == 1:
             return chunks[0]
         if not chunks:
-            return torch.empty(self.num_cross, 2, self.kv_heads, 0, self.head_dim, dtype=self.arena.dtype,
-                               device=self.device)
+            return torch.empty(arena.cross_rows, 2, self.kv_heads, 0, self.head_dim, dtype=arena.data.dtype,
+                               device=arena.data.device)
         return torch.cat(chunks, dim=3)
 
+    def read_cross(self, kv: SeqKV, device=None) -> torch.Tensor:
+        """(cross layers, 2, KVH, kept, hd) on `device` (default: the first device)."""
+        parts = [self._read_arena(kv, a) for a in range(len(self.arenas))]
+        if len(parts) == 1:
+            return parts[0][: self.num_cross].to(device or self.device)
+        device = device or self.device
+        return torch.stack([parts[a][row].to(device) for a, row in (self.where[True, s]
+                                                                    for s in range(self.num_cross))])
+
     def cross_kv(self, kv: SeqKV, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of one cross-attention layer slot: (KVH, kept, hd) each."""
-        x = (kv.cross_dense if kv.cross_dense is not None else self.read_cross(kv))[slot]
+        """K, V of one cross-attention layer slot: (KVH, kept, hd) each, on the layer's device."""
+        a, row = self.where[True, slot]
+        x = self._read_arena(kv, a)[row]
         return x[0], x[1]
 
     def cross_pool(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """"page" layout: K and V page pools of one cross layer, (pages, tokens, KVH, hd), for a block table."""
-        pages = self.arena.view(-1, self.num_cross, 2, self.cross_block_size, self.kv_heads, self.head_dim)
-        return pages[:, slot, 0], pages[:, slot, 1]
+        a, row = self.where[True, slot]
+        arena = self.arenas[a]
+        pages = arena.data.view(-1, arena.cross_rows, 2, self.cross_block_size, self.kv_heads, self.head_dim)
+        return pages[:, row, 0], pages[:, row, 1]
 
     # --- preemption: a sequence's K/V to host memory and back ---------------------------------------------
     def swap_out(self, kv: SeqKV) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy what the sequence wrote to host memory and free its pages."""
-        saved = (self.self_view[self.self_slots(kv, 0, kv.self_written)].to("cpu", copy=True),
-                 self.read_cross(kv).to("cpu", copy=True))
+        slots = self.self_slots(kv, 0, kv.self_written)
+        saved = ([a.self_view[slots.to(a.data.device)].to("cpu", copy=True) for a in self.arenas],
+                 [self._read_arena(kv, i).to("cpu", copy=True) for i in range(len(self.arenas))])
         self.release(kv)
         return saved
 
@@ -204,6 +269,10 @@ class KVCache:
             return False
         fresh.self_written = kv.self_written
         kv.__dict__.update(fresh.__dict__)
-        self.self_view[self.self_slots(kv, 0, kv.self_written)] = saved[0].to(self.device)
-        self.write_cross(kv, saved[1].to(self.device))
+        slots = self.self_slots(kv, 0, kv.self_written)
+        for i, arena in enumerate(self.arenas):
+            arena.self_view[slots.to(arena.data.device)] = saved[0][i].to(arena.data.device)
+            chunks = self._cross_chunks(kv, arena)
+            for chunk, part in zip(chunks, saved[1][i].split([c.shape[3] for c in chunks], dim=3)):
+                chunk.copy_(part)
         return True

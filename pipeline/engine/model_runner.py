@@ -15,6 +15,7 @@ from pipeline.model.layers import (
     self_qkv,
 )
 from pipeline.model.loaded import LoadedModel
+from pipeline.model.placement import moved
 from pipeline.model.trimmer import project_cross_kv
 
 
@@ -28,9 +29,13 @@ class ModelRunner:
         self.first = loaded.first_cross
         self.device = loaded.device
         self.attn = attention_backend(kv, loaded.device)
+        # Layers split over devices: each layer runs where its weights are (hidden state moved at the boundary).
+        self.layer_devices = [loaded.devices[p] for p in loaded.placement]
+        self.last = loaded.devices[-1]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.text.norm(h[:, -1])).float()
+        """On the first device, where sampling's generator lives."""
+        return self.lm_head(self.text.norm(h[:, -1].to(self.last))).float().to(self.device)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> torch.Tensor:
@@ -43,11 +48,15 @@ class ModelRunner:
         else:
             # Resume after the first cross-attention layer; the blind prefix rows arrive finished.
             h, start, first_row = trim.hidden[None].to(self.loaded.dtype), self.first + 1, trim.prefix_len
-            # (layers, 2, KVH, n, hd) -> the pages' (n, layers, 2, KVH, hd)
-            cache.self_view[slots, : self.first] = trim.self_kv.permute(3, 0, 1, 2, 4).to(cache.self_view.dtype)
+            # (layers, 2, KVH, n, hd) -> each layer's pages (n, 2, KVH, hd), on the layer's device
+            for i in range(self.first):
+                view = cache.self_layer(cache.slot[i])
+                view[slots.to(view.device)] = trim.self_kv[i].permute(2, 0, 1, 3).to(view.device, view.dtype)
             later_self = [cache.slot[i] for i in range(start, len(self.text.layers)) if i not in self.cross]
             for j, slot in enumerate(later_self):
-                cache.self_view[slots[:first_row], slot] = trim.prefix_kv[j].permute(2, 0, 1, 3).to(cache.self_view.dtype)
+                view = cache.self_layer(slot)
+                view[slots[:first_row].to(view.device)] = trim.prefix_kv[j].permute(2, 0, 1, 3).to(view.device,
+                                                                                                  view.dtype)
             cross = trim.cross_kv if trim.cross_kv.numel() else (  # "features" mode: project every layer's K/V here
                 project_cross_kv(self.text, self.loaded.cross_layers, trim.kept_features))
             cache.write_cross(kv, cross)
@@ -55,21 +64,26 @@ class ModelRunner:
         rows = torch.arange(first_row, n, device=self.device)
         causal = rows[:, None] >= torch.arange(n, device=self.device)[None, :]
         cos, sin = self.text.rotary_emb(h, rows[None])
+        on = {}  # device -> (cos, sin, causal, slots, visible) there
         for idx in range(start, len(self.text.layers)):
-            layer = self.text.layers[idx]
+            layer, dev = self.text.layers[idx], self.layer_devices[idx]
+            h = h.to(dev)
+            cos_d, sin_d, causal_d, slots_d, visible_d = moved(
+                (cos, sin, causal, slots, visible if trim is not None else causal), dev, on)
             if idx in self.cross:
                 if trim is not None:  # a text-only prompt skips cross-attention layers, as HF does
                     keys, values = cache.cross_kv(kv, cache.slot[idx])
                     out = attend(cross_q(layer, h), keys[None], values[None], layer.cross_attn.scaling,
-                                 mask=visible[None, None])
+                                 mask=visible_d[None, None])
                     h = cross_finish(layer, h, out, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device))
                 continue
-            q, k, v = self_qkv(layer, h, cos, sin)
+            q, k, v = self_qkv(layer, h, cos_d, sin_d)
             slot = cache.slot[idx]
-            cache.self_view[slots[first_row:], slot, 0] = k[0].transpose(0, 1)
-            cache.self_view[slots[first_row:], slot, 1] = v[0].transpose(0, 1)
+            view = cache.self_layer(slot)
+            view[slots_d[first_row:], 0] = k[0].transpose(0, 1)
+            view[slots_d[first_row:], 1] = v[0].transpose(0, 1)
             keys, values = cache.self_kv(kv, slot, n)
-            out = attend(q, keys[None], values[None], layer.self_attn.scaling, mask=causal)
+            out = attend(q, keys[None], values[None], layer.self_attn.scaling, mask=causal_d)
             h = self_finish(layer, h, out)
         kv.self_written = n
         return self._logits(h)[0]
@@ -85,13 +99,15 @@ class ModelRunner:
         h = self.text.embed_tokens(tokens)[:, None]
         cos, sin = self.text.rotary_emb(h, torch.tensor(pos, device=self.device)[:, None])
         with_image = [i for i, s in enumerate(seqs) if s.trim is not None]
+        on = {}  # device -> (cos, sin) there
         for idx, layer in enumerate(self.text.layers):
-            slot = self.kv.slot[idx]
+            slot, dev = self.kv.slot[idx], self.layer_devices[idx]
+            h = h.to(dev)
             if idx in self.cross:
                 if with_image:
                     h = self._cross_decode(layer, h, [seqs[i] for i in with_image], with_image, slot)
                 continue
-            q, k, v = self_qkv(layer, h, cos, sin)
+            q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
             self.attn.write_self(slot, k, v, slots)
             h = self_finish(layer, h, self.attn.self_attn(q, kvs, lengths, slot, layer.self_attn.scaling))
         for kv, n in zip(kvs, lengths):
@@ -106,7 +122,7 @@ class ModelRunner:
         for s in seqs:
             # A generated token sees what the prompt's last row sees (HF repeats that mask row).
             mask = s.trim.row_visibility[-1][s.trim.kept_image]
-            masks.append(None if bool(mask.all()) else mask)
+            masks.append(None if bool(mask.all()) else mask.to(x.device))
         out = self.attn.cross_attn(q, [s.kv for s in seqs], masks, slot, layer.cross_attn.scaling)
         h = h.clone()
         h[rows] = cross_finish(layer, x, out, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))

@@ -1,6 +1,6 @@
 """LoadedModel: a stage's weights and processor plus the layout facts every stage reads; device and dtype choice."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,12 +10,14 @@ from pipeline.config import ModelConfig
 
 
 def pick_device_dtype(cfg: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    """The first (or only) device and the dtype; with a device list, its first entry."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.devices[0] if isinstance(cfg.devices, list) and cfg.devices else device)
     if cfg.dtype != "auto":
         dtype = getattr(torch, cfg.dtype)
     else:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return torch.device(device), dtype
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
 
 
 def peak_rss() -> int:
@@ -50,6 +52,12 @@ class LoadedModel:
     cfg: ModelConfig
     loaded_bytes: int = 0  # the weights this stage read from the checkpoint
     load_s: float = 0.0
+    devices: list[torch.device] = field(default_factory=list)  # the placement's devices; [device] when one
+    placement: list[int] = field(default_factory=list)  # text layer i lives on devices[placement[i]]
+
+    def __post_init__(self):
+        self.devices = self.devices or [self.device]
+        self.placement = self.placement or [0] * self.text_config.num_hidden_layers
 
     def load_stats(self) -> dict:
         """What this stage loaded and the process's peak resident memory (VmHWM; Linux, else ru_maxrss)."""

@@ -7,6 +7,7 @@ from transformers import AutoProcessor, GenerationConfig, MllamaConfig
 
 from pipeline.config import ModelConfig
 from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
+from pipeline.model.placement import pick_devices, placement_of
 from pipeline.model.sources import is_preset, resolve_source
 from pipeline.model.weights import load_stage_weights
 
@@ -29,18 +30,20 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     t0 = time.perf_counter()
     path = resolve_source(cfg.source, cfg.cache_dir)
     device, dtype = pick_device_dtype(cfg)
+    devices = pick_devices(cfg, device)
     processor = AutoProcessor.from_pretrained(path)
     config = MllamaConfig.from_pretrained(path)
     config._attn_implementation = "sdpa"
-    model, nbytes = load_stage_weights(path, config, parts, dtype, lambda name: device)
+    placement, index = placement_of(config.text_config.num_hidden_layers, len(devices))
+    model, nbytes = load_stage_weights(path, config, parts, dtype, lambda name: devices[index(name)])
     if (path / "generation_config.json").exists():  # EOS ids as from_pretrained reads them
         model.generation_config = GenerationConfig.from_pretrained(path)
     model = prepare_for_inference(model)
     load_s = time.perf_counter() - t0
     log.info("loaded %s of %s: %.1f MiB in %.1f s (%s, %s)", "+".join(parts), path, nbytes / 2**20, load_s,
-             dtype, device)
-    return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=dtype, cfg=cfg,
-                       loaded_bytes=nbytes, load_s=load_s)
+             dtype, ", ".join(map(str, devices)))
+    return LoadedModel(model=model, processor=processor, path=path, device=devices[0], dtype=dtype, cfg=cfg,
+                       loaded_bytes=nbytes, load_s=load_s, devices=devices, placement=placement)
 
 
 def load_processor(cfg: ModelConfig):

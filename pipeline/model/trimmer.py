@@ -14,13 +14,19 @@ from pipeline.model.layers import (
     self_qkv,
 )
 from pipeline.model.loaded import LoadedModel
+from pipeline.model.placement import module_device, moved
 from pipeline.model.selection import ROW_CHUNK, chunk_scores, select_tokens
 from pipeline.types import PreparedPrompt, TrimResult, VisualFeatures
 
 
 def project_cross_kv(text_model, cross_layers: list[int], features: torch.Tensor) -> torch.Tensor:
-    """Every cross-attention layer's K/V of `features` (N, hidden) -> (layers, 2, KVH, N, hd)."""
-    return torch.stack([torch.stack(cross_kv(text_model.layers[i], features)) for i in cross_layers])
+    """Every cross-attention layer's K/V of `features` (N, hidden) -> (layers, 2, KVH, N, hd), on the features'
+    device (each layer projects on its own device)."""
+    out = []
+    for i in cross_layers:
+        layer = text_model.layers[i]
+        out.append(torch.stack(cross_kv(layer, features.to(module_device(layer)))).to(features.device))
+    return torch.stack(out)
 
 
 class Trimmer:
@@ -95,28 +101,32 @@ class Trimmer:
     def _run_to_first_cross(self, ids: torch.Tensor):
         h = self.text.embed_tokens(ids)[None]
         cos, sin = self.text.rotary_emb(h, torch.arange(len(ids), device=ids.device)[None])
-        self_kv = []
+        self_kv, on = [], {}
         for layer in self.text.layers[: self.first]:
-            q, k, v = self_qkv(layer, h, cos, sin)
-            self_kv.append(torch.stack([k[0], v[0]]))
+            dev = module_device(layer)  # layers split over devices: run each where its weights are
+            h = h.to(dev)
+            q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
+            self_kv.append(torch.stack([k[0], v[0]]).to(ids.device))
             h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
-        return h, self_kv, (cos, sin)
+        return h.to(ids.device), self_kv, (cos, sin)
 
     def _finish_blind_prefix(self, h, later_kv: dict, cos, sin):
         """Run the rows that see no image through the remaining layers; in the later cross-attention layers
         they attend to every token in `later_kv` ({layer: (2, KVH, N, hd)}), as HF's all-zero mask row lets
         them. Returns their self-attention K/V for the decoder."""
-        kv = []
+        kv, on, home = [], {}, h.device
         for idx in range(self.first + 1, len(self.text.layers)):
             layer = self.text.layers[idx]
+            dev = module_device(layer)
+            h = h.to(dev)
             if hasattr(layer, "cross_attn"):
                 if h.shape[1]:
-                    k, v = later_kv[idx]
+                    k, v = later_kv[idx].to(dev)
                     out = attend(cross_q(layer, h), k[None], v[None], layer.cross_attn.scaling)
                     h = cross_finish(layer, h, out, torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device))
                 continue
-            q, k, v = self_qkv(layer, h, cos, sin)
-            kv.append(torch.stack([k[0], v[0]]))
+            q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
+            kv.append(torch.stack([k[0], v[0]]).to(home))
             if h.shape[1]:
                 h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
         return torch.stack(kv) if kv else h.new_zeros(0)
@@ -126,6 +136,8 @@ class Trimmer:
         prompt rows at a time, so a long prompt never holds (heads x rows x visual tokens) probabilities.
         Returns (h, per-head scores (H, V), k, v)."""
         layer = self.text.layers[self.first]
+        home, dev = h.device, module_device(layer)
+        h, feats, token_visible, row_sees_image = (t.to(dev) for t in (h, feats, token_visible, row_sees_image))
         attn = layer.cross_attn
         q = cross_q(layer, h)[0]  # (H, S, hd)
         k, v = cross_kv(layer, feats)  # (KVH, V, hd)
@@ -144,4 +156,4 @@ class Trimmer:
             part = chunk_scores(probs, token_visible[rows])
             scores = part if scores is None else scores + part
         h = cross_finish(layer, h, out[None], row_sees_image[None])
-        return h, scores, k, v
+        return h.to(home), scores, k.to(home), v.to(home)

@@ -1,0 +1,50 @@
+"""Layer placement over several devices: a stage whose weights exceed one GPU splits its text layers over the GPUs
+its actor holds (embeddings and vision tower on the first, final norm and lm_head on the last); on CPU the same
+path runs over a list such as ["cpu", "cpu"]."""
+
+import re
+
+import torch
+
+from pipeline.config import ModelConfig
+
+
+def pick_devices(cfg: ModelConfig, device: torch.device) -> list[torch.device]:
+    """None: everything on `device`; "auto": every GPU this process sees (Ray sets CUDA_VISIBLE_DEVICES to the
+    actor's num_gpus), one device when there are fewer than two; a list: those devices, in order."""
+    if cfg.devices is None or (cfg.devices == "auto" and device.type != "cuda"):
+        return [device]
+    if cfg.devices == "auto":
+        n = torch.cuda.device_count()
+        return [torch.device(f"cuda:{i}") for i in range(n)] if n > 1 else [device]
+    return [torch.device(d) for d in cfg.devices]
+
+
+def split_layers(num_layers: int, parts: int) -> list[int]:
+    """Contiguous and balanced: layer i -> part i * parts // num_layers (part sizes differ by at most one)."""
+    return [i * parts // num_layers for i in range(num_layers)]
+
+
+def placement_of(num_layers: int, parts: int):
+    """(layer -> device index, name -> device index) for a model's parameter names."""
+    layers = split_layers(num_layers, parts)
+
+    def index(name: str) -> int:
+        if m := re.match(r"model\.language_model\.layers\.(\d+)\.", name):
+            return layers[int(m.group(1))]
+        if name.startswith(("model.language_model.norm.", "lm_head.")):
+            return parts - 1
+        return 0  # embeddings, rotary table, vision tower, projector
+    return layers, index
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a loaded layer's weights live (its first non-meta parameter)."""
+    return next(p.device for p in module.parameters() if not p.is_meta)
+
+
+def moved(tensors: tuple, device: torch.device, cache: dict) -> tuple:
+    """`tensors` on `device`, copied once per device (rotary cos/sin, masks) and kept in `cache`."""
+    if device not in cache:
+        cache[device] = tuple(t.to(device) for t in tensors)
+    return cache[device]

@@ -1,0 +1,89 @@
+"""Layers split over several devices (how the 90B runs across a replica's GPUs): on CPU the same code path over
+["cpu", "cpu"] and a 3-way split gives the single-device run's trim results and greedy tokens, through the in-process
+Pipeline and the engine (batched, preempting); with 2+ GPUs the gpu-marked test does the same on cuda:0/cuda:1."""
+
+import pytest
+import torch
+from helpers import PROMPTS
+
+from pipeline.config import EngineConfig, ModelConfig, TrimConfig
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.sampling import SamplingParams
+from pipeline.inprocess import Pipeline
+from pipeline.model.placement import module_device, split_layers
+
+TRIMS = [TrimConfig(policy="none"), TrimConfig(k_ratio=0.1)]
+
+
+def test_split_is_contiguous_and_balanced():
+    assert split_layers(8, 2) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert split_layers(8, 3) == [0, 0, 0, 1, 1, 1, 2, 2]
+    counts = [split_layers(100, 4).count(g) for g in range(4)]
+    assert counts == [25, 25, 25, 25]  # the 90B over 4 GPUs: 5 of each 25 layers cross-attention (3, 8, ... 98)
+
+
+def _cases(pipe, imgs):
+    return [(PROMPTS[0], [imgs["4tile"]]), (PROMPTS[1], [imgs["1tile"], imgs["2tile"]]), (PROMPTS[2], [])]
+
+
+def _check_placement(pipe, devices):
+    loaded, text = pipe.loaded, pipe.loaded.text
+    n = len(text.layers)
+    assert loaded.placement == split_layers(n, len(devices)) and set(loaded.placement) == set(range(len(devices)))
+    want = [torch.device(d) for d in devices]
+    for i, layer in enumerate(text.layers):
+        assert module_device(layer) == want[loaded.placement[i]]
+    assert text.embed_tokens.weight.device == want[0] and pipe.loaded.model.lm_head.weight.device == want[-1]
+    assert module_device(loaded.model.model.vision_model) == want[0]
+    kv = pipe.engine.kv  # one arena per placed device, each holding the K/V of its layers only
+    assert len(kv.arenas) == len(devices) and [a.data.device for a in kv.arenas] == want
+    for (cross, slot), (a, _) in kv.where.items():
+        layer = next(i for i in range(n) if kv.slot[i] == slot and (i in loaded.cross_layers) == cross)
+        assert a == loaded.placement[layer]
+
+
+def _compare(single, split, imgs, max_tokens=6):
+    for prompt, images in _cases(single, imgs):
+        prepared = single.prepare(prompt, images)
+        for trim in TRIMS if images else TRIMS[:1]:
+            a, b = single.trim(prepared, trim), split.trim(split.prepare(prompt, images), trim)
+            if images:
+                for field in ("hidden", "self_kv", "prefix_kv", "cross_kv", "kept_image", "kept_index"):
+                    assert torch.equal(getattr(a, field).cpu(), getattr(b, field).cpu()), field
+                assert a.kept_tokens == b.kept_tokens
+            params = SamplingParams(max_tokens=max_tokens)
+            assert (split.generate(prompt, images, params, trim).token_ids
+                    == single.generate(prompt, images, params, trim).token_ids)
+
+
+@pytest.mark.parametrize("devices", [["cpu", "cpu"], ["cpu", "cpu", "cpu"]])
+def test_layers_over_cpu_devices_give_the_same_outputs(tiny_pipeline, imgs, devices):
+    split = Pipeline(ModelConfig(dtype="float32", devices=devices))
+    _check_placement(split, devices)
+    if len(devices) == 2:  # the 3-way split runs the engine below only (seconds matter in the default suite)
+        _compare(tiny_pipeline, split, imgs)
+    # The engine batched and preempting over the split arenas: the single-device engine's tokens.
+    sources = [tiny_pipeline.trim(tiny_pipeline.prepare(p, i), TrimConfig(k_ratio=0.2))
+               for p, i in _cases(tiny_pipeline, imgs)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    expected = [s.output_ids for s in LLMEngine(tiny_pipeline.loaded).generate(sources, params)]
+    probe = LLMEngine(split.loaded, EngineConfig(block_size=4))
+    need = max(probe.kv.bytes_needed(len(s if isinstance(s, list) else s.prompt_token_ids) + 24,
+                                     0 if isinstance(s, list) else s.num_kept) for s in sources)
+    small = LLMEngine(split.loaded, EngineConfig(kv_budget_bytes=int(need * 1.6), block_size=4, kv_watermark=0.0))
+    seqs = [small.add_request(s, params) for s in sources]
+    while small.has_work():
+        small.step()
+    assert small.stats().preemptions > 0, "the pool must be small enough to preempt"
+    assert [s.output_ids for s in seqs] == expected
+
+
+@pytest.mark.gpu
+def test_layers_over_two_gpus_give_the_cpu_tokens(tiny_pipeline, imgs):
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, have {torch.cuda.device_count()}")
+    devices = ["cuda:0", "cuda:1"]
+    split = Pipeline(ModelConfig(dtype="float32", devices=devices))
+    _check_placement(split, devices)
+    one = Pipeline(ModelConfig(dtype="float32", device="cuda"))
+    _compare(one, split, imgs)
