@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TILES = {"1tile": (560, 560), "4tile": (1120, 1120)}
-CASES = [("1tile", {"policy": "target", "target_fraction": 0.5}), ("4tile", {"policy": "target", "target_fraction": 0.5}),
-         ("1tile", {"enabled": False}), ("4tile", {"enabled": False})]
+TARGET = {"policy": "target", "target_fraction": 0.5}
+CASES = [("1tile", TARGET), ("4tile", TARGET), ("1tile", {"enabled": False}), ("4tile", {"enabled": False})]
 
 
 def png(name: str) -> bytes:
@@ -38,7 +38,7 @@ def kv_budget(ckpt: str, dtype: str, visual_tokens: int = 6404, text_tokens: int
         2 if dtype == "bfloat16" else 4)
     cross = len(t["cross_attention_layers"])
     per_request = per_token * (cross * visual_tokens + (t["num_hidden_layers"] - cross) * text_tokens)
-    return int(math.ceil(requests * per_request / 2**20)) * 2**20
+    return math.ceil(requests * per_request / 2**20) * 2**20
 
 
 def write_rows(path: Path) -> None:
@@ -75,7 +75,6 @@ def main(argv=None) -> int:
         return 0
 
     import httpx
-    import psutil  # noqa: F401  (replica_processes)
     from ray import serve
 
     from deployments import localrun
@@ -118,13 +117,13 @@ def main(argv=None) -> int:
             result["requests"].append(row)
             print(json.dumps(row), flush=True)
         ok = True
-        for name in stages:
+        for name, stage in stages.items():
             mem, ls = rss(procs[name]), loads[name]
             limit = 1.15 * ls["loaded_bytes"] + 2**30
             rep = {**ls, "vm_rss_bytes": mem["VmRSS"], "vm_hwm_bytes": mem["VmHWM"], "limit_bytes": int(limit),
                    "within_limit": mem["VmHWM"] <= limit}
             ok &= rep["within_limit"]
-            result["replicas"][stages[name]] = rep
+            result["replicas"][stage] = rep
             print(f"{name:13} loaded {ls['loaded_bytes'] / 2**30:5.2f} GiB in {ls['load_s']:5.1f} s; "
                   f"VmRSS {mem['VmRSS'] / 2**30:5.2f} GiB, VmHWM {mem['VmHWM'] / 2**30:5.2f} GiB "
                   f"(limit {limit / 2**30:5.2f}) {'ok' if rep['within_limit'] else 'OVER'}", flush=True)

@@ -19,7 +19,8 @@ def test_serve_app_on_real_layout(tmp_path):
         pytest.skip("CROSSTRIM_REAL_CKPT not set: build one with scripts/build_real_layout.py OUT and point it there")
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_real_layout.py"), ckpt, "--json", str(out)],
-                          capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          capture_output=True, text=True, timeout=1800, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     print(proc.stdout)
     result = json.loads(out.read_text())
     assert [(r["image"], r["visual_tokens"]) for r in result["requests"]] == [
