@@ -5,9 +5,8 @@ Llama-3.2-11B-Vision's shapes (synthetic tensors; the nodes are loadtests.twonod
 import argparse
 import json
 import statistics
-import time
 
-from loadtests.measure_hop import LLAMA_11B, synthetic_trim
+from loadtests.measure_hop import LLAMA_11B, HopReceiver, HopSender, hops
 from loadtests.twonode import DECODER, FRONTEND, TwoNodes
 
 # preset:bench (pipeline/model/presets.py): 4 of 12 layers cross-attend, 4 KV heads, one 4-tile 448 px image, fp32.
@@ -24,38 +23,21 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(n: int, prompt: int = 64, prefix: int = 5) -> list[dict]:
     import ray
-    import torch
 
-    from deployments.handoff import Handoff
-
-    @ray.remote(num_cpus=0, resources={FRONTEND: 1})
-    class Sender:  # the trimmer's side: node A
-        def __init__(self, m: dict, dtype: str, kept: int, ship: str):
-            trim = synthetic_trim(kept, prompt, prefix, getattr(torch, dtype), m)
-            self.handoff = Handoff(trim.as_features() if ship == "features" else trim.without_features(), ship)
-
-        def send(self) -> Handoff:
-            self.handoff.sent_at = time.time()
-            return self.handoff
-
-    @ray.remote(num_cpus=0)
-    class Receiver:  # the decoder's side: node A (one node) or node B (across nodes)
-        def receive(self, handoff: Handoff) -> tuple[float, int]:
-            return 1e3 * (time.time() - handoff.sent_at), handoff.nbytes
-
-    receivers = {"one node": Receiver.options(resources={FRONTEND: 1}).remote(),
-                 "two nodes": Receiver.options(resources={DECODER: 1}).remote()}
+    sender_on_a = ray.remote(num_cpus=0, resources={FRONTEND: 1})(HopSender)  # the trimmer's side: node A
+    receiver = ray.remote(num_cpus=0)(HopReceiver)  # the decoder's side: node A (one node) or node B (two)
+    receivers = {"one node": receiver.options(resources={FRONTEND: 1}).remote(),
+                 "two nodes": receiver.options(resources={DECODER: 1}).remote()}
     rows = []
     for model, (m, dtype) in MODELS.items():
         for trim, kept in (("trimmed", round(KEPT_FRACTION * m["visual"])), ("untrimmed", m["visual"])):
             for ship in ("kv", "features"):
-                sender = Sender.remote(m, dtype, kept, ship)
-                for where, receiver in receivers.items():
-                    # One request at a time, as a decoder receives a request's hand-off; 3 warm-ups.
-                    hops = [ray.get(receiver.receive.remote(sender.send.remote())) for _ in range(n + 3)][3:]
-                    ms = [h for h, _ in hops]
+                sender = sender_on_a.remote(kept, prompt, prefix, dtype, ship, m)
+                for where, rcv in receivers.items():
+                    times = hops(sender, rcv, n)
+                    ms = [h for h, _ in times]
                     rows.append({"model": model, "trim": trim, "ship": ship, "placement": where,
-                                 "kept_tokens": kept, "bytes": hops[0][1], "p50_ms": statistics.median(ms),
+                                 "kept_tokens": kept, "bytes": times[0][1], "p50_ms": statistics.median(ms),
                                  "p99_ms": percentile(ms, 0.99)})
                 ray.kill(sender)
     return rows

@@ -118,38 +118,51 @@ def synthetic_trim(kept: int, prompt: int, prefix: int, dtype, m: dict = LLAMA_1
     )
 
 
+class HopSender:
+    """The trimmer's side of a measured hop: one synthetic hand-off of a model's shapes, stamped as it leaves."""
+
+    def __init__(self, kept: int, prompt: int, prefix: int, dtype: str, ship: str, m: dict = LLAMA_11B):
+        import torch
+
+        from deployments.handoff import Handoff
+
+        trim = synthetic_trim(kept, prompt, prefix, getattr(torch, dtype), m)
+        self.handoff = Handoff(trim.as_features() if ship == "features" else trim.without_features(), ship)
+
+    def send(self):
+        self.handoff.sent_at = time.time()
+        return self.handoff
+
+
+class HopReceiver:
+    """The decoder's side: how long the hand-off took to arrive, and its bytes."""
+
+    def receive(self, handoff) -> tuple[float, int]:
+        return 1e3 * (time.time() - handoff.sent_at), handoff.nbytes
+
+
+def hops(sender, receiver, n: int) -> list[tuple[float, int]]:
+    """n hops of (ms, bytes), one request at a time as a decoder receives them, after 3 warm-ups."""
+    import ray
+
+    return [ray.get(receiver.receive.remote(sender.send.remote())) for _ in range(n + 3)][3:]
+
+
 def measure_hop_synthetic(n: int, kept: int = 1000, prompt: int = 64, prefix: int = 5) -> dict:
     """Replica-to-replica hop of an 11B-sized handoff between two Ray actors, ship kv vs features, with and
     without zero-copy tensor serialization (the sender's env decides)."""
     import ray
-    import torch
-
-    from deployments.handoff import Handoff
-
-    @ray.remote(num_cpus=0)
-    class Sender:
-        def __init__(self, ship: str):
-            trim = synthetic_trim(kept, prompt, prefix, torch.bfloat16)
-            self.handoff = Handoff(trim.as_features() if ship == "features" else trim.without_features(), ship)
-
-        def send(self) -> Handoff:
-            self.handoff.sent_at = time.time()
-            return self.handoff
-
-    @ray.remote(num_cpus=0)
-    class Receiver:
-        def receive(self, handoff: Handoff) -> tuple[float, int]:
-            return 1e3 * (time.time() - handoff.sent_at), handoff.nbytes
 
     out = {}
-    receiver = Receiver.remote()
+    receiver = ray.remote(num_cpus=0)(HopReceiver).remote()
     for zero_copy in ("1", "0"):
         for ship in ("kv", "features"):
-            sender = Sender.options(runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": zero_copy}}
-                                    ).remote(ship)
-            hops = [ray.get(receiver.receive.remote(sender.send.remote())) for _ in range(n + 3)][3:]
+            env = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": zero_copy}}
+            sender = ray.remote(num_cpus=0)(HopSender).options(runtime_env=env).remote(
+                kept, prompt, prefix, "bfloat16", ship)
+            times = hops(sender, receiver, n)
             out[f"{ship}, zero-copy {'on' if zero_copy == '1' else 'off'}"] = {
-                "hop_ms": statistics.median(h for h, _ in hops), "shipped_bytes": hops[0][1]}
+                "hop_ms": statistics.median(h for h, _ in times), "shipped_bytes": times[0][1]}
             ray.kill(sender)
     return out
 
