@@ -83,8 +83,12 @@ class DecoderPool:
             self.gauges[name].set(getattr(s, name))
         return dataclasses.asdict(s)
 
-    async def stats(self) -> dict:
+    def _snapshot(self) -> dict:
+        """The engine's stats with this replica's peaks: what /stats shows for it."""
         return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
+
+    async def stats(self) -> dict:
+        return self._snapshot()
 
     async def kv_bytes_per_token(self) -> float:
         """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""
@@ -98,11 +102,11 @@ class DecoderPool:
 
     async def record_routing_stats(self) -> dict:
         """Called by Serve every request_routing_stats_period_s; read by KVBudgetRouter."""
-        s = self._observe()
+        s = self._snapshot()
         return {
             "kv_free_bytes": s["kv_budget_bytes"] - s["kv_used_bytes"],
             "requests": s["running"] + s["waiting"],
             "capacity": self.cfg.max_running + self.cfg.max_waiting,
             "avg_request_kv_bytes": self.avg_request_kv_bytes,
-            "engine": {**s, "peak_running": self.peak_running, "peak_batch": self.peak_batch},  # for /stats
+            "engine": s,  # for /stats, which sums the pool's replicas
         }
