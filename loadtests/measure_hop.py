@@ -103,13 +103,12 @@ def synthetic_trim(kept: int, prompt: int, prefix: int, dtype, m: dict = LLAMA_1
 
     from pipeline.types import TrimResult
 
-    later_self = m["layers"] - m["cross_layers"] - m["first_cross"]
     kv = (2, m["kv_heads"])
     return TrimResult(
         prompt_token_ids=list(range(prompt)),
-        hidden=torch.randn(prompt - prefix, m["hidden"]).to(dtype),
+        hidden=torch.randn(prompt, m["hidden"]).to(dtype),
         self_kv=torch.randn(m["first_cross"], *kv, prompt, m["head_dim"]).to(dtype),
-        prefix_kv=torch.randn(later_self, *kv, prefix, m["head_dim"]).to(dtype),
+        prefix_len=prefix,
         cross_kv=torch.randn(m["cross_layers"], *kv, kept, m["head_dim"]).to(dtype),
         kept_image=torch.zeros(kept, dtype=torch.long), kept_index=torch.arange(kept),
         row_visibility=torch.ones(prompt, 1, dtype=torch.bool), visual_tokens=[m["visual"]], kept_tokens=[kept],

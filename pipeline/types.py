@@ -65,9 +65,8 @@ class TrimResult:
     """Everything the decoder needs to resume the prefill right after the first cross-attention layer."""
 
     prompt_token_ids: list[int]
-    hidden: torch.Tensor  # (S - prefix_len, hidden): first cross-attention layer's output, rows that see an image
+    hidden: torch.Tensor  # (S, hidden): the first cross-attention layer's output, every prompt row
     self_kv: torch.Tensor  # (first_cross, 2, KVH, S, hd): self-attention K/V of the layers before it
-    prefix_kv: torch.Tensor  # (later self layers, 2, KVH, prefix_len, hd): the blind prefix, finished here
     cross_kv: torch.Tensor  # (cross_layers, 2, KVH, kept, hd): K/V of the kept tokens, every cross layer
     kept_image: torch.Tensor  # (kept,) which image each kept token comes from
     kept_index: torch.Tensor  # (kept,) its position among that image's tiles * patches tokens
@@ -75,19 +74,25 @@ class TrimResult:
     visual_tokens: list[int]  # non-padding tokens per image
     kept_tokens: list[int]  # kept tokens per image
     kept_features: torch.Tensor | None = None  # (kept, hidden): shipped instead of cross_kv in "features" mode
+    kv_bytes_per_visual_token: int = 0  # K and V of one visual token across all cross-attention layers
+    # The blind prefix: rows before the first image token see no image, and HF lets them attend to every visual
+    # token (their mask row is all zeros), padding tiles' tokens included, which trimming never drops. The
+    # decoder projects the padding tokens' K/V in each later cross-attention layer from their features (hidden
+    # floats a token: 3.5x fewer bytes than the 11B's later layers' K/V); empty when no row is blind or no
+    # image has padding tiles.
+    prefix_len: int = 0
+    tokens_per_image: int = 0  # tiles * patches: global position = image * tokens_per_image + index
+    padding_features: torch.Tensor | None = None  # (P, hidden): projected features of the padding tokens
+    padding_positions: torch.Tensor | None = None  # (P,) their global positions, ascending
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
-    def prefix_len(self) -> int:
-        """Rows before the first image token: they see no image, and HF lets them attend to every visual
-        token (its mask row is all zeros), so the trimmer runs them through all layers itself: in the first
-        cross-attention layer over every token, in later ones over the kept and padding tokens."""
-        return self.prompt_len - self.hidden.shape[0]
-
-    kv_bytes_per_visual_token: int = 0  # K and V of one visual token across all cross-attention layers
+    def kept_positions(self) -> torch.Tensor:
+        """(kept,) global positions of the kept tokens, in cross_kv's order."""
+        return self.kept_image * self.tokens_per_image + self.kept_index
 
     @property
     def num_kept(self) -> int:
@@ -109,8 +114,8 @@ class TrimResult:
     @property
     def nbytes(self) -> int:
         """Bytes handed to the decoder in all."""
-        tensors = (self.hidden, self.self_kv, self.prefix_kv, self.cross_kv, self.kept_image, self.kept_index,
-                   self.row_visibility, self.kept_features)
+        tensors = (self.hidden, self.self_kv, self.cross_kv, self.kept_image, self.kept_index, self.row_visibility,
+                   self.kept_features, self.padding_features, self.padding_positions)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def as_features(self) -> "TrimResult":
@@ -124,7 +129,8 @@ class TrimResult:
     def without_resume_state(self) -> "TrimResult":
         """After the prefill only the small per-token metadata is read; let the big tensors go."""
         empty = self.hidden.new_zeros(0)
-        return dataclasses.replace(self, self_kv=empty, prefix_kv=empty, cross_kv=empty, kept_features=None)
+        return dataclasses.replace(self, hidden=empty, self_kv=empty, cross_kv=empty, kept_features=None,
+                                   padding_features=empty, padding_positions=empty.long())
 
     def map_tensors(self, fn) -> "TrimResult":
         """A copy with `fn` applied to every tensor field (moving to a device, making contiguous)."""

@@ -48,7 +48,8 @@ def _compare(single, split, imgs, max_tokens=6):
         for trim in TRIMS if images else TRIMS[:1]:
             a, b = single.trim(prepared, trim), split.trim(split.prepare(prompt, images), trim)
             if images:
-                for field in ("hidden", "self_kv", "prefix_kv", "cross_kv", "kept_image", "kept_index"):
+                for field in ("hidden", "self_kv", "cross_kv", "kept_image", "kept_index", "padding_features",
+                              "padding_positions"):
                     assert torch.equal(getattr(a, field).cpu(), getattr(b, field).cpu()), field
                 assert a.kept_tokens == b.kept_tokens
             params = SamplingParams(max_tokens=max_tokens)

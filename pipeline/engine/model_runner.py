@@ -10,6 +10,7 @@ from pipeline.engine.sequence import Sequence
 from pipeline.model.layers import (
     attend,
     cross_finish,
+    cross_kv,
     cross_q,
     self_finish,
     self_qkv,
@@ -44,44 +45,44 @@ class ModelRunner:
         kv, trim, cache = seq.kv, seq.trim, self.kv
         slots = cache.self_slots(kv, 0, n)
         if trim is None:
-            h, start, first_row = self.text.embed_tokens(torch.tensor(seq.prompt_token_ids, device=self.device))[None], 0, 0
-        else:
-            # Resume after the first cross-attention layer; the blind prefix rows arrive finished.
-            h, start, first_row = trim.hidden[None].to(self.loaded.dtype), self.first + 1, trim.prefix_len
+            h, start = self.text.embed_tokens(torch.tensor(seq.prompt_token_ids, device=self.device))[None], 0
+        else:  # resume every row after the first cross-attention layer
+            h, start = trim.hidden[None].to(self.loaded.dtype), self.first + 1
             # (layers, 2, KVH, n, hd) -> each layer's pages (n, 2, KVH, hd), on the layer's device
             for i in range(self.first):
                 view = cache.self_layer(cache.slot[i])
                 view[slots.to(view.device)] = trim.self_kv[i].permute(2, 0, 1, 3).to(view.device, view.dtype)
-            later_self = [cache.slot[i] for i in range(start, len(self.text.layers)) if i not in self.cross]
-            for j, slot in enumerate(later_self):
-                view = cache.self_layer(slot)
-                view[slots[:first_row].to(view.device)] = trim.prefix_kv[j].permute(2, 0, 1, 3).to(view.device,
-                                                                                                  view.dtype)
             cross = trim.cross_kv if trim.cross_kv.numel() else (  # "features" mode: project every layer's K/V here
                 project_cross_kv(self.text, self.loaded.cross_layers, trim.kept_features))
             cache.write_cross(kv, cross)
-            visible = trim.row_visibility[first_row:, trim.kept_image]  # (rows, kept): row sees the token's image
-        rows = torch.arange(first_row, n, device=self.device)
-        causal = rows[:, None] >= torch.arange(n, device=self.device)[None, :]
+            p = trim.prefix_len
+            visible = trim.row_visibility[p:, trim.kept_image]  # (rows, kept): row sees the token's image
+            sees = torch.arange(n, device=self.device) >= p  # the blind prefix sees no image
+            blind = BlindPrefix(trim)
+        rows = torch.arange(n, device=self.device)
+        causal = rows[:, None] >= rows[None, :]
         cos, sin = self.text.rotary_emb(h, rows[None])
-        on = {}  # device -> (cos, sin, causal, slots, visible) there
+        on = {}  # device -> (cos, sin, causal, slots, visible, sees) there
         for idx in range(start, len(self.text.layers)):
             layer, dev = self.text.layers[idx], self.layer_devices[idx]
             h = h.to(dev)
-            cos_d, sin_d, causal_d, slots_d, visible_d = moved(
-                (cos, sin, causal, slots, visible if trim is not None else causal), dev, on)
+            cos_d, sin_d, causal_d, slots_d, visible_d, sees_d = moved(
+                (cos, sin, causal, slots) + ((visible, sees) if trim is not None else (causal, causal)), dev, on)
             if idx in self.cross:
                 if trim is not None:  # a text-only prompt skips cross-attention layers, as HF does
                     keys, values = cache.cross_kv(kv, cache.slot[idx])
-                    out = attend(cross_q(layer, h), keys[None], values[None], layer.cross_attn.scaling,
+                    q = cross_q(layer, h)
+                    out = attend(q[:, :, p:], keys[None], values[None], layer.cross_attn.scaling,
                                  mask=visible_d[None, None])
-                    h = cross_finish(layer, h, out, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device))
+                    if p:
+                        out = torch.cat([blind.attend(layer, q[:, :, :p], keys, values), out], dim=2)
+                    h = cross_finish(layer, h, out, sees_d[None])
                 continue
             q, k, v = self_qkv(layer, h, cos_d, sin_d)
             slot = cache.slot[idx]
             view = cache.self_layer(slot)
-            view[slots_d[first_row:], 0] = k[0].transpose(0, 1)
-            view[slots_d[first_row:], 1] = v[0].transpose(0, 1)
+            view[slots_d, 0] = k[0].transpose(0, 1)
+            view[slots_d, 1] = v[0].transpose(0, 1)
             keys, values = cache.self_kv(kv, slot, n)
             out = attend(q, keys[None], values[None], layer.self_attn.scaling, mask=causal_d)
             h = self_finish(layer, h, out)
@@ -127,3 +128,28 @@ class ModelRunner:
         h = h.clone()
         h[rows] = cross_finish(layer, x, out, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         return h
+
+
+class BlindPrefix:
+    """The rows before the first image token in the later cross-attention layers: HF's all-zero mask row lets
+    them attend, unmasked, to every visual token there, i.e. the kept tokens and the padding tiles' tokens (which
+    trimming never drops), in the visual tokens' original order. The padding tokens' K/V are projected per layer
+    from the shipped features and never enter the KV pages."""
+
+    def __init__(self, trim):
+        self.features = trim.padding_features
+        if self.features is not None and self.features.numel():
+            # the sorted union of kept and padding positions, as indices into cat([kept, padding])
+            self.order = torch.cat([trim.kept_positions, trim.padding_positions.to(trim.kept_image.device)]).argsort()
+        else:
+            self.features = None
+
+    def attend(self, layer, q, keys, values):
+        """q (1, H, prefix, hd) over the kept tokens' keys, values (KVH, kept, hd) and this layer's padding K/V."""
+        if self.features is not None:
+            weight = layer.cross_attn.k_proj.weight
+            pad_k, pad_v = cross_kv(layer, self.features.to(weight.device, weight.dtype))
+            order = self.order.to(keys.device)
+            keys = torch.cat([keys, pad_k.to(keys.dtype)], dim=1)[:, order]
+            values = torch.cat([values, pad_v.to(values.dtype)], dim=1)[:, order]
+        return attend(q, keys[None], values[None], layer.cross_attn.scaling)

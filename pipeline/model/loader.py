@@ -9,15 +9,16 @@ from pipeline.config import ModelConfig
 from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
 from pipeline.model.placement import pick_devices, placement_of
 from pipeline.model.sources import is_preset, resolve_source
-from pipeline.model.weights import load_stage_weights
+from pipeline.model.weights import held_layers, load_stage_weights
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "trim", "text")
 
 
 def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision", "text")) -> LoadedModel:
-    """Load only the tensors `parts` run ("vision": tower and projector; "trim": the text model without lm_head;
-    "text": the text model and lm_head), straight from the safetensors into the device and dtype; the rest of
+    """Load only the tensors `parts` run ("vision": tower and projector; "trim": embeddings, the layers through the
+    first cross-attention layer and the later cross-attention layers' K/V projections; "text": the text model and
+    lm_head), straight from the safetensors into the device and dtype; the rest of
     the model stays on the meta device and holds no memory."""
     cfg = cfg or ModelConfig()
     if unknown := set(parts) - set(PARTS):
@@ -34,7 +35,8 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     processor = AutoProcessor.from_pretrained(path)
     config = MllamaConfig.from_pretrained(path)
     config._attn_implementation = "sdpa"
-    placement, index = placement_of(config.text_config.num_hidden_layers, len(devices))
+    held = held_layers(config, parts) if len(devices) > 1 else None  # balance the layers this stage holds
+    placement, index = placement_of(config.text_config.num_hidden_layers, len(devices), held)
     model, nbytes = load_stage_weights(path, config, parts, dtype, lambda name: devices[index(name)])
     if (path / "generation_config.json").exists():  # EOS ids as from_pretrained reads them
         model.generation_config = GenerationConfig.from_pretrained(path)

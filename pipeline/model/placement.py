@@ -20,14 +20,21 @@ def pick_devices(cfg: ModelConfig, device: torch.device) -> list[torch.device]:
     return [torch.device(d) for d in cfg.devices]
 
 
-def split_layers(num_layers: int, parts: int) -> list[int]:
-    """Contiguous and balanced: layer i -> part i * parts // num_layers (part sizes differ by at most one)."""
-    return [i * parts // num_layers for i in range(num_layers)]
+def split_layers(num_layers: int, parts: int, held: list[bool] | None = None) -> list[int]:
+    """Contiguous and balanced over the layers the stage holds weights of (default all): the k-th of m held layers
+    -> part k * parts // m (part sizes differ by at most one); a layer it holds nothing of (never run) goes with
+    the next held one."""
+    held = held if held and any(held) else [True] * num_layers
+    m, k, out = sum(held), 0, []
+    for h in held:
+        out.append(min(k, m - 1) * parts // m)
+        k += h
+    return out
 
 
-def placement_of(num_layers: int, parts: int):
+def placement_of(num_layers: int, parts: int, held: list[bool] | None = None):
     """(layer -> device index, name -> device index) for a model's parameter names."""
-    layers = split_layers(num_layers, parts)
+    layers = split_layers(num_layers, parts, held)
 
     def index(name: str) -> int:
         if m := re.match(r"model\.language_model\.layers\.(\d+)\.", name):

@@ -43,7 +43,7 @@ class Trimmer:
         cfg = cfg or self.cfg
         dev = self.loaded.device
         ids = prompt.input_ids.to(dev)
-        h, self_kv, (cos, sin) = self._run_to_first_cross(ids)
+        h, self_kv = self._run_to_first_cross(ids)
 
         # Which tokens each row sees, exactly as HF expands the processor's (S, images, tiles) mask.
         images, tokens_per_image, _ = visual.features.shape
@@ -69,25 +69,20 @@ class Trimmer:
             keep[kept] = True
             h = self._first_cross_layer(h_in, feats, token_visible & keep, sees)[0]
 
-        # Later layers project K/V of the kept tokens only. The blind prefix (if any) reads those plus the
-        # padding tiles' tokens (which HF shows it and trimming never drops); only kept ones are shipped.
+        # Later layers project K/V of the kept tokens only. The blind prefix (if any) also reads the padding tiles'
+        # tokens there (HF shows them to it and trimming never drops them): the decoder projects those from their
+        # features, layer by layer.
         later = [i for i in self.loaded.cross_layers if i != self.first]
-        read = kept
-        if prefix:
-            read = torch.cat([kept, (~visual.token_valid.to(dev).reshape(-1)).nonzero().squeeze(1)]).sort().values
-        read_kv = (project_cross_kv(self.text, later, feats[read]) if later  # (later, 2, KVH, len(read), hd)
-                   else k.new_zeros((0, 2, k.shape[0], len(read), k.shape[2])))
-        prefix_kv = self._finish_blind_prefix(h[:, :prefix], dict(zip(later, read_kv)), cos[:, :prefix],
-                                              sin[:, :prefix])
-        later_kv = read_kv[:, :, :, torch.searchsorted(read, kept)] if prefix else read_kv
+        later_kv = (project_cross_kv(self.text, later, feats[kept]) if later  # (later, 2, KVH, kept, hd)
+                    else k.new_zeros((0, 2, k.shape[0], len(kept), k.shape[2])))
+        padding = (~visual.token_valid.to(dev).reshape(-1)).nonzero().squeeze(1) if prefix else kept[:0]
         cross = torch.cat([torch.stack([k[:, kept], v[:, kept]])[None], later_kv])
         kept_image = kept // tokens_per_image
         return TrimResult(
             prompt_token_ids=ids.tolist(),
-            hidden=h[0, prefix:],
+            hidden=h[0],
             # (first, 2, KVH, S, hd); empty but shaped when the first cross-attention layer is layer 0
             self_kv=torch.stack(self_kv) if self_kv else h.new_zeros((0, 2, k.shape[0], len(ids), k.shape[2])),
-            prefix_kv=prefix_kv,
             cross_kv=cross,
             kept_image=kept_image,
             kept_index=kept % tokens_per_image,
@@ -96,6 +91,10 @@ class Trimmer:
             kept_tokens=torch.bincount(kept_image, minlength=images).tolist(),
             kept_features=feats[kept] if keep_features else None,
             kv_bytes_per_visual_token=cross[:, :, :, 0].numel() * cross.element_size(),
+            prefix_len=prefix,
+            tokens_per_image=tokens_per_image,
+            padding_features=feats[padding],
+            padding_positions=padding,
         )
 
     def _run_to_first_cross(self, ids: torch.Tensor):
@@ -108,28 +107,7 @@ class Trimmer:
             q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
             self_kv.append(torch.stack([k[0], v[0]]).to(ids.device))
             h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
-        return h.to(ids.device), self_kv, (cos, sin)
-
-    def _finish_blind_prefix(self, h, later_kv: dict, cos, sin):
-        """Run the rows that see no image through the remaining layers; in the later cross-attention layers
-        they attend to every token in `later_kv` ({layer: (2, KVH, N, hd)}), as HF's all-zero mask row lets
-        them. Returns their self-attention K/V for the decoder."""
-        kv, on, home = [], {}, h.device
-        for idx in range(self.first + 1, len(self.text.layers)):
-            layer = self.text.layers[idx]
-            dev = module_device(layer)
-            h = h.to(dev)
-            if hasattr(layer, "cross_attn"):
-                if h.shape[1]:
-                    k, v = later_kv[idx].to(dev)
-                    out = attend(cross_q(layer, h), k[None], v[None], layer.cross_attn.scaling)
-                    h = cross_finish(layer, h, out, torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device))
-                continue
-            q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
-            kv.append(torch.stack([k[0], v[0]]).to(home))
-            if h.shape[1]:
-                h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
-        return torch.stack(kv) if kv else h.new_zeros(0)
+        return h.to(ids.device), self_kv
 
     def _first_cross_layer(self, h, feats, token_visible, row_sees_image):
         """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring; ROW_CHUNK

@@ -27,17 +27,28 @@ TEXT = ("model.language_model.",)
 def wanted(config: MllamaConfig, parts: tuple[str, ...]):
     """A predicate on (renamed) parameter names: does a stage running `parts` need this tensor?
 
-    vision: the tower and projector. text: the whole text model and lm_head (the decoder). trim: the text model
-    without lm_head and final norm (the trimmer: the rows before the first image, which HF lets attend to every
-    visual token, padding tiles' included, run through every layer there; see Trimmer._finish_blind_prefix)."""
+    vision: the tower and projector. text: the whole text model and lm_head (the decoder). trim: the embeddings,
+    every layer up to and including the first cross-attention layer (which it runs), and of every later
+    cross-attention layer only the K/V projections and k_norm (it projects the kept tokens' K/V there)."""
+    cross = config.text_config.cross_attention_layers
+    first = cross[0]
+    kv_only = ("cross_attn.k_proj.", "cross_attn.v_proj.", "cross_attn.k_norm.")
+
+    def trim(name: str) -> bool:
+        if name.startswith("model.language_model.embed_tokens."):
+            return True
+        layer = layer_of(name)
+        if layer is None:
+            return False
+        rest = name.split(".", 4)[4]  # after model.language_model.layers.N.
+        return layer <= first or (layer in cross and rest.startswith(kv_only))
+
     def need(name: str) -> bool:
         if "vision" in parts and name.startswith(VISION):
             return True
         if "text" in parts and (name.startswith(TEXT) or name.startswith("lm_head.")):
             return True
-        if "trim" in parts and name.startswith(TEXT):
-            return not name.startswith("model.language_model.norm.")
-        return False
+        return "trim" in parts and trim(name)
     return need
 
 
@@ -121,3 +132,14 @@ def load_stage_weights(path: Path, config: MllamaConfig, parts: tuple[str, ...],
 def layer_of(name: str) -> int | None:
     m = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None
+
+
+def held_layers(config: MllamaConfig, parts: tuple[str, ...]) -> list[bool]:
+    """Which text layers a stage running `parts` loads any weights of (names from the meta device), for placement."""
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    need, held = wanted(config, parts), [False] * config.text_config.num_hidden_layers
+    for name, _ in model.named_parameters():
+        if need(name) and (layer := layer_of(name)) is not None:
+            held[layer] = True
+    return held
