@@ -44,8 +44,27 @@ def test_each_stage_loads_only_its_tensors(hf_tiny, parts):
             assert torch.equal(p, reference[name]), name
     if "vision" not in parts:
         assert not any(n.startswith("model.vision_model.") for n in expected)
-    if parts == ("trim",):
-        assert "lm_head.weight" not in expected and "model.language_model.embed_tokens.weight" in expected
+
+
+def test_trimmer_holds_embeddings_layers_through_the_first_cross_and_later_cross_kv(hf_tiny):
+    """The trimmer runs layers[:first + 1] and projects the kept tokens' K/V in every later cross layer: nothing else."""
+    text = hf_tiny.config.text_config
+    cross, first = text.cross_attention_layers, text.cross_attention_layers[0]
+    assert first > 0 and len(cross) > 1  # layers before the first cross layer, and later cross layers
+    prefix = "model.language_model."
+    layer_names = [f"{prefix}layers.{i}." for i in range(first + 1)]
+    kv = [f"{prefix}layers.{i}.cross_attn.{m}." for i in cross[1:] for m in ("k_proj", "v_proj", "k_norm")]
+    reference = dict(hf_tiny.named_parameters())
+    expected = {n for n in reference if n.startswith((f"{prefix}embed_tokens.", *layer_names, *kv))}
+    assert len(expected) == 1 + sum(1 for n in reference for p in layer_names if n.startswith(p)) + len(kv)
+    loaded = load_model(ModelConfig(source=str(TINY), **CPU32), parts=("trim",))
+    assert _loaded_names(loaded.model) == expected
+    assert loaded.loaded_bytes == sum(reference[n].numel() * 4 for n in expected)
+    assert loaded.loaded_bytes < 0.5 * sum(p.numel() * 4 for n, p in reference.items() if n.startswith(prefix))
+    held = {n for n, p in loaded.model.named_parameters() if not p.is_meta}
+    assert all(p.is_meta for n, p in loaded.model.named_parameters() if n not in held)
+    assert loaded.model.lm_head.weight.is_meta and loaded.text.norm.weight.is_meta
+    assert loaded.text.layers[cross[1]].cross_attn.q_proj.weight.is_meta
 
 
 def test_new_key_layout_sharded_loads_the_same_tensors(tmp_path, hf_tiny):
@@ -143,9 +162,14 @@ def test_stages_loaded_apart_give_the_pipelines_tokens(tiny_pipeline, imgs):
     trimmer = Trimmer(load_model(cfg, parts=("trim",)))
     decoder = LLMEngine(load_model(cfg, parts=("text",)))
     assert decoder.loaded.model.model.vision_model.class_embedding.is_meta  # the decoder holds no vision tower
-    prepared = tiny_pipeline.prepare(PROMPTS[1], [imgs["4tile"]])
-    trim = trimmer.trim(prepared, encoder.encode(prepared), TrimConfig(), keep_features=True)
-    expected = tiny_pipeline.generate(PROMPTS[1], [imgs["4tile"]], SamplingParams(max_tokens=8), TrimConfig()).token_ids
-    for source in (trim.without_features(), trim.as_features()):
-        (seq,) = decoder.generate([source], SamplingParams(max_tokens=8))
-        assert seq.output_ids == expected
+    assert trimmer.text.layers[-1].mlp.down_proj.weight.is_meta  # the trimmer holds no later layer
+    # A 4-tile image and a 1-tile one (3 padding tiles, read by the chat template's blind prefix).
+    for name in ("4tile", "1tile"):
+        prepared = tiny_pipeline.prepare(PROMPTS[1], [imgs[name]])
+        trim = trimmer.trim(prepared, encoder.encode(prepared), TrimConfig(), keep_features=True)
+        assert trim.prefix_len > 0 and (trim.padding_features.shape[0] > 0) == (name == "1tile")
+        expected = tiny_pipeline.generate(PROMPTS[1], [imgs[name]], SamplingParams(max_tokens=8),
+                                          TrimConfig()).token_ids
+        for source in (trim.without_features(), trim.as_features()):
+            (seq,) = decoder.generate([source], SamplingParams(max_tokens=8))
+            assert seq.output_ids == expected
