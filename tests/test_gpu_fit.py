@@ -11,7 +11,7 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration
 
 from pipeline.engine.kv_cache import KVCache
 from pipeline.model.placement import placement_of
-from pipeline.model.weights import wanted
+from pipeline.model.weights import layer_of, wanted
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GPU_BYTES = 80 * 10**9  # the configs assume 80 GB GPUs (A100/H100), as their headers say
@@ -44,8 +44,12 @@ def per_gpu_bytes(config: MllamaConfig, counts: dict[str, int], parts: tuple[str
                   gpus: int, kv_budget: int) -> list[int]:
     """Weights and KV arena bytes on each of the replica's GPUs, placed as the loader and engine place them."""
     text = config.text_config
-    placement, index = placement_of(text.num_hidden_layers, gpus)
     need = wanted(config, parts)
+    held = [False] * text.num_hidden_layers  # as the loader places them: only the layers the stage holds count
+    for n in counts:
+        if need(n) and (layer := layer_of(n)) is not None:
+            held[layer] = True
+    placement, index = placement_of(text.num_hidden_layers, gpus, held)
     out = [0] * gpus
     for n, c in counts.items():
         if need(n):
@@ -77,6 +81,15 @@ def test_weights_plus_kv_fit_the_gpus_each_stage_asks_for(name):
         print(f"{name} {stage} on {gpus} x 80 GB: per GPU {[round(b / 1e9, 1) for b in shares]} GB (weights + KV)")
         assert max(shares) <= min(gpus, 1) * GPU_BYTES * 0.95, f"{stage} needs {max(shares) / 1e9:.1f} GB on a GPU"
         assert sum(shares) >= stage_bytes(config, counts, parts, itemsize) + kv * 0.99  # nothing left unplaced
+    # The trimmer holds embeddings, layers through the first cross layer and the later cross layers' K/V only.
+    text = config.text_config
+    first, later = text.cross_attention_layers[0], text.cross_attention_layers[1:]
+    hd, kv_width = text.hidden_size // text.num_attention_heads, text.num_key_value_heads
+    layer_params = sum(c for n, c in counts.items() if n.startswith("model.language_model.layers.0."))
+    embed = text.vocab_size * text.hidden_size + 8 * text.hidden_size  # 8 extra: the image token rows
+    cross_kv = len(later) * (2 * text.hidden_size * kv_width * hd + hd)  # k_proj, v_proj, k_norm
+    first_cross = sum(c for n, c in counts.items() if n.startswith(f"model.language_model.layers.{first}."))
+    assert stage_bytes(config, counts, ("trim",), 1) == embed + first * layer_params + first_cross + cross_kv
     # The published sizes: ~10.7 B parameters for the 11B, ~88.8 B for the 90B (lm_head counted in the decoder).
     expected = {"llama-3.2-11b-vision.yaml": 10.6e9, "llama-3.2-90b-vision.yaml": 88.6e9}[name]
     decoder_and_vision = stage_bytes(config, counts, ("vision", "text"), 1)
