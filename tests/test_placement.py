@@ -10,7 +10,9 @@ from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.inprocess import Pipeline
+from pipeline.model.loader import load_model
 from pipeline.model.placement import module_device, split_layers
+from pipeline.model.trimmer import Trimmer
 
 TRIMS = [TrimConfig(policy="none"), TrimConfig(k_ratio=0.1)]
 
@@ -20,6 +22,11 @@ def test_split_is_contiguous_and_balanced():
     assert split_layers(8, 3) == [0, 0, 0, 1, 1, 1, 2, 2]
     counts = [split_layers(100, 4).count(g) for g in range(4)]
     assert counts == [25, 25, 25, 25]  # the 90B over 4 GPUs: 5 of each 25 layers cross-attention (3, 8, ... 98)
+    # Layers a stage holds nothing of (the trimmer's after the first cross layer, bar the cross layers' K/V) do not
+    # count toward the balance; each goes with the next held layer (the last part after the last one).
+    held = [True, True, True, False, False, True, False, True]
+    assert split_layers(8, 2, held) == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert split_layers(8, 2, held[:3] + [False] * 5) == [0, 0, 1, 1, 1, 1, 1, 1]
 
 
 def _cases(pipe, imgs):
@@ -77,6 +84,24 @@ def test_layers_over_cpu_devices_give_the_same_outputs(tiny_pipeline, imgs, devi
         small.step()
     assert small.stats().preemptions > 0, "the pool must be small enough to preempt"
     assert [s.output_ids for s in seqs] == expected
+
+
+def test_trimmer_stage_over_cpu_devices_balances_the_layers_it_holds(tiny_pipeline, imgs):
+    split = Trimmer(load_model(ModelConfig(dtype="float32", devices=["cpu", "cpu"]), parts=("trim",)))
+    loaded = split.loaded
+    held = [any(not p.is_meta for p in layer.parameters()) for layer in loaded.text.layers]
+    first = loaded.first_cross
+    assert held == [i <= first or i in loaded.cross_layers for i in range(len(held))]
+    assert loaded.placement == split_layers(len(held), 2, held) != split_layers(len(held), 2)
+    per_device = [sum(h for h, d in zip(held, loaded.placement) if d == g) for g in (0, 1)]
+    assert abs(per_device[0] - per_device[1]) <= 1
+    for images in ([imgs["1tile"]], [imgs["2tile"], imgs["4tile"]]):
+        prepared = tiny_pipeline.prepare(PROMPTS[0], images)
+        visual = tiny_pipeline.encoder.encode(prepared)
+        a, b = tiny_pipeline.trimmer.trim(prepared, visual), split.trim(prepared, visual)
+        assert a.prefix_len == b.prefix_len > 0
+        for field in ("hidden", "self_kv", "cross_kv", "kept_index", "padding_features", "padding_positions"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
 @pytest.mark.gpu

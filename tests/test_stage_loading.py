@@ -15,6 +15,7 @@ from pipeline.engine.sampling import SamplingParams
 from pipeline.model.loader import load_model
 from pipeline.model.selection import ROW_CHUNK, select_budget, select_target, topk_count
 from pipeline.model.sources import ASSETS
+from pipeline.model.trimmer import Trimmer
 from pipeline.model.weights import wanted
 from pipeline.quality.reference import reference_generate, trim_generated
 
@@ -123,6 +124,17 @@ def test_cross_attention_at_index_0_matches_hf(tmp_path, imgs):
         cfg = TrimConfig(policy="target", target_fraction=0.3)
         trimmed = pipe.generate(PROMPTS[0], [imgs[name]], SamplingParams(max_tokens=8), cfg)
         assert trimmed.token_ids == reference_generate(hf, prepared, cfg, 8)
+    # The trimmer stage alone: layer 0 (its only full layer) and the later cross layers' K/V projections.
+    trimmer = Trimmer(load_model(ModelConfig(source=str(tmp_path), **CPU32), parts=("trim",)))
+    layers = "model.language_model.layers."
+    assert {n for n in _loaded_names(trimmer.loaded.model) if n.startswith(layers)} == {
+        n for n, _ in hf.named_parameters() if n.startswith(f"{layers}0.") or any(
+            n.startswith(f"{layers}{i}.cross_attn.{m}.") for i in (5, 7) for m in ("k_proj", "v_proj", "k_norm"))}
+    prepared = pipe.prepare(PROMPTS[0], [imgs["1tile"]])
+    trim = trimmer.trim(prepared, pipe.encoder.encode(prepared), cfg)
+    assert trim.prefix_len > 0 and trim.padding_features.numel()
+    (seq,) = pipe.engine.generate([trim], SamplingParams(max_tokens=8))
+    assert seq.output_ids == reference_generate(hf, prepared, cfg, 8)
 
 
 def test_target_policy_keeps_exactly_the_fraction_and_is_a_topk_union():
@@ -155,8 +167,6 @@ def test_stages_loaded_apart_give_the_pipelines_tokens(tiny_pipeline, imgs):
     """Encoder, trimmer and decoder each holding only their tensors (as Serve replicas do), both hand-off modes."""
     from pipeline.engine.llm_engine import LLMEngine
     from pipeline.model.encoder import VisionEncoder
-    from pipeline.model.trimmer import Trimmer
-
     cfg = ModelConfig(**CPU32)
     encoder = VisionEncoder(load_model(cfg, parts=("vision",)))
     trimmer = Trimmer(load_model(cfg, parts=("trim",)))
