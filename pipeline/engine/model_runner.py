@@ -62,14 +62,15 @@ class ModelRunner:
         rows = torch.arange(n, device=self.device)
         causal = rows[:, None] >= rows[None, :]
         cos, sin = self.text.rotary_emb(h, rows[None])
-        on = {}  # device -> (cos, sin, causal, slots, visible, sees) there
+        masks = (visible, sees) if trim is not None else ()
+        on = {}  # device -> (cos, sin, causal, slots, *masks) there
         for idx in range(start, len(self.text.layers)):
             layer, dev = self.text.layers[idx], self.layer_devices[idx]
             h = h.to(dev)
-            cos_d, sin_d, causal_d, slots_d, visible_d, sees_d = moved(
-                (cos, sin, causal, slots) + ((visible, sees) if trim is not None else (causal, causal)), dev, on)
+            cos_d, sin_d, causal_d, slots_d, *masks_d = moved((cos, sin, causal, slots, *masks), dev, on)
             if idx in self.cross:
                 if trim is not None:  # a text-only prompt skips cross-attention layers, as HF does
+                    visible_d, sees_d = masks_d
                     keys, values = cache.cross_kv(kv, cache.slot[idx])
                     q = cross_q(layer, h)
                     out = attend(q[:, :, p:], keys[None], values[None], layer.cross_attn.scaling,
