@@ -216,9 +216,10 @@ def test_config_validates(name):
             assert d.ray_actor_options.num_cpus < 1
     else:
         assert cfg.model.dtype == "bfloat16" and cfg.model.source.startswith(("s3://", "/"))
-        assert opts["VisionEncoder"].ray_actor_options.num_gpus > 0  # a share of a GPU is enough for the tower
+        # A share of a GPU is enough for the tower and for the trimmer (embeddings, layers through the first cross
+        # layer, later cross layers' K/V projections); tests/test_gpu_fit.py checks each stage's weights fit.
         for stage in ("VisionEncoder", "Trimmer", "DecoderPool"):
-            assert opts[stage].ray_actor_options.num_gpus >= (1 if stage != "VisionEncoder" else 0.1)
+            assert opts[stage].ray_actor_options.num_gpus >= (1 if stage == "DecoderPool" else 0.1)
             scaling = as_dict(opts[stage].autoscaling_config)
             assert scaling["max_replicas"] >= scaling["min_replicas"] >= 1
     router = as_dict(opts["DecoderPool"].request_router_config)
