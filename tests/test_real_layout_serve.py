@@ -1,6 +1,6 @@
 """The Serve app on a real-layout checkpoint ($CROSSTRIM_REAL_CKPT, scripts/build_real_layout.py): 1- and 4-tile
-requests over HTTP, trimmed and not, and every replica's own peak memory (without Ray's shared object store) within 1.15 x its loaded bytes
-+ 1 GiB (slow)."""
+requests over HTTP, trimmed and not, and every replica's own peak memory (without Ray's shared object store)
+within 1.15 x its loaded bytes + 1 GiB (slow)."""
 
 import json
 import os
