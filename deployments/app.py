@@ -15,7 +15,7 @@ from .trimmer import TrimmerDeployment
 
 def build_app(args: dict) -> serve.Application:
     cfg = AppConfig(**args)
-    encoder = VisionEncoderDeployment.bind(cfg.model, cfg.feature_cache_size)
+    encoder = VisionEncoderDeployment.bind(cfg.model, cfg.feature_cache_mib)
     trimmer = TrimmerDeployment.bind(cfg.model, cfg.trim, cfg.ship)
     decoder = DecoderPool.bind(cfg.model, cfg.engine)
     return Ingress.bind(cfg, encoder, trimmer, decoder)

@@ -26,7 +26,7 @@ class AppConfig(BaseModel):
     s3_buckets: list[str] = Field(default_factory=list)  # s3://BUCKET/... image URLs allowed from these only
     http_allowlist: list[str] = Field(default_factory=list)  # URL prefixes; empty refuses http(s) images
     image_fetch_timeout_s: float = Field(10.0, gt=0)
-    feature_cache_size: int = Field(64, ge=0)  # images whose encoder features are kept (LRU); 0 disables
+    feature_cache_mib: int = Field(256, ge=0)  # encoder features of recent images kept (LRU, MiB); 0 disables
     retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 503 or 429
     # Hostile clients: checked before the body is parsed (see deployments/limits.py).
     max_body_bytes: int = Field(32 * 2**20, ge=1)  # 413 past it; leave room for max_images base64 images

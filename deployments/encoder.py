@@ -16,12 +16,15 @@ from pipeline.types import PreparedPrompt, VisualFeatures
 
 
 class FeatureCache:
-    """image key -> (features (tokens, hidden), token_valid (tokens,)); bounded by entries, least recent out."""
+    """image key -> (features (tokens, hidden), token_valid (tokens,)); bounded in bytes, least recent out.
 
-    def __init__(self, size: int):
-        self.size = size
+    Bytes, not entries: one 4-tile image of the 11B is 6,404 x 4,096 bf16 = 52 MB, so a count says nothing about
+    the memory (on the GPU when the encoder runs there) an operator must leave for it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
         self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.hits = self.misses = 0
+        self.bytes = self.hits = self.misses = 0
 
     def get(self, key: str):
         item = self.entries.get(key)
@@ -33,12 +36,14 @@ class FeatureCache:
         return item
 
     def put(self, key: str, item) -> None:
-        if self.size == 0:
+        size = sum(t.numel() * t.element_size() for t in item)
+        if size > self.max_bytes or key in self.entries:
             return
         self.entries[key] = item
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old)
 
 
 def select_images(prompt: PreparedPrompt, idx: list[int]) -> PreparedPrompt:
@@ -54,9 +59,9 @@ def select_images(prompt: PreparedPrompt, idx: list[int]) -> PreparedPrompt:
 # Serve name "VisionEncoder" (the YAML's and the metrics'); the class name keeps it apart from the stage it wraps.
 @serve.deployment(name="VisionEncoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class VisionEncoderDeployment:
-    def __init__(self, model: ModelConfig, cache_size: int = 64):
+    def __init__(self, model: ModelConfig, cache_mib: int = 256):
         self.stage = VisionEncoder(load_model(model, parts=("vision",)))
-        self.cache = FeatureCache(cache_size)
+        self.cache = FeatureCache(cache_mib * 2**20)
         self.pool = ThreadPoolExecutor(max_workers=1)  # one forward at a time; the event loop stays free
         self.lookups = Counter("crosstrim_encoder_cache_lookups", description="Feature cache lookups by result",
                                tag_keys=("result",))
@@ -72,9 +77,14 @@ class VisionEncoderDeployment:
                 self.lookups.inc(n, tags={"result": result})
         if missing:
             fresh = self.stage.encode(select_images(prompt, missing) if len(missing) < len(keys) else prompt)
+            if len(keys) == 1:  # the common case: no copies (a view of one image would pin all of `fresh`)
+                self.cache.put(keys[0], (fresh.features[0], fresh.token_valid[0]))
+                return fresh
             for j, i in enumerate(missing):
                 cached[i] = (fresh.features[j].clone(), fresh.token_valid[j].clone())  # own storage, not a view
                 self.cache.put(keys[i], cached[i])
+        if len(keys) == 1:
+            return VisualFeatures(features=cached[0][0][None], token_valid=cached[0][1][None])
         return VisualFeatures(features=torch.stack([c[0] for c in cached]),
                               token_valid=torch.stack([c[1] for c in cached]))
 
@@ -83,4 +93,5 @@ class VisionEncoderDeployment:
 
     def cache_stats(self) -> dict:
         c = self.cache
-        return {"entries": len(c.entries), "size": c.size, "hits": c.hits, "misses": c.misses}
+        return {"entries": len(c.entries), "bytes": c.bytes, "max_bytes": c.max_bytes, "hits": c.hits,
+                "misses": c.misses}

@@ -105,6 +105,35 @@ def test_features_mode_equals_kv_mode(tiny_pipeline, imgs):
 
 # --- selection properties ---------------------------------------------------------------------------------
 
+def test_vision_encoder_keeps_only_the_layers_it_reads(tiny_pipeline, imgs):
+    """The tapped encoder drops HF's per-layer outputs nobody reads and changes no number."""
+    from transformers.models.mllama.modeling_mllama import MllamaVisionEncoder
+
+    from pipeline.model.encoder import TappedVisionEncoder
+
+    pipe = tiny_pipeline
+    vision = pipe.loaded.model.model.vision_model
+    encoders = (vision.transformer, vision.global_transformer)
+    assert all(type(e) is TappedVisionEncoder for e in encoders)
+    x = torch.randn(1, 24, vision.config.hidden_size)
+    states = vision.transformer(x).hidden_states
+    taps = set(vision.intermediate_layers_indices)
+    assert [i for i, h in enumerate(states) if h is not None] == sorted(taps)
+    assert all(h is None for h in vision.global_transformer(x).hidden_states)
+    prepared = pipe.prepare(PROMPTS[1], [imgs["4tile"]])
+    ours = pipe.encoder.encode(prepared).features
+    try:  # HF's own forward, keeping every layer's output, on the same modules
+        for e in encoders:
+            e.__class__ = MllamaVisionEncoder
+        theirs = pipe.encoder.encode(prepared).features
+        full = vision.transformer(x).hidden_states
+    finally:
+        for e in encoders:
+            e.__class__ = TappedVisionEncoder
+    assert torch.equal(ours, theirs)
+    assert len(full) == len(states) and all(torch.equal(full[i], states[i]) for i in taps)
+
+
 def test_topk_union_is_the_union_of_per_head_topk():
     from pipeline.model.selection import select_topk_union
 

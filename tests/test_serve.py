@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -386,7 +387,27 @@ def test_feature_cache_serves_repeated_image(serve_app, http, images):
     after = http.get("/stats").json()["encoder_cache"]
     assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 1
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
-    assert after["entries"] <= after["size"]
+    assert 0 < after["bytes"] <= after["max_bytes"]
+
+
+def test_feature_cache_is_bounded_in_bytes():
+    from deployments.encoder import FeatureCache
+
+    def item(n):  # n KiB of features + a 4-token mask
+        return torch.zeros(n * 256), torch.ones(4, dtype=torch.bool)
+
+    cache = FeatureCache(10 * 1024 + 8)
+    for key in "abc":
+        cache.put(key, item(4))  # 3 x 4 KiB > 10 KiB: "a" goes
+    assert list(cache.entries) == ["b", "c"] and cache.bytes == 2 * (4096 + 4)
+    assert cache.get("b") is not None  # "b" is now the most recent: "c" goes next
+    cache.put("d", item(4))
+    assert list(cache.entries) == ["b", "d"]
+    cache.put("huge", item(11))  # bigger than the whole cache: not kept, nothing evicted for it
+    assert list(cache.entries) == ["b", "d"] and cache.bytes <= cache.max_bytes
+    off = FeatureCache(0)
+    off.put("a", item(1))
+    assert not off.entries and off.get("a") is None
 
 
 def test_trim_overrides(serve_app, http, images):

@@ -1,10 +1,11 @@
 """LoadedModel: a stage's weights and processor plus the layout facts every stage reads; device and dtype choice."""
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
-from transformers import MllamaForConditionalGeneration
+from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from pipeline.config import ModelConfig
 
@@ -45,7 +46,6 @@ class LoadedModel:
     """Processor and weights, plus the layout facts every stage needs."""
 
     model: MllamaForConditionalGeneration
-    processor: object
     path: Path | None  # None for a preset built in memory
     device: torch.device
     dtype: torch.dtype
@@ -54,6 +54,12 @@ class LoadedModel:
     load_s: float = 0.0
     devices: list[torch.device] = field(default_factory=list)  # the placement's devices; [device] when one
     placement: list[int] = field(default_factory=list)  # text layer i lives on devices[placement[i]]
+    preset_processor: object | None = None  # a preset's, built with it
+
+    @cached_property
+    def processor(self):
+        """Read on first use: Llama-3.2's tokenizer holds ~0.2 GiB, and the encoder and trimmer never use it."""
+        return self.preset_processor or AutoProcessor.from_pretrained(self.path)
 
     def __post_init__(self):
         self.devices = self.devices or [self.device]

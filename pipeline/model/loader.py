@@ -32,7 +32,6 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     path = resolve_source(cfg.source, cfg.cache_dir)
     device, dtype = pick_device_dtype(cfg)
     devices = pick_devices(cfg, device)
-    processor = AutoProcessor.from_pretrained(path)
     config = MllamaConfig.from_pretrained(path)
     config._attn_implementation = "sdpa"
     held = held_layers(config, parts) if len(devices) > 1 else None  # balance the layers this stage holds
@@ -44,7 +43,7 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     load_s = time.perf_counter() - t0
     log.info("loaded %s of %s: %.1f MiB in %.1f s (%s, %s)", "+".join(parts), path, nbytes / 2**20, load_s,
              dtype, ", ".join(map(str, devices)))
-    return LoadedModel(model=model, processor=processor, path=path, device=devices[0], dtype=dtype, cfg=cfg,
+    return LoadedModel(model=model, path=path, device=devices[0], dtype=dtype, cfg=cfg,
                        loaded_bytes=nbytes, load_s=load_s, devices=devices, placement=placement)
 
 

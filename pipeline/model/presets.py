@@ -72,7 +72,8 @@ def build_bench_model(cfg: ModelConfig | None = None, seed: int = 0) -> LoadedMo
         image_processor=MllamaImageProcessorPil(size={"height": size, "width": size}, max_image_tiles=4),
         tokenizer=tok, chat_template=tiny.chat_template,
     )
-    return LoadedModel(model=model, processor=processor, path=None, device=device, dtype=dtype, cfg=cfg)
+    return LoadedModel(model=model, path=None, device=device, dtype=dtype, cfg=cfg,
+                       preset_processor=processor)
 
 
 PRESETS = {"bench": build_bench_model}  # preset:NAME -> builder(ModelConfig) -> LoadedModel
