@@ -105,33 +105,43 @@ def test_features_mode_equals_kv_mode(tiny_pipeline, imgs):
 
 # --- selection properties ---------------------------------------------------------------------------------
 
-def test_vision_encoder_keeps_only_the_layers_it_reads(tiny_pipeline, imgs):
-    """The tapped encoder drops HF's per-layer outputs nobody reads and changes no number."""
-    from transformers.models.mllama.modeling_mllama import MllamaVisionEncoder
+def test_lightened_vision_tower_changes_no_number(tiny_pipeline, imgs):
+    """The tapped encoders drop HF's per-layer outputs nobody reads and the MLPs run in row chunks; the features
+    equal HF's own classes' on the same modules."""
+    from transformers.models.mllama.modeling_mllama import MllamaVisionEncoder, MllamaVisionMLP
 
-    from pipeline.model.encoder import TappedVisionEncoder
+    from pipeline.model.encoder import RowChunkedVisionMLP, TappedVisionEncoder
 
     pipe = tiny_pipeline
     vision = pipe.loaded.model.model.vision_model
     encoders = (vision.transformer, vision.global_transformer)
+    mlps = [layer.mlp for e in encoders for layer in e.layers]
     assert all(type(e) is TappedVisionEncoder for e in encoders)
+    assert all(type(m) is RowChunkedVisionMLP for m in mlps)
     x = torch.randn(1, 24, vision.config.hidden_size)
     states = vision.transformer(x).hidden_states
     taps = set(vision.intermediate_layers_indices)
     assert [i for i, h in enumerate(states) if h is not None] == sorted(taps)
     assert all(h is None for h in vision.global_transformer(x).hidden_states)
     prepared = pipe.prepare(PROMPTS[1], [imgs["4tile"]])
-    ours = pipe.encoder.encode(prepared).features
-    try:  # HF's own forward, keeping every layer's output, on the same modules
-        for e in encoders:
+    rows = RowChunkedVisionMLP.ROWS
+    try:
+        RowChunkedVisionMLP.ROWS = 7  # the tiny tower's 4 x 72 rows in many chunks, a short last one
+        ours = pipe.encoder.encode(prepared).features
+        for e in encoders:  # HF's own forward, keeping every layer's output, whole MLPs, on the same modules
             e.__class__ = MllamaVisionEncoder
+        for m in mlps:
+            m.__class__ = MllamaVisionMLP
         theirs = pipe.encoder.encode(prepared).features
         full = vision.transformer(x).hidden_states
     finally:
+        RowChunkedVisionMLP.ROWS = rows
         for e in encoders:
             e.__class__ = TappedVisionEncoder
-    assert torch.equal(ours, theirs)
-    assert len(full) == len(states) and all(torch.equal(full[i], states[i]) for i in taps)
+        for m in mlps:
+            m.__class__ = RowChunkedVisionMLP
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert len(full) == len(states) and all(torch.allclose(full[i], states[i], atol=1e-5) for i in taps)
 
 
 def test_topk_union_is_the_union_of_per_head_topk():
