@@ -2,7 +2,7 @@
 the API keys' environment variable (the config's `api_key_env`, from the Secret crosstrim-api-keys) on the Ray
 containers of the groups that can run the ingress.
 
-    python k8s/render.py          # rewrite the serveConfigV2 blocks in place
+    python k8s/render.py          # rewrite the serveConfigV2 blocks and the API keys' env in place
     python k8s/render.py --check  # exit 1 when a manifest differs from its render (tests/test_k8s.py checks the same)
 """
 
@@ -104,12 +104,16 @@ def can_host(group: dict, ray_actor_options: dict) -> bool:
             and all(float(advertised.get(k, 0)) >= float(v) for k, v in wanted.items()))
 
 
+def cluster_groups(cluster: dict) -> list[tuple[str, dict]]:
+    """(name, group spec) of the head ("head") and each worker group of a RayCluster spec."""
+    return [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+
+
 def ingress_groups(cluster: dict, cfg: dict) -> list[str]:
     """The head ("head") and worker groups a pod of which can run an Ingress replica of `cfg`."""
     options = [d.get("ray_actor_options") or {} for app in cfg["applications"] for d in app.get("deployments", [])
                if stage_of(d["name"]) == "ingress"] or [{}]
-    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
-    return [name for name, group in groups if any(can_host(group, opts) for opts in options)]
+    return [name for name, group in cluster_groups(cluster) if any(can_host(group, opts) for opts in options)]
 
 
 def env_block(names: list[str], indent: str) -> str:
@@ -126,7 +130,7 @@ def render_api_keys(text: str, cfg: dict) -> str:
     (right after its image lines), and nowhere else."""
     text = ENV_BLOCK.sub("", text)
     cluster = yaml.safe_load(text)["spec"]["rayClusterConfig"]
-    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+    groups = cluster_groups(cluster)
     found = list(CONTAINERS.finditer(text, text.index("rayClusterConfig:")))
     if [m["name"] for m in found] != [g["template"]["spec"]["containers"][0]["name"] for _, g in groups]:
         raise ValueError("cannot find each group's container list (`containers:` then `- name:` on the next line)")
