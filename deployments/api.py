@@ -209,7 +209,7 @@ def usage_chunk(rid: str, model: str, prompt_tokens: int, completion_tokens: int
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "timeout_error", 411: "invalid_request_error", 413: "invalid_request_error",
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "overloaded_error"}
 
 

@@ -155,7 +155,7 @@ class Ingress:
         replicas = [s["engine"] for s in pool]
         return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder}
 
-    @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 411, 413, 429, 500, 503))
+    @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
     async def chat_completions(self, req: api.ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         rid = api.completion_id()

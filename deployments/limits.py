@@ -1,6 +1,7 @@
 """The ingress's ASGI guard, run before FastAPI reads a byte of the body: API key (401), per-key concurrency (429),
-a body limit (413 from Content-Length, which is required: 411 without it) and a body-read timeout (408), so a client that
-sends a huge body or half a body and then silence costs a small, bounded amount and never blocks the others."""
+a body limit (413: from Content-Length before reading, or, for a chunked body, as soon as the bytes received pass it)
+and a body-read timeout (408), so a client that sends a huge body or half a body and then silence costs a small,
+bounded amount and never blocks the others."""
 
 import asyncio
 import json
@@ -13,7 +14,6 @@ from .auth import KeyLedger, authenticate, bearer
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 PER_KEY_PATHS = frozenset({"/v1/chat/completions"})  # what per-key concurrency counts
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @dataclass
@@ -75,8 +75,6 @@ class GuardMiddleware:
         length = content_length(scope)
         if length is not None and length < 0:
             return await send_error(send, 400, "invalid Content-Length header")
-        if length is None and scope["method"] in BODY_METHODS:  # a chunked body's size is known only once read
-            return await send_error(send, 411, "a Content-Length header is required")
         if length is not None and length > guard.max_body_bytes:
             return await send_error(send, 413, f"the request body is larger than {guard.max_body_bytes} bytes")
         counted = path in PER_KEY_PATHS
@@ -94,8 +92,8 @@ class GuardMiddleware:
 
 
 def limited_receive(receive, guard: Guard, method: str):
-    """`receive` with the body capped at max_body_bytes and the whole body due within body_read_timeout_s; after
-    the body, messages (the disconnect) pass untouched."""
+    """`receive` with the body capped at max_body_bytes (counted as it arrives: a chunked body has no Content-Length)
+    and the whole body due within body_read_timeout_s; after the body, messages (the disconnect) pass untouched."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + guard.body_read_timeout_s
     read, done = 0, method in ("GET", "HEAD", "OPTIONS", "DELETE")

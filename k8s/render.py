@@ -1,6 +1,8 @@
-"""Render each RayService's `serveConfigV2` under k8s/ from its Serve config under configs/ (one source of truth).
+"""Render each RayService's `serveConfigV2` under k8s/ from its Serve config under configs/ (one source of truth), and
+the API keys' environment variable (the config's `api_key_env`, from the Secret crosstrim-api-keys) on the Ray
+containers of the groups that can run the ingress.
 
-    python k8s/render.py          # rewrite the serveConfigV2 blocks in place
+    python k8s/render.py          # rewrite the serveConfigV2 blocks and the API keys' env in place
     python k8s/render.py --check  # exit 1 when a manifest differs from its render (tests/test_k8s.py checks the same)
 """
 
@@ -13,8 +15,18 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python k8s/render.py` from a checkout: deployments.config for api_key_env's default
+    sys.path.insert(0, str(ROOT))
 STAGE_LABEL = "crosstrim.io/stage"  # Ray node label on each stage's worker group (KubeRay `labels`)
 STAGES = ("ingress", "encoder", "trimmer", "decoder")  # found in the deployment names, e.g. VisionEncoder
+# The ingress reads its API keys (comma-separated) from the env var `api_key_env` names; on k8s from this Secret's
+# key. Optional: without the Secret the pods start and the API is open (the CPU demo); k8s/README.md creates it.
+API_KEYS_SECRET = {"name": "crosstrim-api-keys", "key": "keys"}
+ENV_MARK = "env:  # rendered by k8s/render.py"
+# A rendered env block: its key line and the list items under it (same indent, "- " or deeper).
+ENV_BLOCK = re.compile(r"^(?P<indent> *)" + re.escape(ENV_MARK) + r".*\n(?:(?P=indent)(?:- |  ).*\n)*", re.M)
+# Each pod template's container list and its first (the Ray) container's name line.
+CONTAINERS = re.compile(r"^(?P<indent> *)containers:\n(?P=indent)- name: (?P<name>\S+).*\n", re.M)
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,73 @@ def render_manifest(text: str, cfg: dict) -> str:
     return text[:match.start("body")] + body + text[match.end("body"):]
 
 
+def api_key_envs(cfg: dict) -> list[str]:
+    from deployments.config import AppConfig  # the default name lives there
+
+    default = AppConfig.model_fields["api_key_env"].default
+    return sorted({(app.get("args") or {}).get("api_key_env", default) for app in cfg["applications"]})
+
+
+def can_host(group: dict, ray_actor_options: dict) -> bool:
+    """A pod of the group may run the replica: Ray labels match its label_selector, and the group advertises its
+    custom resources (and, if it overrides CPU, enough CPU)."""
+    labels, advertised = group.get("labels") or {}, group.get("resources") or {}
+    wanted = dict(ray_actor_options.get("resources") or {})
+    if "CPU" in advertised:
+        wanted["CPU"] = ray_actor_options.get("num_cpus", 1)
+    return (all(labels.get(k) == v for k, v in (ray_actor_options.get("label_selector") or {}).items())
+            and all(float(advertised.get(k, 0)) >= float(v) for k, v in wanted.items()))
+
+
+def cluster_groups(cluster: dict) -> list[tuple[str, dict]]:
+    """(name, group spec) of the head ("head") and each worker group of a RayCluster spec."""
+    return [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+
+
+def ingress_groups(cluster: dict, cfg: dict) -> list[str]:
+    """The head ("head") and worker groups a pod of which can run an Ingress replica of `cfg`."""
+    options = [d.get("ray_actor_options") or {} for app in cfg["applications"] for d in app.get("deployments", [])
+               if stage_of(d["name"]) == "ingress"] or [{}]
+    return [name for name, group in cluster_groups(cluster) if any(can_host(group, opts) for opts in options)]
+
+
+def env_block(names: list[str], indent: str) -> str:
+    ref = ", ".join(f"{k}: {v}" for k, v in API_KEYS_SECRET.items())
+    lines = [f"{indent}{ENV_MARK} (API keys, the config's api_key_env)"]
+    for name in names:
+        lines += [f"{indent}- name: {name}", f"{indent}  valueFrom:",
+                  f"{indent}    secretKeyRef: {{{ref}, optional: true}}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def render_api_keys(text: str, cfg: dict) -> str:
+    """The manifest text with the API keys' env block on the Ray container of each group that can run the ingress
+    (right after its image lines), and nowhere else."""
+    text = ENV_BLOCK.sub("", text)
+    cluster = yaml.safe_load(text)["spec"]["rayClusterConfig"]
+    groups = cluster_groups(cluster)
+    found = list(CONTAINERS.finditer(text, text.index("rayClusterConfig:")))
+    if [m["name"] for m in found] != [g["template"]["spec"]["containers"][0]["name"] for _, g in groups]:
+        raise ValueError("cannot find each group's container list (`containers:` then `- name:` on the next line)")
+    wanted = set(ingress_groups(cluster, cfg))
+    for (name, group), match in reversed(list(zip(groups, found))):
+        if name not in wanted:
+            continue
+        if "env" in group["template"]["spec"]["containers"][0]:
+            raise ValueError(f"{name}: the Ray container has its own env; render.py writes the whole env list")
+        indent = match["indent"] + "  "
+        at = match.end()
+        while text.startswith(indent + "image", at):  # image, imagePullPolicy
+            at = text.index("\n", at) + 1
+        text = text[:at] + env_block(api_key_envs(cfg), indent) + text[at:]
+    return text
+
+
+def render(text: str, target: Target) -> str:
+    cfg = serve_config(target)
+    return render_api_keys(render_manifest(text, cfg), cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="report drift instead of rewriting")
@@ -85,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {target.manifest}: {target.config} does not exist yet")
             continue
         text = manifest.read_text()
-        rendered = render_manifest(text, serve_config(target))
+        rendered = render(text, target)
         if rendered == text:
             print(f"ok   {target.manifest}")
         elif args.check:

@@ -74,3 +74,20 @@ def test_eval_reports_the_target_policy_at_its_fraction(tiny_pipeline):
                                for p in prepared)
     assert target["kept_fraction"] == expected
     assert 0.25 <= target["kept_fraction"] < 0.26  # ceil(0.25 * tokens) of each image's tokens
+
+
+def test_target_at_topk_keeps_what_topk_kept_and_random_matches_each(tiny_pipeline):
+    """target_at_topk lines target up with topk_union's mean kept fraction; every random control keeps, per image,
+    as many tokens as the policy it controls; target's per-image fraction is its target (up to one token)."""
+    rows = [Row(s.id, s.image, s.prompt, s.answer, s.kind) for s in generate_samples(4, seed=7)]
+    result = evaluate(tiny_pipeline, rows, [1.0, 0.3], ["later"], 2, target_fractions=[0.2], target_at_topk=True)
+    keep_all, topk, fixed, matched = result["protocols"]["later"]
+    assert [p["policy"] for p in (keep_all, topk, fixed, matched)] == ["topk_union", "topk_union", "target", "target"]
+    assert matched["target_fraction"] == topk["kept_fraction"] < 1  # keep-all (1.0) gets no target twin
+    assert abs(matched["kept_fraction"] - topk["kept_fraction"]) < 0.02
+    for p in result["protocols"]["later"]:
+        assert p["random_kept_fraction"] == p["kept_fraction"]
+        assert p["kept_fraction_min"] <= p["kept_fraction"] <= p["kept_fraction_max"]
+    for p in (fixed, matched):
+        assert p["target_fraction"] <= p["kept_fraction_min"] and p["kept_fraction_max"] < p["target_fraction"] + 0.02
+        assert p["kept_fraction_stdev"] < 0.01

@@ -4,6 +4,7 @@ with API keys and per-key limits on), spoken to over HTTP and raw sockets on 127
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -115,7 +116,8 @@ def test_error_shape_and_no_host_reflection(app):
 def test_openapi_lists_the_real_statuses(app):
     doc = app.http.get("/openapi.json").json()
     chat_op = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
-    assert {"200", "400", "401", "408", "411", "413", "429", "503"} <= set(chat_op) and "422" not in chat_op
+    assert {"200", "400", "401", "408", "413", "429", "503"} <= set(chat_op) and "422" not in chat_op
+    assert "411" not in chat_op  # chunked bodies are accepted: nothing asks for a Content-Length
     assert "ErrorResponse" in json.dumps(chat_op["400"])
     assert "503" in doc["paths"]["/health"]["get"]["responses"]
 
@@ -171,20 +173,61 @@ def test_body_and_message_limits(app):
             except OSError:  # answered and closed while we still sent
                 pass
             assert b" 413 " in s.recv(4096).split(b"\r\n")[0]
-    # A body without a length (chunked) is refused before a byte of it is read.
-    def chunks():
-        for _ in range(50):
-            yield b"a" * 1_000_000
-    assert_openai_error(http.post("/v1/chat/completions", content=chunks(),
-                                  headers={"Content-Type": "application/json"}), 411)
     grown = ingress.memory_info().rss - rss0
     print(f"ingress RSS growth after 4 x 50 MB bodies: {grown / 2**20:.1f} MiB (limit {limit / 2**20:.0f} MiB)")
     assert grown < 50 * 2**20
+    # A chunked body (no Content-Length), as OpenAI clients may send: a small one is served; a large one is refused
+    # with 413 as soon as the bytes received pass the limit, while the client is still sending.
+    small = [b'{"messages": [{"role": "user", ', b'"content": "hi"}], ', b'"max_tokens": 2}']
+    r = http.post("/v1/chat/completions", content=iter(small), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+    total = 200 * 1_000_000
+    status, body, sent = post_chunked(app.port, (b"a" * 1_000_000 for _ in range(total // 1_000_000)))
+    assert_openai_error(httpx.Response(status, content=body), 413)
+    print(f"chunked {total / 1e6:.0f} MB body: 413 after {sent / 1e6:.0f} MB sent (limit {limit / 1e6:.1f} MB)")
+    assert limit < sent < total
+    grown = ingress.memory_info().rss - rss0
+    print(f"ingress RSS growth after those and the chunked ones: {grown / 2**20:.1f} MiB")
+    assert grown < limit + 50 * 2**20  # at most the limit's worth was read, not the 200 MB sent
+    # Half a chunked body and then silence: 408 after body_read_timeout_s, as with a Content-Length.
+    with socket.create_connection(("127.0.0.1", app.port), timeout=BODY_TIMEOUT_S + 15) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEYS[0].encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"6\r\n{\"mess\r\n")
+        assert b" 408 " in s.recv(4096).split(b"\r\n")[0]
     # 30,000 one-character messages: refused before templating or tokenising.
     t0 = time.perf_counter()
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}] * 30_000})
     assert_openai_error(r, 400)
     assert "messages" in r.json()["error"]["message"] and time.perf_counter() - t0 < 5
+
+
+def post_chunked(port: int, chunks) -> tuple[int, bytes, int]:
+    """POST a chunked body over a raw socket, about 100 MB/s, until an answer arrives: (status, body, bytes sent)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEYS[0].encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            for chunk in chunks:
+                if select.select([s], [], [], 0)[0]:
+                    break  # answered
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                time.sleep(0.01)
+            else:
+                s.sendall(b"0\r\n\r\n")
+        except OSError:  # answered and closed while we still sent
+            pass
+        raw = b""
+        while b"\r\n\r\n" not in raw and (part := s.recv(65536)):
+            raw += part
+        head, _, body = raw.partition(b"\r\n\r\n")
+        headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        length = int(headers[b"content-length"])
+        while len(body) < length and (part := s.recv(65536)):
+            body += part
+    return int(head.split(b" ")[1]), body, sent
 
 
 def test_idle_half_sent_connections_do_not_starve_others(app):

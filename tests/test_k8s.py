@@ -396,6 +396,7 @@ def test_serve_config_v2_is_generated_from_configs(target):
     assert yaml.safe_load(yaml.safe_load(text)["spec"]["serveConfigV2"]) == expected, \
         f"{target.manifest} is stale: run python k8s/render.py"
     assert render.render_manifest(text, expected) == text, f"{target.manifest} is stale: run python k8s/render.py"
+    assert render.render(text, target) == text, f"{target.manifest}: env is stale: run python k8s/render.py"
     assert without_kubernetes_changes(expected, source) == source
 
 
@@ -459,7 +460,7 @@ def inline_credential_problems(text: str, doc: dict) -> list[str]:
         problems.append("an AWS secret access key is written in the file")
     for c, env, _ in all_env(doc):
         for e in env:
-            if re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL", e["name"]) and (
+            if re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|API_KEY|CREDENTIAL", e["name"]) and (
                     "value" in e or "secretKeyRef" not in e.get("valueFrom", {})):
                 problems.append(f"{c['name']}: {e['name']} must come from a secretKeyRef")
     return problems
@@ -469,6 +470,40 @@ def inline_credential_problems(text: str, doc: dict) -> list[str]:
 def test_no_credentials_inline(path):
     docs = load_docs(path) if path.suffix == ".yaml" else [{"kind": "None"}]
     assert [p for d in docs for p in inline_credential_problems(path.read_text(), d)] == []
+
+
+def ingress_hosts(doc: dict) -> set[str]:
+    """Groups one pod of which fits an Ingress replica, by this file's resource model (not render.py's)."""
+    ingress = [c for c in serve_consumers(doc) if render.stage_of(c[0]) == "ingress"]
+    return {name for name, group in groups(cluster_spec(doc)) for _, demand, selector, _ in ingress
+            if selector_matches(selector, group.get("labels") or {}) and fits(demand, ray_capacity(group))}
+
+
+def api_key_problems(doc: dict) -> list[str]:
+    """Every group that can run the ingress gets each application's api_key_env from the optional Secret
+    crosstrim-api-keys (key `keys`); no other group gets the keys."""
+    from deployments.config import AppConfig
+
+    names = {(app.get("args") or {}).get("api_key_env", AppConfig().api_key_env)
+             for app in serve_config(doc)["applications"]}
+    wanted = {n: {"name": "crosstrim-api-keys", "key": "keys", "optional": True} for n in names}
+    hosts, problems = ingress_hosts(doc), []
+    if not hosts:
+        problems.append("no group can run the ingress")
+    for name, group in groups(cluster_spec(doc)):
+        env = group["template"]["spec"]["containers"][0].get("env", [])
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+        keys = {n: r for n, r in refs.items() if n in names}
+        if name in hosts and keys != wanted:
+            problems.append(f"{name}: runs the ingress; its API keys come from {keys}, not {wanted}")
+        if name not in hosts and keys:
+            problems.append(f"{name}: cannot run the ingress but gets the API keys")
+    return problems
+
+
+@pytest.mark.parametrize("item", RAYSERVICES, ids=doc_id)
+def test_ingress_pods_get_api_keys_from_a_secret(item):
+    assert api_key_problems(item[1]) == []
 
 
 def s3_reading_groups(doc: dict) -> list[str]:
@@ -877,5 +912,25 @@ def test_broken_credentials_are_caught():
         {"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}))
     assert inline_credential_problems(yaml.safe_dump(inline), inline)
     assert inline_credential_problems("AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE", {"kind": "None"})
+    literal_keys = broken(GPU, lambda d: worker(d, "ingress")["template"]["spec"]["containers"][0]["env"][0].update(
+        value="k1,k2"))
+    assert mentions(inline_credential_problems(yaml.safe_dump(literal_keys), literal_keys),
+                    "CROSSTRIM_API_KEYS must come from a secretKeyRef")
     no_secret = broken(GPU, lambda d: ray(d).pop("envFrom"))
     assert s3_credential_problems(no_secret) == ["decoder: reads S3 but gets no credentials from a Secret"]
+
+
+def test_broken_api_key_wiring_is_caught():
+    ingress_env = lambda d: worker(d, "ingress")["template"]["spec"]["containers"][0]["env"]  # noqa: E731
+    assert mentions(api_key_problems(broken(GPU, lambda d: ingress_env(d).clear())), "ingress: runs the ingress")
+    required = broken(GPU, lambda d: ingress_env(d)[0]["valueFrom"]["secretKeyRef"].pop("optional"))
+    assert mentions(api_key_problems(required), "ingress: runs the ingress")
+    leaked = broken(GPU, lambda d: worker(d, "decoder")["template"]["spec"]["containers"][0].update(
+        env=copy.deepcopy(ingress_env(d))))
+    assert mentions(api_key_problems(leaked), "decoder: cannot run the ingress")
+    # render.py puts a removed block back, and only where the ingress can run.
+    target = render.TARGETS[0]
+    text = (ROOT / target.manifest).read_text()
+    stripped = render.ENV_BLOCK.sub("", text)
+    assert stripped != text and render.render(stripped, target) == text
+    assert render.ingress_groups(cluster_spec(GPU), serve_config(GPU)) == ["ingress"]

@@ -1,6 +1,6 @@
-"""`crosstrim eval`: what trimming costs in accuracy. Per k_ratio: exact-match accuracy (or agreement with the
-untrimmed output when there are no labels), the mean kept fraction, and a control keeping as many tokens
-chosen at random; under two protocols (later layers trimmed, as the paper; every layer trimmed). Also
+"""`crosstrim eval`: what trimming costs in accuracy. Per k_ratio (topk_union) and target fraction (target):
+exact-match accuracy (or agreement with the untrimmed output when there are no labels), the kept fraction (mean and
+per-image spread), and a control keeping as many tokens per image chosen at random; under two protocols (later layers trimmed, as the paper; every layer trimmed). Also
 first-layer attention sparsity and inter-layer consistency. Accuracy runs the server's stages."""
 
 import json
@@ -40,6 +40,8 @@ def add_args(sub) -> None:
     p.add_argument("--k-ratios", default="1,0.5,0.3,0.2,0.1")
     p.add_argument("--target-fractions", default="0.5,0.3,0.2",
                    help="policy target: each image keeps exactly this fraction (sizes KV in advance)")
+    p.add_argument("--target-at-topk", action="store_true",
+                   help="also run target at each topk_union k_ratio's mean kept fraction (same KV on average)")
     p.add_argument("--protocols", default="later,all")
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--diagnostic-samples", type=int, default=32)
@@ -74,7 +76,9 @@ def _accuracy(texts: list[str], labels: list[str]) -> float:
 
 
 def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str], max_tokens: int,
-             target_fractions: list[float] = ()) -> dict:
+             target_fractions: list[float] = (), target_at_topk: bool = False) -> dict:
+    """Accuracy per policy setting against its random control (per image, as many tokens as the policy kept).
+    `target_at_topk`: also run the target policy at each topk_union setting's mean kept fraction (below 1)."""
     prepared = [pipe.prepare(r.prompt, [r.image]) for r in rows]
     visual = [pipe.encoder.encode(p) for p in prepared]
     trim = pipe.trimmer.trim
@@ -82,30 +86,39 @@ def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str],
     labelled = all(r.answer is not None for r in rows)
     labels = [r.answer for r in rows] if labelled else untrimmed
     kinds = sorted({r.kind for r in rows if r.kind})
+
+    def point(policy: str, knob: str, value: float, cfg: TrimConfig) -> dict:
+        trims = [trim(p, v, cfg) for p, v in zip(prepared, visual)]
+        texts = _generate(pipe, trims, max_tokens)
+        controls = [trim(p, v, TrimConfig(policy="random", budget_tokens=t.kept_tokens[0], seed=i,
+                                          trim_first_layer=cfg.trim_first_layer))
+                    for i, (p, v, t) in enumerate(zip(prepared, visual, trims))]
+        random_texts = _generate(pipe, controls, max_tokens)
+        kept = [t.kept_fraction for t in trims]
+        out = {"policy": policy, knob: value, "kept_fraction": statistics.mean(kept),
+               # per image: how well an operator can predict the KV a request will hold
+               "kept_fraction_min": min(kept), "kept_fraction_max": max(kept),
+               "kept_fraction_stdev": statistics.pstdev(kept),
+               "random_kept_fraction": statistics.mean(t.kept_fraction for t in controls),
+               "accuracy": _accuracy(texts, labels), "random_accuracy": _accuracy(random_texts, labels)}
+        for kind in kinds:
+            idx = [i for i, r in enumerate(rows) if r.kind == kind]
+            out[f"accuracy_{kind}"] = _accuracy([texts[i] for i in idx], [labels[i] for i in idx])
+            out[f"random_accuracy_{kind}"] = _accuracy([random_texts[i] for i in idx], [labels[i] for i in idx])
+        return out
+
     result = {"samples": len(rows), "metric": "exact match" if labelled else "agreement with untrimmed",
               "untrimmed_accuracy": _accuracy(untrimmed, labels),
               "later_layers_blinded_accuracy": _accuracy(later_blinded_texts(pipe, prepared, max_tokens), labels),
               "protocols": {}}
     for protocol in protocols:
-        points = []
         first = PROTOCOLS[protocol]
-        settings = [("topk_union", "k_ratio", k, TrimConfig(k_ratio=k, trim_first_layer=first)) for k in k_ratios]
-        settings += [("target", "target_fraction", f, TrimConfig(policy="target", target_fraction=f,
-                                                                  trim_first_layer=first)) for f in target_fractions]
-        for policy, knob, value, cfg in settings:
-            trims = [trim(p, v, cfg) for p, v in zip(prepared, visual)]
-            texts = _generate(pipe, trims, max_tokens)
-            controls = [trim(p, v, TrimConfig(policy="random", budget_tokens=t.kept_tokens[0], seed=i,
-                                              trim_first_layer=PROTOCOLS[protocol]))
-                        for i, (p, v, t) in enumerate(zip(prepared, visual, trims))]
-            random_texts = _generate(pipe, controls, max_tokens)
-            point = {"policy": policy, knob: value, "kept_fraction": statistics.mean(t.kept_fraction for t in trims),
-                     "accuracy": _accuracy(texts, labels), "random_accuracy": _accuracy(random_texts, labels)}
-            for kind in kinds:
-                idx = [i for i, r in enumerate(rows) if r.kind == kind]
-                point[f"accuracy_{kind}"] = _accuracy([texts[i] for i in idx], [labels[i] for i in idx])
-                point[f"random_accuracy_{kind}"] = _accuracy([random_texts[i] for i in idx], [labels[i] for i in idx])
-            points.append(point)
+        points = [point("topk_union", "k_ratio", k, TrimConfig(k_ratio=k, trim_first_layer=first)) for k in k_ratios]
+        fractions = list(target_fractions)
+        if target_at_topk:
+            fractions += [p["kept_fraction"] for p in points if p["kept_fraction"] < 1]
+        points += [point("target", "target_fraction", f,
+                         TrimConfig(policy="target", target_fraction=f, trim_first_layer=first)) for f in fractions]
         result["protocols"][protocol] = points
     return result
 
@@ -220,10 +233,14 @@ def plot(pipe, result: dict, row: Row, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for protocol, style in zip(result["protocols"], ("-", "--")):
         pts = result["protocols"][protocol]
-        pts = [p for p in pts if p["policy"] == "topk_union"]
-        xs = [p["kept_fraction"] for p in pts]
-        axes[0].plot(xs, [p["accuracy"] for p in pts], "o" + style, color="C0", label=f"Trimmed Llama ({protocol})")
-        axes[0].plot(xs, [p["random_accuracy"] for p in pts], "s" + style, color="C3", label=f"random ({protocol})")
+        topk = [p for p in pts if p["policy"] == "topk_union"]
+        target = sorted((p for p in pts if p["policy"] == "target"), key=lambda p: p["kept_fraction"])
+        xs = [p["kept_fraction"] for p in topk]
+        axes[0].plot(xs, [p["accuracy"] for p in topk], "o" + style, color="C0", label=f"Trimmed Llama ({protocol})")
+        axes[0].plot(xs, [p["random_accuracy"] for p in topk], "s" + style, color="C3", label=f"random ({protocol})")
+        if target:
+            axes[0].plot([p["kept_fraction"] for p in target], [p["accuracy"] for p in target], "^" + style,
+                         color="C2", label=f"target fraction ({protocol})")
     axes[0].axhline(result["untrimmed_accuracy"], color="grey", lw=0.8, label="untrimmed")
     axes[0].axhline(result["later_layers_blinded_accuracy"], color="grey", lw=0.8, ls=":",
                     label="later layers blinded")
@@ -247,14 +264,15 @@ def run(args) -> int:
                     engine=EngineConfig(kv_budget_bytes=1 << 30, max_running=128, max_waiting=1 << 20))
     rows = load_rows(args)
     targets = [float(x) for x in args.target_fractions.split(",") if x]
-    result = evaluate(pipe, rows, k_ratios, protocols, args.max_tokens, targets)
+    result = evaluate(pipe, rows, k_ratios, protocols, args.max_tokens, targets, args.target_at_topk)
     result["diagnostics"] = diagnostics(pipe, rows[: args.diagnostic_samples], TrimConfig().k_ratio)
     print(f"{result['samples']} samples, {result['metric']}; untrimmed {result['untrimmed_accuracy']:.3f}, "
           f"later cross-attention layers blinded {result['later_layers_blinded_accuracy']:.3f}")
     for protocol, pts in result["protocols"].items():
         for p in pts:
-            knob = f"k_ratio {p['k_ratio']:<5}" if "k_ratio" in p else f"target {p['target_fraction']:<6}"
-            print(f"  {protocol:5s} {knob} kept {p['kept_fraction']:.3f}  "
+            knob = f"k_ratio {p['k_ratio']:<5}" if "k_ratio" in p else f"target {p['target_fraction']:<6.4g}"
+            print(f"  {protocol:5s} {knob} kept {p['kept_fraction']:.3f} (per image {p['kept_fraction_min']:.3f}"
+                  f"..{p['kept_fraction_max']:.3f}, sd {p['kept_fraction_stdev']:.3f})  "
                   f"accuracy {p['accuracy']:.3f}  random {p['random_accuracy']:.3f}")
     print(json.dumps(result["diagnostics"]))
     if args.json_path:
