@@ -698,7 +698,7 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
                  if a["name"].startswith("SERVE_REPLICA::") and "#DecoderPool#" in a["name"]]
         try:
             handles = [ray.get_actor(n, namespace="serve") for n in names]
-            stats = ray.get([h.record_routing_stats.remote() for h in handles], timeout=5)
+            stats = ray.get([h.record_routing_stats.remote() for h in handles], timeout=10)
         except Exception:  # a replica starting or stopping
             return None
         return stats if len(stats) == 2 else None
@@ -713,7 +713,8 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
                 "stream": True})
                 for i in range(8)]
             responses = await asyncio.gather(*(c.send(r, stream=True) for r in reqs))
-            during = replicas()
+            # a busy replica may answer late on a loaded machine: ask again until both have (streams stay open)
+            during = await asyncio.to_thread(wait_for, replicas, 30, "both replicas' routing stats", 0.5)
             stats = (await c.get("/stats")).json()["decoder"]  # the whole pool, not the replica a handle picks
             for r in responses:
                 await r.aclose()
