@@ -186,3 +186,27 @@ def test_stages_loaded_apart_give_the_pipelines_tokens(tiny_pipeline, imgs):
     # Only the decoder (it detokenizes) read the tokenizer: it is loaded on first use, ~0.2 GiB for Llama-3.2's.
     assert [s.loaded.__dict__.get("processor") is not None for s in (encoder, trimmer, decoder)] == [
         False, False, True]
+
+
+FREE_PROBE = """
+import sys, torch
+from pipeline.memory import return_large_frees_to_os
+if sys.argv[1] == "on":
+    assert return_large_frees_to_os()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+x = torch.ones(20 * 2**20 // 4); del x  # glibc's adaptive threshold rises to this size
+before = rss()
+y = torch.ones(16 * 2**20 // 4); del y
+print(rss() - before)
+"""
+
+
+def test_large_frees_go_back_to_the_os():
+    """After load_model's mallopt a freed activation-sized tensor leaves the process; without it glibc keeps it."""
+    import subprocess
+    import sys
+
+    kept = {mode: int(subprocess.run([sys.executable, "-c", FREE_PROBE, mode], capture_output=True, text=True,
+                                     check=True).stdout) for mode in ("off", "on")}
+    assert kept["off"] > 8 * 2**20 and kept["on"] < 2**20, kept

@@ -6,6 +6,7 @@ import time
 from transformers import AutoProcessor, GenerationConfig, MllamaConfig
 
 from pipeline.config import ModelConfig
+from pipeline.memory import return_large_frees_to_os
 from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
 from pipeline.model.placement import pick_devices, placement_of
 from pipeline.model.sources import is_preset, resolve_source
@@ -23,6 +24,7 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     cfg = cfg or ModelConfig()
     if unknown := set(parts) - set(PARTS):
         raise ValueError(f"unknown model parts {sorted(unknown)} (have: {PARTS})")
+    return_large_frees_to_os()  # every process that runs a stage loads it here: CLI, Serve replicas, batch actors
     if is_preset(cfg.source):  # random weights built in memory, for benchmarks
         # torch-heavy presets load only when asked for
         from pipeline.model.presets import build_preset
