@@ -36,14 +36,17 @@ class FeatureCache:
         return item
 
     def put(self, key: str, item) -> None:
-        size = sum(t.numel() * t.element_size() for t in item)
+        size = item_bytes(item)
         if size > self.max_bytes or key in self.entries:
             return
         self.entries[key] = item
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for t in old)
+            self.bytes -= item_bytes(self.entries.popitem(last=False)[1])
+
+
+def item_bytes(item: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.nbytes for t in item)
 
 
 def select_images(prompt: PreparedPrompt, idx: list[int]) -> PreparedPrompt:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import MllamaConfig, MllamaForConditionalGeneration
+from transformers import MllamaConfig
 
 from pipeline.engine.kv_cache import KVCache
 from pipeline.model.placement import placement_of
-from pipeline.model.weights import layer_of, wanted
+from pipeline.model.weights import held_layers, meta_model, wanted
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GPU_BYTES = 80 * 10**9  # the configs assume 80 GB GPUs (A100/H100), as their headers say
@@ -31,8 +31,7 @@ STAGES = {"VisionEncoder": ("vision",), "Trimmer": ("trim",), "DecoderPool": ("t
 
 
 def param_counts(config: MllamaConfig) -> dict[str, int]:
-    with torch.device("meta"):
-        return {n: p.numel() for n, p in MllamaForConditionalGeneration(config).named_parameters()}
+    return {n: p.numel() for n, p in meta_model(config).named_parameters()}
 
 
 def stage_bytes(config: MllamaConfig, counts: dict[str, int], parts: tuple[str, ...], itemsize: int) -> int:
@@ -45,10 +44,7 @@ def per_gpu_bytes(config: MllamaConfig, counts: dict[str, int], parts: tuple[str
     """Weights and KV arena bytes on each of the replica's GPUs, placed as the loader and engine place them."""
     text = config.text_config
     need = wanted(config, parts)
-    held = [False] * text.num_hidden_layers  # as the loader places them: only the layers the stage holds count
-    for n in counts:
-        if need(n) and (layer := layer_of(n)) is not None:
-            held[layer] = True
+    held = held_layers(config, parts, counts)  # as the loader places them: only the layers the stage holds count
     placement, index = placement_of(text.num_hidden_layers, gpus, held)
     out = [0] * gpus
     for n, c in counts.items():

@@ -10,7 +10,7 @@ from pipeline.memory import return_large_frees_to_os
 from pipeline.model.loaded import LoadedModel, pick_device_dtype, prepare_for_inference
 from pipeline.model.placement import pick_devices, placement_of
 from pipeline.model.sources import is_preset, resolve_source
-from pipeline.model.weights import held_layers, load_stage_weights
+from pipeline.model.weights import held_layers, load_stage_weights, meta_model
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "trim", "text")
@@ -36,9 +36,11 @@ def load_model(cfg: ModelConfig | None = None, parts: tuple[str, ...] = ("vision
     devices = pick_devices(cfg, device)
     config = MllamaConfig.from_pretrained(path)
     config._attn_implementation = "sdpa"
-    held = held_layers(config, parts) if len(devices) > 1 else None  # balance the layers this stage holds
+    model = meta_model(config)
+    # balance the layers this stage holds
+    held = held_layers(config, parts, model.state_dict()) if len(devices) > 1 else None
     placement, index = placement_of(config.text_config.num_hidden_layers, len(devices), held)
-    model, nbytes = load_stage_weights(path, config, parts, dtype, lambda name: devices[index(name)])
+    model, nbytes = load_stage_weights(path, model, parts, dtype, lambda name: devices[index(name)])
     if (path / "generation_config.json").exists():  # EOS ids as from_pretrained reads them
         model.generation_config = GenerationConfig.from_pretrained(path)
     model = prepare_for_inference(model)

@@ -32,13 +32,19 @@ def split_layers(num_layers: int, parts: int, held: list[bool] | None = None) ->
     return out
 
 
+def layer_of(name: str) -> int | None:
+    """The text layer a (renamed) parameter name belongs to, or None outside the text layers."""
+    m = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 def placement_of(num_layers: int, parts: int, held: list[bool] | None = None):
     """(layer -> device index, name -> device index) for a model's parameter names."""
     layers = split_layers(num_layers, parts, held)
 
     def index(name: str) -> int:
-        if m := re.match(r"model\.language_model\.layers\.(\d+)\.", name):
-            return layers[int(m.group(1))]
+        if (layer := layer_of(name)) is not None:
+            return layers[layer]
         if name.startswith(("model.language_model.norm.", "lm_head.")):
             return parts - 1
         return 0  # embeddings, rotary table, vision tower, projector

@@ -2,7 +2,6 @@
 safetensors, one tensor at a time straight into its dtype and device; keys renamed by transformers' own mapping."""
 
 import json
-import re
 import struct
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers.core_model_loading import (
 )
 
 from pipeline.errors import ModelSourceError
+from pipeline.model.placement import layer_of
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -92,12 +92,17 @@ def _set(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def load_stage_weights(path: Path, config: MllamaConfig, parts: tuple[str, ...], dtype: torch.dtype,
-                       device_of) -> tuple[MllamaForConditionalGeneration, int]:
-    """The model with the tensors `parts` need loaded (device_of(name) places each) and everything else left on
-    the meta device (it holds no memory). Returns (model, bytes loaded)."""
+def meta_model(config: MllamaConfig) -> MllamaForConditionalGeneration:
+    """The model's modules with no memory behind them: names and shapes only."""
     with torch.device("meta"):
-        model = MllamaForConditionalGeneration(config)
+        return MllamaForConditionalGeneration(config)
+
+
+def load_stage_weights(path: Path, model: MllamaForConditionalGeneration, parts: tuple[str, ...],
+                       dtype: torch.dtype, device_of) -> tuple[MllamaForConditionalGeneration, int]:
+    """`model` (from meta_model) with the tensors `parts` need loaded in place (device_of(name) places each) and
+    everything else left on the meta device (it holds no memory). Returns (model, bytes loaded)."""
+    config = model.config
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
@@ -129,17 +134,10 @@ def load_stage_weights(path: Path, config: MllamaConfig, parts: tuple[str, ...],
     return model, loaded
 
 
-def layer_of(name: str) -> int | None:
-    m = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-def held_layers(config: MllamaConfig, parts: tuple[str, ...]) -> list[bool]:
-    """Which text layers a stage running `parts` loads any weights of (names from the meta device), for placement."""
-    with torch.device("meta"):
-        model = MllamaForConditionalGeneration(config)
+def held_layers(config: MllamaConfig, parts: tuple[str, ...], names) -> list[bool]:
+    """Which text layers a stage running `parts` loads any weights of, from the model's parameter names."""
     need, held = wanted(config, parts), [False] * config.text_config.num_hidden_layers
-    for name, _ in model.named_parameters():
+    for name in names:
         if need(name) and (layer := layer_of(name)) is not None:
             held[layer] = True
     return held
