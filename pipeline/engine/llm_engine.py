@@ -17,6 +17,7 @@ from pipeline.engine.model_runner import ModelRunner
 from pipeline.engine.sampling import SamplingParams, make_generator, sample
 from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Sequence
+from pipeline.engine.structured import GrammarCache, apply_bitmask, batch_bitmask
 from pipeline.model.loaded import LoadedModel
 from pipeline.types import RequestOutput, TrimResult
 
@@ -61,6 +62,7 @@ class LLMEngine:
         self.tokenizer = loaded.processor.tokenizer
         self.eos = set(loaded.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
+        self._grammars: GrammarCache | None = None  # built on the first structured request (xgrammar's vocab scan)
         self.tokens_generated = self.steps = self.last_batch_size = self.decode_steps = self.decode_rows = 0
         self.last_step_ms = 0.0
 
@@ -73,7 +75,16 @@ class LLMEngine:
         else:
             seq = Sequence(request_id, source, params)
         self.scheduler.check(seq)
+        if params.structured is not None:
+            self.grammars.compiled(params.structured)  # a bad spec is refused here; compiled once, cached
         return seq
+
+    @property
+    def grammars(self) -> GrammarCache:
+        if self._grammars is None:
+            vocab_size = self.loaded.text_config.vocab_size  # the lm_head's width, not the tokenizer's length
+            self._grammars = GrammarCache(self.tokenizer, vocab_size, sorted(self.eos), self.cfg.grammar_cache_size)
+        return self._grammars
 
     def add(self, seq: Sequence) -> Sequence:
         if seq.request_id in self.seqs:
@@ -127,7 +138,9 @@ class LLMEngine:
             seed = None if s.params.seed is None else s.params.seed + s.index
             s.generator = make_generator(s.params.model_copy(update={"seed": seed}), self.loaded.device)
             s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop)
-            outputs.append(self._append(s, logits))
+            if s.params.structured is not None:
+                s.grammar = self.grammars.matcher(s.params.structured)
+            outputs.append(self._append(s, self._constrained([s], logits[None])[0]))
         return outputs
 
     def _decode(self, batch: list[Sequence]) -> list[RequestOutput]:
@@ -137,8 +150,18 @@ class LLMEngine:
             logits = self.runner.decode(batch)
         except Exception:
             log.warning("batched decode of %d sequences failed; retrying each alone", len(batch), exc_info=True)
-            return [self._guarded(s, lambda s: self._append(s, self.runner.decode([s])[0])) for s in batch]
+            return [self._guarded(s, lambda s: self._append(s, self._constrained([s], self.runner.decode([s]))[0]))
+                    for s in batch]
+        logits = self._constrained(batch, logits)
         return [self._guarded(s, lambda s, row=row: self._append(s, row)) for s, row in zip(batch, logits)]
+
+    @staticmethod
+    def _constrained(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The structured-output hook: rows with a grammar keep only the tokens it allows (logits (B, V))."""
+        bitmask = batch_bitmask([s.grammar for s in seqs], logits.shape[-1])
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
+        return logits
 
     def _guarded(self, seq: Sequence, work) -> RequestOutput:
         try:
@@ -173,6 +196,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         token, logprob = sample(logits, seq.params, seq.generator)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)  # the grammar advances with every accepted token
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         seq.output_ids.append(token)

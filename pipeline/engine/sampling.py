@@ -3,6 +3,8 @@
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.engine.structured import StructuredOutput
+
 # What the sampler can compute: torch.Generator.manual_seed takes [-2^63, 2^64); logits / temperature overflow
 # float32 (inf, then NaN probabilities) below ~1e-37, so a floor well above that; top_p below float32's
 # resolution of the cumulative sum keeps nothing.
@@ -25,6 +27,7 @@ class SamplingParams(BaseModel):
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)  # with logprobs: this many most likely tokens a position
     n: int = Field(1, ge=1, le=16)  # completions of one prompt, sharing its prompt and image KV pages
+    structured: StructuredOutput | None = None  # the output's grammar (JSON schema, regex, choice, EBNF)
 
     @field_validator("temperature")
     @classmethod

@@ -33,6 +33,7 @@ class Sequence:
         self.index = 0  # which of the request's n completions; index 0 is the one prefilled
         self.siblings: list[Sequence] = []  # on index 0: the n - 1 forked after its prefill
         self.generator = None
+        self.grammar = None  # GrammarMatcher when params.structured, made at prefill (one per completion)
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
 
