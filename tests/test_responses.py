@@ -73,7 +73,7 @@ def run_sse(items, req, renderer):
 
 
 def test_json_body_per_index():
-    req, renderer = render(logprobs=True, top_logprobs=1, return_token_ids=True)
+    _, renderer = render(logprobs=True, top_logprobs=1, return_token_ids=True)
     stream = DecoderStream(FakeItems(OUTPUTS[1:]), OUTPUTS[0], TRIM)
     body = asyncio.run(collect(stream, Accumulator(2), renderer, retry_after_s=1))
     assert stream.items.cancelled
