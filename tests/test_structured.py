@@ -12,7 +12,7 @@ from helpers import PROMPTS
 from pipeline.config import TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
-from pipeline.engine.structured import GrammarCache, StructuredOutput, apply_bitmask, batch_bitmask
+from pipeline.engine.structured import GrammarCache, StructuredOutput
 from pipeline.errors import InvalidRequest
 
 # Bounded: every string and number has a length limit, so a random-weight model's completion must end.
@@ -126,16 +126,21 @@ def test_grammars_compile_once_per_schema_and_the_cache_is_bounded(tiny_pipeline
 
 
 def test_bitmask_matches_a_reference_mask_on_the_logits(tiny_pipeline):
-    """The packed mask allows exactly the tokens whose text can start the choice, plus nothing else."""
+    """The row a matcher fills allows exactly the tokens whose text can start one of the choices; the sampler's
+    torch hook and xgrammar's kernel mask the logits alike; a row without a grammar is untouched."""
+    import xgrammar as xgr
+
     tok = tiny_pipeline.loaded.processor.tokenizer
-    cache = GrammarCache(tok, 384, [382])
-    matcher = cache.matcher(StructuredOutput.choice(["yes", "no"]))
-    bitmask = batch_bitmask([matcher, None], 384)
+    matcher = GrammarCache(tok, 384, [382]).matcher(StructuredOutput.choice(["yes", "no"]))
+    bitmask = allocate_bitmask(2, 384)
+    matcher.fill_bitmask(bitmask, 0)
     assert bitmask.shape == (2, 12) and bitmask.dtype == torch.int32
-    logits = torch.zeros(2, 384)
-    apply_bitmask(logits, bitmask)
+    logits, theirs = torch.zeros(2, 384), torch.zeros(2, 384)
+    apply_token_bitmask(logits, bitmask)
+    xgr.apply_token_bitmask_inplace(theirs, bitmask)
+    assert torch.equal(logits, theirs)
     allowed = {i for i in range(384) if logits[0, i] == 0}
     vocab = {i: tok.decode([i]) for i in range(384) if i not in tok.all_special_ids and i < 376}
     reference = {i for i, text in vocab.items() if text and ("yes".startswith(text) or "no".startswith(text))}
     assert allowed == reference
-    assert bool((logits[1] == 0).all()), "a row without a grammar is untouched"
+    assert bool((logits[1] == 0).all())

@@ -4,6 +4,7 @@ import time
 from enum import Enum, auto
 
 from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.token_mask import TokenMask
 from pipeline.types import TrimResult
 
 
@@ -32,8 +33,7 @@ class Sequence:
         self.detok = None  # IncrementalDetokenizer, made by the engine
         self.index = 0  # which of the request's n completions; index 0 is the one prefilled
         self.siblings: list[Sequence] = []  # on index 0: the n - 1 forked after its prefill
-        self.generator = None
-        self.grammar = None  # GrammarMatcher when params.structured, made at prefill (one per completion)
+        self.logit_mask: TokenMask | None = None  # a per-row constraint (structured output) the sampler applies
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
 

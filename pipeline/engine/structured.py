@@ -129,7 +129,8 @@ def _without_control_bytes(decoded_vocab: list[bytes], vocab_size: int) -> torch
 
 
 class GrammarMatcher:
-    """One sequence's position in its grammar: fills its row of the batch's bitmask, advances on each token."""
+    """One sequence's position in its grammar (the sampler's TokenMask, pipeline/engine/token_mask.py): fills its
+    row of the step's bitmask, advances on each sampled token."""
 
     def __init__(self, compiled, also_allowed: torch.Tensor | None = None):
         import xgrammar as xgr
@@ -137,7 +138,7 @@ class GrammarMatcher:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.also_allowed = also_allowed  # a static packed mask ANDed in (JSON: no raw control characters)
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
         if self.also_allowed is not None:
             bitmask[row] &= self.also_allowed
@@ -149,23 +150,3 @@ class GrammarMatcher:
     @property
     def terminated(self) -> bool:
         return self.matcher.is_terminated()
-
-
-def batch_bitmask(matchers: list[GrammarMatcher | None], vocab_size: int) -> torch.Tensor | None:
-    """xgrammar's packed mask for a batch, (B, ceil(V / 32)) int32, bit set = token allowed; rows without a
-    grammar allow everything. None when no row has a grammar (the sampler skips the mask)."""
-    if all(m is None for m in matchers):
-        return None
-    bitmask = torch.full((len(matchers), -(-vocab_size // 32)), -1, dtype=torch.int32)
-    for row, m in enumerate(matchers):
-        if m is not None and not m.terminated:
-            m.fill(bitmask, row)
-    return bitmask
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Disallowed tokens' logits to -inf, in place, on the logits' device (xgrammar's CPU or CUDA kernel)."""
-    import xgrammar as xgr
-
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                    vocab_size=logits.shape[-1])
