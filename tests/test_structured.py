@@ -13,6 +13,7 @@ from pipeline.config import TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.structured import GrammarCache, StructuredOutput
+from pipeline.engine.token_mask import allocate_bitmask, apply_token_bitmask
 from pipeline.errors import InvalidRequest
 
 # Bounded: every string and number has a length limit, so a random-weight model's completion must end.
