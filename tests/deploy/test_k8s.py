@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
 IMAGE_ROOT = "/home/ray/crosstrim/"  # the Dockerfile's WORKDIR: repo files are there in the image

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from helpers import decoder_stats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 APP = "crosstrim"
 sys.path.insert(0, str(ROOT))
