@@ -50,7 +50,7 @@ def rss_mib() -> dict[str, float]:
     for name, p in replica_processes(APP).items():
         try:
             out[name] = round(p.memory_info().rss / 2**20, 1)
-        except Exception:  # noqa: BLE001  a replica restarting
+        except Exception:  # a replica restarting
             continue
     return out
 

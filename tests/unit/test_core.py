@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import PROMPTS
+from tests.helpers import PROMPTS
 
 from pipeline.cli import main as cli_main
 from pipeline.config import TrimConfig

@@ -4,7 +4,7 @@ GPU; scripts/gpu_check.sh runs these and the CUDA benchmarks in one command."""
 
 import pytest
 import torch
-from helpers import PROMPTS
+from tests.helpers import PROMPTS
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.attention import PerSequenceAttention, VarlenPagedAttention

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 import torch
-from helpers import PROMPTS
+from tests.helpers import PROMPTS
 
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.async_engine import AsyncLLMEngine

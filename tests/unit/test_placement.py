@@ -4,7 +4,7 @@ Pipeline and the engine (batched, preempting); with 2+ GPUs the gpu-marked test 
 
 import pytest
 import torch
-from helpers import PROMPTS
+from tests.helpers import PROMPTS
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
