@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import image, script
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate
+from tests.helpers import image, script
 
 ROOT = Path(__file__).resolve().parents[2]
 find_tokenizer = script("build_real_layout").find_tokenizer

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from tests.helpers import PROMPTS, script
 from safetensors.torch import save_file
 from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
@@ -18,6 +17,7 @@ from pipeline.model.sources import ASSETS
 from pipeline.model.trimmer import Trimmer
 from pipeline.model.weights import wanted
 from pipeline.quality.reference import reference_generate, trim_generated
+from tests.helpers import PROMPTS, script
 
 TINY = ASSETS / "tiny-mllama"
 CPU32 = dict(dtype="float32", device="cpu")
