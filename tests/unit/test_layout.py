@@ -89,6 +89,11 @@ def test_no_source_file_over_400_lines():
     assert not long
 
 
+def test_no_test_file_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "tests").rglob("*.py") if (n := p.read_text().count("\n")) > 600}
+    assert not long
+
+
 def test_every_module_has_a_docstring():
     missing = [str(p.relative_to(ROOT)) for p in modules().values() if not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing
