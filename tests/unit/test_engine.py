@@ -4,7 +4,6 @@ import asyncio
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.async_engine import AsyncLLMEngine
@@ -12,6 +11,7 @@ from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampler import Sampler, SampleRow
 from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import InvalidRequest, Overloaded
+from tests.helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")
