@@ -7,7 +7,6 @@ import re
 import jsonschema
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.config import TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
@@ -15,6 +14,7 @@ from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.structured import GrammarCache, StructuredOutput
 from pipeline.engine.token_mask import allocate_bitmask, apply_token_bitmask
 from pipeline.errors import InvalidRequest
+from tests.helpers import PROMPTS
 
 # Bounded: every string and number has a length limit, so a random-weight model's completion must end.
 SCHEMA = {
