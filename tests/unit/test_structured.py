@@ -145,3 +145,29 @@ def test_bitmask_matches_a_reference_mask_on_the_logits(tiny_pipeline):
     reference = {i for i, text in vocab.items() if text and ("yes".startswith(text) or "no".startswith(text))}
     assert allowed == reference
     assert bool((logits[1] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (scripts/gpu_check.sh runs this on one)")
+def test_structured_output_on_cuda(image_sources):
+    """The engine on CUDA: the bitmask goes to the logits' device, xgrammar's CUDA kernel and the sampler's torch
+    hook mask alike, and constrained completions validate."""
+    import xgrammar as xgr
+
+    from pipeline.config import ModelConfig
+    from pipeline.model.loader import load_model
+
+    loaded = load_model(ModelConfig(device="cuda"), parts=("text",))
+    engine = LLMEngine(loaded)
+    schema = StructuredOutput.json_schema(SCHEMA)
+    params = [SamplingParams(max_tokens=64, temperature=1.0, seed=i, structured=schema) for i in range(8)]
+    for s in _run(engine, [image_sources[i % 4].map_tensors(lambda t: t.cuda()) for i in range(8)], params):
+        jsonschema.validate(json.loads(s.text), SCHEMA)
+    matcher = engine.grammars.matcher(schema)
+    bitmask = allocate_bitmask(2, 384)
+    matcher.fill_bitmask(bitmask, 1)
+    ours, theirs = torch.randn(2, 384, device="cuda"), None
+    theirs = ours.clone()
+    apply_token_bitmask(ours, bitmask)
+    xgr.apply_token_bitmask_inplace(theirs, bitmask.cuda())
+    assert torch.equal(ours, theirs)
