@@ -150,3 +150,11 @@ class GrammarMatcher:
     @property
     def terminated(self) -> bool:
         return self.matcher.is_terminated()
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """The sampler's bitmask hook on xgrammar's kernels: disallowed tokens' logits (B, V) to -inf, in place, on
+    the logits' device (its CPU kernel, or CUDA's)."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1])
