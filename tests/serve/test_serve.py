@@ -475,6 +475,7 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
     """Scale DecoderPool to 2 replicas in place; a burst of long requests lands on both, each replica reporting
     its free KV budget to the KVBudgetRouter."""
     import ray
+    from ray import serve
 
     config = serve_app.session.config(deployments={"DecoderPool": {"num_replicas": 2,
                                                                     "ray_actor_options": {"num_cpus": 0.25}}})
@@ -492,6 +493,12 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
         return stats if len(stats) == 2 else None
 
     wait_for(replicas, 600, "a second DecoderPool replica", interval=1.0)
+
+    def both_running():  # the controller's view, which the ingress's handle follows (an actor answers before it)
+        pool = serve.status().applications[APP].deployments["DecoderPool"]
+        return pool.replica_states.get("RUNNING", 0) == 2 and pool.status == "HEALTHY"
+
+    wait_for(both_running, 600, "Serve to mark both DecoderPool replicas running", interval=1.0)
     time.sleep(1.5)  # one routing-stats period, so the ingress's router has both reports
 
     async def burst():
