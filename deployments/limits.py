@@ -116,7 +116,7 @@ def limited_receive(receive, guard: Guard, method: str):
             message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
         except asyncio.TimeoutError:
             done = True
-            raise HTTPException(408, f"the request body did not arrive within {guard.body_read_timeout_s} s")
+            raise HTTPException(408, f"the request body did not arrive within {guard.body_read_timeout_s} s") from None
         if message["type"] == "http.request":
             read += len(message.get("body", b""))
             if read > guard.max_body_bytes:
