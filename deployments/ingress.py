@@ -161,7 +161,7 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - never a bare 500 without a body
             error = exc if isinstance(exc, ApiError) else ApiError.of(classify(exc, rid), self.cfg.retry_after_s)
             self.requests.inc(tags={"status": str(error.status)})
-            raise error
+            raise error from None  # the client gets its own message; the cause is logged by classify
         self.ttft.observe(time.perf_counter() - t0, tags={"kind": "image" if stream.trim else "text"})
         self.requests.inc(tags={"status": "200"})
         return stream

@@ -37,7 +37,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 @pytest.fixture()
 def http(serve_app):
-    with httpx.Client(base_url=serve_app.url, timeout=60) as c:
+    with httpx.Client(base_url=serve_app.url, timeout=httpx.Timeout(60, read=300)) as c:
         yield c
 
 
@@ -393,7 +393,7 @@ def test_overloaded_gets_503_with_retry_after(serve_app, http):
     for r in refused:
         assert r.headers["retry-after"] == "1"
     assert any(r.status_code == 200 for r in done)
-    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed")
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 120, "KV to be freed")
     stats = decoder_stats(http)
     assert stats["running"] == stats["waiting"] == 0
     assert_healthy(http)
@@ -411,14 +411,14 @@ def test_disconnect_mid_stream_frees_kv(serve_app, http, images):
         assert any('"content"' in next(lines) for _ in range(6))
         assert decoder_stats(http)["kv_used_bytes"] > 0
     # Leaving the block closed the connection mid-stream.
-    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed after the disconnect")
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 120, "KV to be freed after the disconnect")
     assert decoder_stats(http)["tokens_generated"] - generated < max_tokens / 2
 
     # A non-streaming client that gives up frees its KV too.
     generated = decoder_stats(http)["tokens_generated"]
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
-    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed after the timeout")
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 120, "KV to be freed after the timeout")
     assert decoder_stats(http)["tokens_generated"] - generated < max_tokens / 2
     assert_healthy(http)
 
@@ -435,7 +435,7 @@ def test_prometheus_metrics(serve_app, http):
             return None
         return text if all(n in text for n in names) else None
 
-    text = wait_for(scraped, 40, "crosstrim metrics in the Prometheus export", interval=1.0)
+    text = wait_for(scraped, 120, "crosstrim metrics in the Prometheus export", interval=1.0)
     visual = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                  if line.startswith("ray_crosstrim_visual_tokens") and not line.startswith("#"))
     assert visual > 0
@@ -449,7 +449,7 @@ def test_prometheus_metrics(serve_app, http):
     assert stats["kv_used_bytes"] == 0
     wait_for(lambda: gauge("ray_crosstrim_decoder_kv_used_bytes") == [0.0] and
              gauge("ray_crosstrim_decoder_kv_budget_bytes") == [float(stats["kv_budget_bytes"])],
-             20, "KV gauges equal to /stats", interval=1.0)
+             120, "KV gauges equal to /stats", interval=1.0)
 
 
 @pytest.mark.serve_config(args={"ship": "features"})
@@ -462,7 +462,7 @@ def test_ship_features_matches_in_process(serve_app, http, oracle, images):
         r = http.post("/v1/chat/completions", json=body)
         return r.json() if r.status_code == 200 and r.json()["trim"]["ship"] == "features" else None
 
-    out = wait_for(features_answer, 120, "the redeployed trimmer to ship features", interval=1.0)
+    out = wait_for(features_answer, 600, "the redeployed trimmer to ship features", interval=1.0)
     want, want_ids = expected(oracle, "What colour is the square?", [images["exact"]], 24)
     assert out["choices"][0]["message"]["content"] == want.text and out["token_ids"] == want_ids
     t = out["trim"]
@@ -475,6 +475,7 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
     """Scale DecoderPool to 2 replicas in place; a burst of long requests lands on both, each replica reporting
     its free KV budget to the KVBudgetRouter."""
     import ray
+    from ray import serve
 
     config = serve_app.session.config(deployments={"DecoderPool": {"num_replicas": 2,
                                                                     "ray_actor_options": {"num_cpus": 0.25}}})
@@ -491,7 +492,13 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
             return None
         return stats if len(stats) == 2 else None
 
-    wait_for(replicas, 120, "a second DecoderPool replica", interval=1.0)
+    wait_for(replicas, 600, "a second DecoderPool replica", interval=1.0)
+
+    def both_running():  # the controller's view, which the ingress's handle follows (an actor answers before it)
+        pool = serve.status().applications[APP].deployments["DecoderPool"]
+        return pool.replica_states.get("RUNNING", 0) == 2 and pool.status == "HEALTHY"
+
+    wait_for(both_running, 600, "Serve to mark both DecoderPool replicas running", interval=1.0)
     time.sleep(1.5)  # one routing-stats period, so the ingress's router has both reports
 
     async def burst():
@@ -502,7 +509,7 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
                 for i in range(8)]
             responses = await asyncio.gather(*(c.send(r, stream=True) for r in reqs))
             # a busy replica may answer late on a loaded machine: ask again until both have (streams stay open)
-            during = await asyncio.to_thread(wait_for, replicas, 30, "both replicas' routing stats", 0.5)
+            during = await asyncio.to_thread(wait_for, replicas, 120, "both replicas' routing stats", 0.5)
             stats = (await c.get("/stats")).json()["decoder"]  # the whole pool, not the replica a handle picks
             for r in responses:
                 await r.aclose()
@@ -518,4 +525,4 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
     assert pool["replicas"] == 2 and configured * 0.99 < budget <= configured, pool
     assert pool["running"] + pool["waiting"] == 8, pool  # every request of the burst, wherever it landed
     wait_for(lambda: all(s["requests"] == 0 and s["kv_free_bytes"] == budget for s in replicas() or [{"requests": 1}]),
-             20, "both replicas to free their KV")
+             120, "both replicas to free their KV")
