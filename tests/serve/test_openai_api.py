@@ -14,7 +14,6 @@ import yaml
 from tests.helpers import ROOT, data_url, image, png
 
 MODEL = "crosstrim-tiny"
-EOT = 382  # <|eot_id|>
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["shape", "row", "seen"],
           "properties": {"shape": {"enum": ["square", "circle", "triangle"]},
                          "row": {"type": "integer", "minimum": 1, "maximum": 4}, "seen": {"type": "boolean"}}}
@@ -73,13 +72,16 @@ def token_ids(client, messages, **fields) -> tuple[list[int], str]:
 
 def test_sampling_fields_reach_the_sampler(client, http, engine):
     msgs = user("what is the shape at row one column three?")
-    a_token = http.post("/tokenize", json={"prompt": " circle", "add_special_tokens": False}).json()["tokens"][0]
+    def ids(text: str) -> list[int]:
+        return http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+    a_token, (eot,) = ids(" circle")[0], ids("<|eot_id|>")
 
     forced, _ = token_ids(client, msgs, max_tokens=5, temperature=1.0, logit_bias={str(a_token): 100})
     assert forced == [a_token] * 5  # +100 makes it the only token with any probability
-    none, reason = token_ids(client, msgs, max_tokens=8, logit_bias={str(EOT): 100})
+    none, reason = token_ids(client, msgs, max_tokens=8, logit_bias={str(eot): 100})
     assert none == [] and reason == "stop"  # the end-of-turn token at once
-    three, reason = token_ids(client, msgs, max_tokens=8, logit_bias={str(EOT): 100}, extra_body={"min_tokens": 3})
+    three, reason = token_ids(client, msgs, max_tokens=8, logit_bias={str(eot): 100}, extra_body={"min_tokens": 3})
     assert len(three) == 3 and reason == "stop"  # no end of sequence before min_tokens
     stopped, reason = token_ids(client, msgs, max_tokens=5, temperature=1.0, logit_bias={str(a_token): 100},
                                 extra_body={"stop_token_ids": [a_token]})

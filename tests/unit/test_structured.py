@@ -81,7 +81,7 @@ def test_unconstrained_rows_sample_as_without_the_constrained_ones(tiny_pipeline
     alone = [s.output_ids for s in _run(LLMEngine(tiny_pipeline.loaded), image_sources, free)]
     engine = LLMEngine(tiny_pipeline.loaded)
     schema = StructuredOutput.json_schema(SCHEMA)
-    constrained = [SamplingParams(max_tokens=40, temperature=1.0, seed=i, structured=schema) for i in range(4)]
+    constrained = [SamplingParams(max_tokens=64, temperature=1.0, seed=i, structured=schema) for i in range(4)]
     mixed = _run(engine, image_sources + image_sources, free + constrained)
     assert engine.stats().decode_rows > engine.stats().decode_steps, "rows must share decode steps"
     assert [s.output_ids for s in mixed[:4]] == alone
