@@ -46,11 +46,12 @@ class DecoderPool:
             ("swapped", "Sequences preempted to host memory"), ("preemptions", "Preemptions since start"),
         )}
 
-    async def generate(self, source: Handoff | list[int], params: dict, request_id: str):
+    async def generate(self, handoff: Handoff, params: SamplingParams, request_id: str):
         """Yields dicts: RequestOutput fields (the first also carries `trim`), or one {"error": ...}."""
-        summary = source.summary(received_at=time.time()) if isinstance(source, Handoff) else None
-        stream = self.engine.generate(source.trim if summary else source, SamplingParams(**params), request_id)
-        del source  # the engine drops the big resume tensors after the prefill; hold no other reference
+        request = handoff.request()
+        summary = handoff.summary(request, received_at=time.time())
+        stream = self.engine.generate(request, params, request_id)
+        del handoff, request  # the engine drops the big resume tensors after the prefill; hold no other reference
         first = True
         async with contextlib.aclosing(stream):  # an abandoned stream frees its KV at once
             try:
@@ -92,7 +93,7 @@ class DecoderPool:
 
     async def kv_bytes_per_token(self) -> float:
         """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""
-        return self.engine.engine.kv.bytes_needed(4096, 0) / 4096
+        return self.engine.kv_bytes_per_token()
 
     async def load_stats(self) -> dict:
         return self.loaded.load_stats()

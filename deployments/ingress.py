@@ -14,9 +14,11 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
+from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import InvalidRequest
 from pipeline.model.inputs import decode_image, prepare_prompt
 from pipeline.model.loader import load_processor
+from pipeline.orchestration import run_stages
 from pipeline.types import PreparedPrompt
 
 from . import api
@@ -24,6 +26,7 @@ from .auth import KeyLedger, load_keys
 from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .config import AppConfig
 from .faults import classify, log
+from .handoff import Handoff
 from .images import ImageFetcher, image_key
 from .limits import Guard, GuardMiddleware
 from .replicas import aggregate, routing_stats
@@ -200,7 +203,7 @@ class Ingress:
             down = await self.watch.wait_up(stages, self.cfg.stage_wait_s)
             if down:
                 raise ApiError(503, str(StageUnavailable(down)), self.cfg.retry_after_s)
-            items = self._send(prepared, keys, params.model_dump(), trim_cfg, rid)
+            items = self._send(prepared, keys, params, trim_cfg, rid)
             try:
                 first = await self.watch.first(items, stages, self.cfg.stage_wait_s)  # ends if a stage stays down
             except asyncio.CancelledError:
@@ -260,15 +263,11 @@ class Ingress:
             log.warning("preprocessing refused an input: %s: %s", type(exc).__name__, exc)
             raise InvalidRequest("could not preprocess the request's text or images") from exc
 
-    def _send(self, prepared: PreparedPrompt, keys: list[str], params: dict, trim_cfg, rid: str):
+    def _send(self, prepared: PreparedPrompt, keys: list[str], params: SamplingParams, trim_cfg, rid: str):
         """Chain the stages by handle: each stage's result goes to the next through the object store,
         never through this replica."""
-        if prepared.num_images == 0:
-            return self.decoder.generate.remote(prepared.input_ids.tolist(), params, rid)
-        visual = self.encoder.encode.remote(prepared, keys)
-        # The trimmer needs the ids and the cross-attention mask, not the pixels.
-        for_trimmer = PreparedPrompt(input_ids=prepared.input_ids, cross_attention_mask=prepared.cross_attention_mask)
-        handoff = self.trimmer.trim.remote(for_trimmer, visual, trim_cfg)
+        handoff = run_stages(prepared, lambda p: self.encoder.encode.remote(p, keys),
+                             lambda p, visual: self.trimmer.trim.remote(p, visual, trim_cfg), Handoff.of)
         return self.decoder.generate.remote(handoff, params, rid)
 
     # ---- responses

@@ -56,10 +56,10 @@ def test_engine_on_cuda_equals_cpu_with_preemption(tiny_pipeline, imgs):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     want = [s.output_ids for s in LLMEngine(tiny_pipeline.loaded).generate(sources, params)]
     probe = LLMEngine(gpu.loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
-    need = max(probe.kv.bytes_needed(s.prompt_len + 24, s.num_kept) for s in sources)
+    need = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=24)) for s in sources)
     for budget in (64 * 2**20, int(need * 1.4)):
         engine = LLMEngine(gpu.loaded, EngineConfig(kv_budget_bytes=budget, block_size=4, kv_watermark=0.0))
         got = [s.output_ids for s in engine.generate(sources, params)]
         assert got == want
-        assert engine.kv.used_bytes == 0
+        assert engine.stats().kv_used_bytes == 0
     assert engine.stats().preemptions > 0

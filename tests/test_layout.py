@@ -1,5 +1,5 @@
 """The layout's rules, checked on the source: pipeline/ never imports the Serve layer or the load tests, no import
-cycle, no source file over 400 lines, the public API at `pipeline`, and the CLI's error handling."""
+cycle, the engine imports no stage, no source file over 400 lines, the public API at `pipeline`, and the CLI's error handling."""
 
 import ast
 import subprocess
@@ -51,6 +51,15 @@ def test_pipeline_never_imports_serve_layer_or_loadtests():
     assert not {m: d for m, d in bad.items() if d}
 
 
+STAGES = ("pipeline.model.encoder", "pipeline.model.trimmer")
+
+
+def test_engine_imports_no_stage():
+    """The decoder engine reads the hand-off types and the layer math (pipeline/model/layers.py), never a stage."""
+    bad = {m: sorted(d for d in deps if d in STAGES) for m, deps in graph().items() if m.startswith("pipeline.engine")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
 def test_no_import_cycle():
     g = graph()
     # A package's __init__ importing its own submodules is not a cycle of concern; edges into a package count.
@@ -98,7 +107,7 @@ def test_public_api_and_light_import():
     import pipeline
     from pipeline import EngineConfig, ModelConfig, Pipeline, SamplingParams, TrimConfig  # noqa: F401
 
-    assert {"Pipeline", "SamplingParams", "TrimConfig", "TrimResult"} <= set(dir(pipeline))
+    assert {"Pipeline", "SamplingParams", "TrimConfig", "DecodeRequest"} <= set(dir(pipeline))
     with pytest.raises(AttributeError):
         pipeline.NoSuchThing  # noqa: B018
     # A locust worker or the ingress may import a light module without loading torch.

@@ -33,9 +33,13 @@ class Scheduler:
         if need > self.kv.capacity_bytes:
             raise InvalidRequest(f"request needs {need} bytes of KV; the whole budget is {self.kv.capacity_bytes}")
 
+    def has_room(self, pending: int = 0) -> bool:
+        """The queue's bound: another sequence may wait, with `pending` more already on their way."""
+        return len(self.waiting) + pending < self.cfg.max_waiting
+
     def add(self, seq: Sequence) -> None:
         self.check(seq)
-        if len(self.waiting) >= self.cfg.max_waiting:
+        if not self.has_room():
             raise Overloaded(f"{len(self.waiting)} requests already waiting; try again later")
         self.waiting.append(seq)
 
