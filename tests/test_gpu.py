@@ -22,7 +22,7 @@ def test_varlen_paged_attention_equals_per_sequence(dtype, atol):
     heads, kvh, hd = 32, 8, 128
     kv = KVCache(3 * 2**30, 40, [3, 8, 13, 18, 23, 28, 33, 38], kvh, hd, dtype, "cuda", block_size=256,
                  cross_layout="page")
-    kv.arena.normal_()
+    kv.arenas[0].data.normal_()
     lengths, kept = [1, 17, 200, 1200], [5, 300, 1601, 33]
     seqs = [kv.allocate(n, c) for n, c in zip(lengths, kept)]
     holes = kv.blocks.allocate(7)  # later pages land elsewhere: fragmented tables
@@ -32,14 +32,14 @@ def test_varlen_paged_attention_equals_per_sequence(dtype, atol):
     lengths = [n + 40 for n in lengths]
     q = torch.randn(len(seqs), heads, 1, hd, dtype=dtype, device="cuda")
     loop, varlen = PerSequenceAttention(kv), VarlenPagedAttention(kv)
-    for slot in (0, 31):
-        want = loop.self_attn(q, seqs, lengths, slot, hd**-0.5)
-        got = varlen.self_attn(q, seqs, lengths, slot, hd**-0.5)
+    for kv_layer in (0, 31):
+        want = loop.self_attn(q, seqs, lengths, kv_layer, hd**-0.5)
+        got = varlen.self_attn(q, seqs, lengths, kv_layer, hd**-0.5)
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
     masks = [None, None, torch.rand(kept[2], device="cuda") > 0.5, None]
-    for slot in (0, 7):
-        want = loop.cross_attn(q, seqs, masks, slot, hd**-0.5)
-        got = varlen.cross_attn(q, seqs, masks, slot, hd**-0.5)
+    for kv_layer in (0, 7):
+        want = loop.cross_attn(q, seqs, masks, kv_layer, hd**-0.5)
+        got = varlen.cross_attn(q, seqs, masks, kv_layer, hd**-0.5)
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 

@@ -15,6 +15,7 @@ from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate, trim_generated
+from pipeline.types import DecodeRequest
 
 MAX_NEW = 12
 
@@ -124,8 +125,8 @@ def test_fragmented_pages_are_gathered_exactly(tiny_pipeline, cases):
     seq = engine.add_request(src, params)
     while engine.has_work():
         engine.step()
-        if seq.kv is not None:
-            assert runs(seq.kv.self_pages) == len(seq.kv.self_pages) and seq.kv.self_base is None
+        if seq.pages is not None:
+            assert runs(seq.pages.self_pages) == len(seq.pages.self_pages) and seq.pages.self_base is None
     assert seq.output_ids == expected
 
 
@@ -214,7 +215,7 @@ def test_n_completions_share_pages_and_equal_separate_requests(tiny_pipeline, ca
 
 
 def test_cross_page_layout_is_the_pool_a_block_table_indexes():
-    """The "page" layout (CUDA's): page p of cross_pool(slot) holds tokens p*size.. of the sequence using it,
+    """The "page" layout (CUDA's): page p of cross_pool(kv_layer) holds tokens p*size.. of the sequence using it,
     and writes read back the same through fragmented pages."""
     kv = KVCache(2**20, 6, [1, 4], 2, 8, torch.float32, "cpu", block_size=4, cross_layout="page")
     bm = kv.blocks

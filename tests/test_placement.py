@@ -44,8 +44,8 @@ def _check_placement(pipe, devices):
     assert module_device(loaded.model.model.vision_model) == want[0]
     kv = pipe.engine.kv  # one arena per placed device, each holding the K/V of its layers only
     assert len(kv.arenas) == len(devices) and [a.data.device for a in kv.arenas] == want
-    for (cross, slot), (a, _) in kv.where.items():
-        layer = next(i for i in range(n) if kv.slot[i] == slot and (i in loaded.cross_layers) == cross)
+    for (cross, kv_layer), (a, _) in kv.layout.where.items():
+        layer = next(i for i in range(n) if kv.kv_layer[i] == kv_layer and (i in loaded.cross_layers) == cross)
         assert a == loaded.placement[layer]
 
 

@@ -268,7 +268,7 @@ class LLMEngine:
         return EngineStats(
             running=len(sched.running), waiting=len(sched.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
-            kv_written_bytes=sum(self.kv.written_bytes(s.kv) for s in sched.running),
+            kv_written_bytes=sum(self.kv.written_bytes(s.pages) for s in sched.running),
             swapped=len(sched.swapped), preemptions=sched.preemptions,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,

@@ -4,7 +4,9 @@ KV pages."""
 import time
 from enum import Enum, auto
 
+from pipeline.engine.page_table import PageTable
 from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.swap import SwappedKV
 from pipeline.types import DecodeRequest, ImageState, ResumeState
 
 
@@ -29,8 +31,8 @@ class Sequence:
         self.text = ""  # detokenized output, cut at a stop string
         self.emitted = ""  # the prefix of `text` already streamed
         self.finish_reason: str | None = None
-        self.kv = None  # SeqKV once admitted
-        self.swapped = None  # (self K/V, cross K/V) on the host while preempted
+        self.pages: PageTable | None = None  # while running: its KV pages
+        self.swapped: SwappedKV | None = None  # while preempted: its K/V on the host
         self.detok = None  # IncrementalDetokenizer, made by the engine
         self.index = 0  # which of the request's n completions; index 0 is the one prefilled
         self.siblings: list[Sequence] = []  # on index 0: the n - 1 forked after its prefill
