@@ -133,6 +133,10 @@ class CrossKV:
     kv: torch.Tensor  # (cross_layers, 2, KVH, kept, hd)
 
     @property
+    def tensor(self) -> torch.Tensor:
+        return self.kv
+
+    @property
     def nbytes(self) -> int:
         return _nbytes([self.kv])
 
@@ -142,6 +146,10 @@ class KeptFeatures:
     """The kept tokens' projected features (hidden floats a token); the decoder projects every layer's K/V."""
 
     features: torch.Tensor  # (kept, hidden)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.features
 
     @property
     def nbytes(self) -> int:
@@ -219,26 +227,30 @@ class DecodeRequest:
         return self.to_payload().nbytes
 
     def to_payload(self) -> Payload:
+        """Tensors named "image.<field>", "resume.<field>" and "resume.cross" (K/V or features, as `ship` says);
+        plain fields: the prompt ids, the image state's counts, `ship`."""
         tensors, fields = {}, {"prompt_token_ids": list(self.prompt_token_ids)}
         if self.image is not None:
-            t, fields["image"] = _tensor_fields(self.image)
-            tensors |= {f"image.{k}": v for k, v in t.items()}
-            resume = dataclasses.replace(self.resume, cross=None)
-            t, _ = _tensor_fields(resume)
-            tensors |= {f"resume.{k}": v for k, v in t.items()}
+            image_tensors, fields["image"] = _tensor_fields(self.image)
+            resume_tensors, _ = _tensor_fields(self.resume)  # its one plain field is `cross`, named below
+            tensors |= {f"image.{k}": v for k, v in image_tensors.items()}
+            tensors |= {f"resume.{k}": v for k, v in resume_tensors.items()}
+            tensors["resume.cross"] = self.resume.cross.tensor
             fields["ship"] = self.resume.ship
-            tensors["resume.cross"] = next(iter(_tensor_fields(self.resume.cross)[0].values()))
         return Payload(tensors, fields)
 
     @classmethod
     def from_payload(cls, payload: Payload) -> "DecodeRequest":
-        fields, tensors = payload.fields, payload.tensors
+        fields = payload.fields
         if "image" not in fields:
             return cls(list(fields["prompt_token_ids"]))
-        part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("resume.")}
-        cross = CROSS_KINDS[fields["ship"]](part.pop("cross"))
-        image = ImageState(**fields["image"], **{k[6:]: v for k, v in tensors.items() if k.startswith("image.")})
-        return cls(list(fields["prompt_token_ids"]), image, ResumeState(cross=cross, **part))
+        parts = {"image": {}, "resume": {}}
+        for name, t in payload.tensors.items():
+            owner, _, field_name = name.partition(".")
+            parts[owner][field_name] = t
+        cross = CROSS_KINDS[fields["ship"]](parts["resume"].pop("cross"))
+        image = ImageState(**fields["image"], **parts["image"])
+        return cls(list(fields["prompt_token_ids"]), image, ResumeState(cross=cross, **parts["resume"]))
 
     def to(self, device) -> "DecodeRequest":
         return map_tensors(self, lambda t: t.to(device))
