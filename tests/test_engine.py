@@ -61,7 +61,7 @@ def test_greedy_alone_equals_hf(tiny_pipeline, sources):
     from pipeline.quality.reference import trim_generated
 
     model = tiny_pipeline.loaded.model
-    ids = torch.tensor(sources[5])
+    ids = torch.tensor(sources[5].prompt_token_ids)
     out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=10, do_sample=False)
     assert _alone(tiny_pipeline.loaded, sources[5], SamplingParams(max_tokens=10)) == trim_generated(out[0, len(ids):].tolist(), model)
 
