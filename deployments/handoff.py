@@ -7,6 +7,8 @@ import torch
 
 from pipeline.types import DecodeRequest, Payload
 
+from .stream import TrimSummary
+
 
 @dataclass
 class Handoff:
@@ -34,19 +36,17 @@ class Handoff:
         t = self.payload.tensors.get("resume.cross")
         return 0 if t is None else t.numel() * t.element_size()
 
-    def summary(self, request: DecodeRequest, received_at: float) -> dict | None:
-        """The trim summary the first output carries; None for a text-only prompt."""
+    def summary(self, request: DecodeRequest, received_at: float) -> TrimSummary:
+        """The trim summary the stream opens with (`request` is this hand-off's, with an image)."""
         image = request.image
-        if image is None:
-            return None
-        return {
-            "visual_tokens": sum(image.visual_tokens),
-            "kept_tokens": sum(image.kept_tokens),
-            "kept_ratio": round(image.kept_fraction, 6),
-            "cross_kv_bytes": image.cross_kv_bytes,  # what the decoder holds for this request
-            "cross_kv_bytes_full": image.cross_kv_bytes_full,  # what it would hold untrimmed
-            "ship": request.resume.ship,
-            "shipped_bytes": self.nbytes,
-            "shipped_cross_bytes": self.cross_bytes,
-            "hop_ms": round((received_at - self.sent_at) * 1e3, 3),
-        }
+        return TrimSummary(
+            visual_tokens=sum(image.visual_tokens),
+            kept_tokens=sum(image.kept_tokens),
+            kept_ratio=round(image.kept_fraction, 6),
+            cross_kv_bytes=image.cross_kv_bytes,  # what the decoder holds for this request
+            cross_kv_bytes_full=image.cross_kv_bytes_full,  # what it would hold untrimmed
+            ship=request.resume.ship,
+            shipped_bytes=self.nbytes,
+            shipped_cross_bytes=self.cross_bytes,
+            hop_ms=round((received_at - self.sent_at) * 1e3, 3),
+        )

@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.cli import main as cli_main
 from pipeline.config import TrimConfig
@@ -18,6 +17,7 @@ from pipeline.quality.reference import (
     trim_generated,
 )
 from pipeline.types import CrossKV, DecodeRequest, KeptFeatures
+from tests.helpers import PROMPTS
 
 MAX_NEW = 12
 CASES = [

@@ -5,7 +5,6 @@ import asyncio
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.async_engine import AsyncLLMEngine
@@ -16,6 +15,7 @@ from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate, trim_generated
 from pipeline.types import DecodeRequest
+from tests.helpers import PROMPTS
 
 MAX_NEW = 12
 
