@@ -19,6 +19,7 @@ from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.structured import GrammarCache, GrammarMatcher, StructuredOutput, apply_bitmask
 from pipeline.engine.token_mask import allocate_bitmask, apply_token_bitmask
 from pipeline.inprocess import Pipeline
+from pipeline.types import DecodeRequest
 
 # Never finishes inside the measured steps (no end-of-sequence allowed before 400 characters), so every step
 # decodes the whole batch; a JSON object with one long string, the shape of an extraction result.
@@ -61,7 +62,7 @@ class Timed:
 def engine_steps(pipe: Pipeline, batch: int, steps: int, structured: StructuredOutput | None) -> dict:
     """Mean decode-step ms with `batch` text-only sequences in steady state, and the mask's ms a step."""
     engine = LLMEngine(pipe.loaded, EngineConfig(max_running=batch, kv_budget_bytes=256 * 2**20))
-    prompt = pipe.prepare("describe the picture in detail", []).input_ids.tolist()
+    prompt = DecodeRequest(pipe.prepare("describe the picture in detail", []).input_ids.tolist())
     params = [SamplingParams(max_tokens=steps + 2, temperature=1.0, seed=i, ignore_eos=True, structured=structured)
               for i in range(batch)]
     for p in params:

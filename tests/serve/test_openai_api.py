@@ -57,9 +57,10 @@ def user(text: str, *pngs: bytes) -> list[dict]:
 def reference(http, engine, messages, **fields) -> list[int]:
     """The in-process engine's tokens for a text-only chat (its ids from the app's own /tokenize)."""
     from pipeline.engine.sampling import SamplingParams
+    from pipeline.types import DecodeRequest
 
     ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
-    (seq,) = engine.generate([ids], SamplingParams(**fields))
+    (seq,) = engine.generate([DecodeRequest(ids)], SamplingParams(**fields))
     return seq.output_ids
 
 

@@ -156,12 +156,14 @@ def test_structured_output_on_cuda(image_sources):
 
     from pipeline.config import ModelConfig
     from pipeline.model.loader import load_model
+    from pipeline.types import map_tensors
 
     loaded = load_model(ModelConfig(device="cuda"), parts=("text",))
     engine = LLMEngine(loaded)
     schema = StructuredOutput.json_schema(SCHEMA)
     params = [SamplingParams(max_tokens=64, temperature=1.0, seed=i, structured=schema) for i in range(8)]
-    for s in _run(engine, [image_sources[i % 4].map_tensors(lambda t: t.cuda()) for i in range(8)], params):
+    on_cuda = [map_tensors(image_sources[i % 4], lambda t: t.cuda()) for i in range(8)]
+    for s in _run(engine, on_cuda, params):
         jsonschema.validate(json.loads(s.text), SCHEMA)
     matcher = engine.grammars.matcher(schema)
     bitmask = allocate_bitmask(2, 384)
