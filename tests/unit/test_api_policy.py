@@ -3,7 +3,6 @@ README; what each kind of policy does to a request; tools written into the chat 
 
 import json
 import typing
-from pathlib import Path
 
 import pytest
 from openai.types import completion_create_params as text_params
@@ -24,8 +23,8 @@ from deployments.constraints import structured_output
 from deployments.preprocess import to_hf_messages
 from pipeline.errors import InvalidRequest
 from pipeline.model.tools import TOOL_PROMPT, call_schema, parse_tool_calls
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "hi"}]
 
 
