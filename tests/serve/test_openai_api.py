@@ -17,14 +17,7 @@ MODEL = "crosstrim-tiny"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["shape", "row", "seen"],
           "properties": {"shape": {"enum": ["square", "circle", "triangle"]},
                          "row": {"type": "integer", "minimum": 1, "maximum": 4}, "seen": {"type": "boolean"}}}
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "the weather in a city",
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"],
-                   "properties": {"city": {"enum": ["Paris", "Oslo"]},
-                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "additionalProperties": False, "properties": {"zone": {"enum": ["UTC", "CET"]}},
-    "required": ["zone"]}}}
+
 
 
 @pytest.fixture()
@@ -64,8 +57,9 @@ def reference(http, engine, messages, **fields) -> list[int]:
     return seq.output_ids
 
 
-def token_ids(client, messages, **fields) -> tuple[list[int], str]:
-    r = client.chat.completions.create(model=MODEL, messages=messages, extra_body={"return_token_ids": True}, **fields)
+def token_ids(client, messages, extra_body: dict | None = None, **fields) -> tuple[list[int], str]:
+    r = client.chat.completions.create(model=MODEL, messages=messages, **fields,
+                                       extra_body={"return_token_ids": True, **(extra_body or {})})
     return r.model_extra["token_ids"], r.choices[0].finish_reason
 
 
@@ -160,8 +154,10 @@ def test_vllm_extras_and_bad_specs(client):
                                        extra_body={"guided_json": {"type": "object", "properties": {
                                            "ok": {"type": "boolean"}}, "required": ["ok"]}})
     assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    long_note = {"type": "json_schema", "json_schema": {"name": "note", "schema": {
+        "type": "object", "properties": {"note": {"type": "string", "minLength": 40}}, "required": ["note"]}}}
     cut = client.chat.completions.create(model=MODEL, messages=msgs, temperature=1.0, seed=4, max_tokens=6,
-                                         response_format={"type": "json_object"})
+                                         response_format=long_note)
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content.startswith("{")
     with pytest.raises(openai.BadRequestError, match="invalid json schema"):
         client.chat.completions.create(model=MODEL, messages=msgs, response_format={
@@ -169,50 +165,6 @@ def test_vllm_extras_and_bad_specs(client):
     with pytest.raises(openai.BadRequestError, match="one output constraint"):
         client.chat.completions.create(model=MODEL, messages=msgs, response_format={"type": "json_object"},
                                        extra_body={"guided_regex": "a"})
-
-
-# ---------------------------------------------------------------- tools
-
-def _args(call, tool) -> dict:
-    args = json.loads(call.function.arguments)
-    jsonschema.validate(args, tool["function"]["parameters"])
-    return args
-
-
-def test_forced_tool_calls_parse_into_tool_calls(client):
-    msgs = user("weather in Paris for 3 days?", png(image(64, 64, 51)))
-    named = {"type": "function", "function": {"name": "get_time"}}
-    for i in range(3):
-        r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, CLOCK], tool_choice="required",
-                                           temperature=1.0, seed=i, max_tokens=48, parallel_tool_calls=False)
-        (call,) = r.choices[0].message.tool_calls
-        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
-        _args(call, WEATHER if call.function.name == "get_weather" else CLOCK)
-        r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, CLOCK], tool_choice=named,
-                                           temperature=1.0, seed=i, max_tokens=48)
-        (call,) = r.choices[0].message.tool_calls
-        assert call.function.name == "get_time" and call.id.startswith("call_")
-        _args(call, CLOCK)
-    # Streamed: the call arrives as tool_calls deltas, which the SDK accumulates.
-    stream = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], tool_choice="required",
-                                            temperature=1.0, seed=9, max_tokens=48, stream=True)
-    deltas = [c.choices[0] for c in stream if c.choices]
-    calls = [tc for d in deltas for tc in d.delta.tool_calls or []]
-    assert deltas[-1].finish_reason == "tool_calls" and len(calls) == 1
-    assert not any(d.delta.content for d in deltas)
-    _args(calls[0], WEATHER)
-
-
-def test_tool_turns_in_the_conversation_and_tool_choice_none(client):
-    history = user("weather in Oslo?") + [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "rain"}]
-    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="none",
-                                       max_tokens=8)
-    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
-    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=8)
-    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")  # auto: the model's text decides
 
 
 # ---------------------------------------------------------------- endpoints
@@ -223,7 +175,8 @@ def test_text_completions(client, http):
     choice = r.choices[0]
     assert r.object == "text_completion" and choice.finish_reason == "length" and r.usage.completion_tokens == 6
     assert len(choice.logprobs.tokens) == 6 and all(len(t) <= 2 for t in choice.logprobs.top_logprobs)
-    assert "".join(choice.logprobs.tokens) == choice.text
+    # ignore_eos: end-of-turn tokens may be among them, in the logprobs but (special) not in the text
+    assert "".join(t for t in choice.logprobs.tokens if not t.startswith("<|")) == choice.text
     ids = http.post("/tokenize", json={"prompt": "what is the shape"}).json()["tokens"]
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, extra_body={"ignore_eos": True})
     assert by_ids.choices[0].text == choice.text and by_ids.usage.prompt_tokens == r.usage.prompt_tokens
@@ -241,7 +194,7 @@ def test_models_tokenize_detokenize_and_continuous_usage(client, http):
         client.models.retrieve("gpt-4")
     tok = http.post("/tokenize", json={"prompt": "hello there", "return_token_strs": True}).json()
     assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 2048 and tok["token_strs"][0]
-    assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": "<|begin_of_text|>hello there"}
+    assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"].endswith("hello there")
     stream = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=4, stream=True,
                                             extra_body={"ignore_eos": True},
                                             stream_options={"include_usage": True, "continuous_usage_stats": True})
