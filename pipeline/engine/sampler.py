@@ -199,10 +199,24 @@ class Sampler:
     def sample_packed(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The device part: (B, 3 + 2K) float64 [token, its logprob, any token allowed, K top ids, K top logprobs]."""
         B = logits.shape[0]
-        x = logits.float().clone()  # (B, V); the caller's logits stay as they were
-        K = batch.num_top_logprobs
+        x = self.process(logits, batch)
+        allowed = x.amax(-1) > float("-inf")  # (B,)
+        tokens = x.argmax(-1)  # (B,) the greedy rows' tokens
+        if not batch.all_greedy:
+            tokens = torch.where(batch.greedy, tokens, self.draw(self.distribution(x, batch), batch))
+        cols = [tokens.double()[:, None], torch.zeros(B, 1, dtype=torch.float64, device=x.device),
+                allowed.double()[:, None]]
         if batch.want_logprobs:
-            raw = torch.log_softmax(x, -1)
+            raw = torch.log_softmax(logits.float(), -1)  # the model's distribution
+            cols[1] = raw.gather(1, tokens[:, None]).double()
+            if batch.num_top_logprobs:
+                top = raw.topk(batch.num_top_logprobs, -1)
+                cols += [top.indices.double(), top.values.double()]
+        return torch.cat(cols, 1)
+
+    def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Steps 1-4: (B, V) raw logits -> (B, V) float32 logits the greedy rows take the argmax of (a copy)."""
+        x = logits.float().clone()
         if batch.bitmask is not None:
             self.apply_bitmask(x, batch.bitmask)
         if batch.banned is not None:
@@ -212,21 +226,11 @@ class Sampler:
             x.index_put_((rows, tokens), values, accumulate=True)
         if batch.penalties is not None:
             _penalise(x, batch.penalties)
-        allowed = x.amax(-1) > float("-inf")  # (B,)
-        tokens = x.argmax(-1)  # (B,) greedy rows' tokens
-        if not batch.all_greedy:
-            tokens = torch.where(batch.greedy, tokens, self._draw(x, batch))
-        cols = [tokens.double()[:, None], torch.zeros(B, 1, dtype=torch.float64, device=x.device),
-                allowed.double()[:, None]]
-        if batch.want_logprobs:
-            cols[1] = raw.gather(1, tokens[:, None]).double()
-            if K:
-                top = raw.topk(K, -1)
-                cols += [top.indices.double(), top.values.double()]
-        return torch.cat(cols, 1)
+        return x
 
-    def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Steps 6-10 on every row (greedy rows' results are discarded): (B, V) processed logits -> (B,) tokens."""
+    def distribution(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Steps 6-9 on every row: processed logits (B, V) -> unnormalised probabilities (B, V) to draw from
+        (they sum to 1 before min_p's cut). Rows with every token masked give NaN (and are reported not allowed)."""
         x = x / batch.temperature
         if batch.top_k is not None:
             kth = x.topk(batch.max_top_k, -1).values.gather(1, batch.top_k.clamp(min=0))  # (B, 1)
@@ -239,15 +243,19 @@ class Sampler:
             drop = probs.cumsum(-1) - probs >= batch.top_p  # the mass before the token already reaches top_p
             drop[:, 0] = False  # the likeliest always stays
             x[rows] = sub.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-        probs = x.softmax(-1)  # (B, V); rows with every token masked give NaN, and are reported not allowed
+        probs = x.softmax(-1)
         if batch.min_p is not None:
             probs = probs.masked_fill(probs < batch.min_p * probs.amax(-1, keepdim=True), 0.0)
-        u = torch.rand(x.shape[0], generator=self.generator, device=x.device)
+        return probs
+
+    def draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Step 10: (B, V) probabilities -> (B,) tokens by inverse CDF, one uniform a row."""
+        u = torch.rand(probs.shape[0], generator=self.generator, device=probs.device)
         u = torch.where(batch.seeded, batch.uniform, u)
-        cdf = probs.cumsum(-1)  # non-decreasing in floating point too
+        cdf = probs.cumsum(-1)  # non-decreasing in floating point too: a zero-probability token is never hit
         total = cdf[:, -1:]
         target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=x.shape[1] - 1)
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
 
     @staticmethod
     def _to_host(packed: torch.Tensor, batch: SamplingBatch) -> list[Sampled | None]:
