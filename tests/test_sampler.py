@@ -139,6 +139,22 @@ def test_each_field_gives_the_reference_distribution(name):
     assert changed.any(), f"{name} must change the distribution for this test to mean anything"
 
 
+def test_top_p_over_top_k_candidates_is_the_reference():
+    """Rows that all set top_k order only their top-k candidates for top_p (no full sort): the same distribution
+    as the reference, ties at the k-th included (a tie past the candidates follows them)."""
+    params = [SamplingParams(temperature=0.9, top_k=k, top_p=q) for k, q in ((5, 0.5), (20, 0.9), (3, 0.99), (8, 1.0))]
+    logits = logits_batch(4, seed=8)
+    logits[2, :6] = logits[2].amax() + 1  # six tied at the top: top_k=3 keeps all six
+    sampler = make_sampler()
+    batch = sampler.prepare([row(p) for p in params])
+    assert batch.top_p_candidates == 20
+    probs = sampler.distribution(sampler.process(logits, batch), batch)
+    for i, p in enumerate(params):
+        want = torch.tensor(ref_distribution(logits[i].double().tolist(), p), dtype=torch.float32)
+        torch.testing.assert_close(probs[i] / probs[i].sum(), want, rtol=1e-4, atol=1e-6)
+    assert int((probs[2] > 0).sum()) == 6
+
+
 def test_field_directions():
     """Spot checks of what the definitions imply, on the sampler alone."""
     logits = torch.zeros(1, V)
