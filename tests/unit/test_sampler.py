@@ -18,6 +18,7 @@ from pipeline.engine.token_mask import (
     unpack_bitmask,
 )
 from pipeline.errors import InvalidRequest
+from pipeline.types import DecodeRequest
 
 V, EOS = 64, 5
 
@@ -371,13 +372,13 @@ def test_engine_samples_each_step_with_one_read(tiny_pipeline, monkeypatch):
 
     ids = tiny_pipeline.prepare("count to ten", []).input_ids.tolist()
     engine = LLMEngine(tiny_pipeline.loaded)
-    engine.add_request(ids, SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.add_request(DecodeRequest(ids), SamplingParams(max_tokens=6, ignore_eos=True))
     engine.step()
     reads, calls = [], []
     real_read, real_sample = sampler_module.read_host, engine.sampler.sample
     monkeypatch.setattr(sampler_module, "read_host", lambda t: reads.append(t.shape) or real_read(t))
     monkeypatch.setattr(engine.sampler, "sample", lambda x, b: calls.append(x.shape[0]) or real_sample(x, b))
-    engine.add_request(ids, SamplingParams(max_tokens=4, temperature=1.0, seed=3, n=2, ignore_eos=True,
+    engine.add_request(DecodeRequest(ids), SamplingParams(max_tokens=4, temperature=1.0, seed=3, n=2, ignore_eos=True,
                                            logprobs=True, top_logprobs=2))
     sizes = []
     while engine.has_work():
@@ -448,7 +449,7 @@ def test_engine_tokens_follow_the_reference_on_the_models_logits(tiny_pipeline):
                        seed=11, n=2, ignore_eos=True),
     ]
     engine = LLMEngine(loaded)
-    seqs = [engine.add_request(prompt, p) for p in cases]
+    seqs = [engine.add_request(DecodeRequest(prompt), p) for p in cases]
     while engine.has_work():
         engine.step()
     for seq, p in zip(seqs, cases):
