@@ -72,6 +72,7 @@ class SamplingBatch:
     max_top_k: int
     top_p_rows: torch.Tensor | None  # (R,) rows with top_p < 1
     top_p: torch.Tensor | None  # (R, 1)
+    top_p_candidates: int | None  # every top-p row has a top_k of at most this: no full sort (None: sort)
     min_p: torch.Tensor | None  # (B, 1), 0 where off
     penalties: Penalties | None
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, tokens, values), flat
@@ -145,6 +146,7 @@ class Sampler:
             max_top_k=max_top_k,
             top_p_rows=torch.tensor([i for i, _ in top_p], device=dev) if top_p else None,
             top_p=torch.tensor([[q] for _, q in top_p], dtype=torch.float32, device=dev) if top_p else None,
+            top_p_candidates=max(k[i] for i, _ in top_p) if top_p and all(k[i] for i, _ in top_p) else None,
             min_p=scalars[:, 1:2] if any(p.min_p > 0 and not p.greedy for p in params) else None,
             penalties=self._penalties(rows),
             bias=self._bias(params),
@@ -199,10 +201,30 @@ class Sampler:
     def sample_packed(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The device part: (B, 3 + 2K) float64 [token, its logprob, any token allowed, K top ids, K top logprobs]."""
         B = logits.shape[0]
-        x = logits.float().clone()  # (B, V); the caller's logits stay as they were
-        K = batch.num_top_logprobs
+        x = self.process(logits, batch)
+        tokens = x.argmax(-1)  # (B,) the greedy rows' tokens (the first maximum, as HF)
+        if batch.bitmask is not None or batch.banned is not None:  # only masks make a row all -inf
+            allowed = x.gather(1, tokens[:, None])[:, 0] > float("-inf")
+        else:
+            allowed = torch.ones_like(tokens, dtype=torch.bool)
+        if not batch.all_greedy:
+            tokens = torch.where(batch.greedy, tokens, self.draw(self.distribution(x, batch), batch))
+        cols = [tokens.double()[:, None], torch.zeros(B, 1, dtype=torch.float64, device=x.device),
+                allowed.double()[:, None]]
         if batch.want_logprobs:
-            raw = torch.log_softmax(x, -1)
+            raw = torch.log_softmax(logits.float(), -1)  # the model's distribution
+            cols[1] = raw.gather(1, tokens[:, None]).double()
+            if batch.num_top_logprobs:
+                top = raw.topk(batch.num_top_logprobs, -1)
+                cols += [top.indices.double(), top.values.double()]
+        return torch.cat(cols, 1)
+
+    def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Steps 1-4: (B, V) raw logits -> (B, V) float32 logits the greedy rows take the argmax of (a copy when
+        any step applies; the caller's logits are never written)."""
+        x = logits.float()
+        if any(t is not None for t in (batch.bitmask, batch.banned, batch.bias, batch.penalties)):
+            x = x.clone()
         if batch.bitmask is not None:
             self.apply_bitmask(x, batch.bitmask)
         if batch.banned is not None:
@@ -212,42 +234,31 @@ class Sampler:
             x.index_put_((rows, tokens), values, accumulate=True)
         if batch.penalties is not None:
             _penalise(x, batch.penalties)
-        allowed = x.amax(-1) > float("-inf")  # (B,)
-        tokens = x.argmax(-1)  # (B,) greedy rows' tokens
-        if not batch.all_greedy:
-            tokens = torch.where(batch.greedy, tokens, self._draw(x, batch))
-        cols = [tokens.double()[:, None], torch.zeros(B, 1, dtype=torch.float64, device=x.device),
-                allowed.double()[:, None]]
-        if batch.want_logprobs:
-            cols[1] = raw.gather(1, tokens[:, None]).double()
-            if K:
-                top = raw.topk(K, -1)
-                cols += [top.indices.double(), top.values.double()]
-        return torch.cat(cols, 1)
+        return x
 
-    def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Steps 6-10 on every row (greedy rows' results are discarded): (B, V) processed logits -> (B,) tokens."""
+    def distribution(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Steps 6-9 on every row: processed logits (B, V) -> unnormalised probabilities (B, V) to draw from
+        (they sum to 1 before min_p's cut). Rows with every token masked give NaN (and are reported not allowed)."""
         x = x / batch.temperature
         if batch.top_k is not None:
             kth = x.topk(batch.max_top_k, -1).values.gather(1, batch.top_k.clamp(min=0))  # (B, 1)
             x = x.masked_fill((x < kth) & (batch.top_k >= 0), float("-inf"))
         if batch.top_p is not None:
             rows = batch.top_p_rows
-            sub = x[rows]  # (R, V)
-            ordered, order = sub.sort(-1, descending=True)
-            probs = ordered.softmax(-1)
-            drop = probs.cumsum(-1) - probs >= batch.top_p  # the mass before the token already reaches top_p
-            drop[:, 0] = False  # the likeliest always stays
-            x[rows] = sub.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-        probs = x.softmax(-1)  # (B, V); rows with every token masked give NaN, and are reported not allowed
+            x[rows] = _top_p(x[rows], batch.top_p, batch.top_p_candidates)
+        probs = x.softmax(-1)
         if batch.min_p is not None:
             probs = probs.masked_fill(probs < batch.min_p * probs.amax(-1, keepdim=True), 0.0)
-        u = torch.rand(x.shape[0], generator=self.generator, device=x.device)
+        return probs
+
+    def draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Step 10: (B, V) probabilities -> (B,) tokens by inverse CDF, one uniform a row."""
+        u = torch.rand(probs.shape[0], generator=self.generator, device=probs.device)
         u = torch.where(batch.seeded, batch.uniform, u)
-        cdf = probs.cumsum(-1)  # non-decreasing in floating point too
+        cdf = probs.cumsum(-1)  # non-decreasing in floating point too: a zero-probability token is never hit
         total = cdf[:, -1:]
         target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=x.shape[1] - 1)
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
 
     @staticmethod
     def _to_host(packed: torch.Tensor, batch: SamplingBatch) -> list[Sampled | None]:
@@ -266,6 +277,23 @@ class Sampler:
 def read_host(packed: torch.Tensor) -> list[list[float]]:
     """The step's one device-to-host read."""
     return packed.cpu().tolist()
+
+
+def _top_p(x: torch.Tensor, top_p: torch.Tensor, candidates: int | None) -> torch.Tensor:
+    """x (R, V) -> x with every token outside its row's top-p set at -inf: the smallest most-likely prefix (in
+    descending order) whose probability reaches top_p; the likeliest always stays. With `candidates` (every row's
+    top_k already applied, k <= candidates) only the top `candidates` are ordered, not the whole vocabulary: any
+    other token (a tie of the k-th kept by top_k) comes after them all, so it stays only if they hold < top_p."""
+    if candidates is None:
+        probs, order = x.softmax(-1).sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before the token already reaches top_p
+        drop[:, 0] = False
+        return x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs, order = x.softmax(-1).topk(candidates, -1)  # (R, C) descending
+    drop = probs.cumsum(-1) - probs >= top_p
+    drop[:, 0] = False
+    rest = (probs.sum(-1, keepdim=True) >= top_p).expand_as(x)  # tokens outside the candidates
+    return x.masked_fill(rest.clone().scatter_(1, order, drop), float("-inf"))
 
 
 def _penalise(x: torch.Tensor, pen: Penalties) -> None:
