@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import image
+from helpers import (
+    hf_visual_features,
+    image,
+    reference_vision_tap,
+    transformers_vision_tap,
+)
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.sampling import SamplingParams
@@ -56,7 +61,8 @@ def test_keep_all_equals_hf_generate(real_ckpt, dtype, name):
     pipe = pipeline(real_ckpt, dtype)
     ours = pipe.generate(PROMPT, [IMAGES[name]], SamplingParams(max_tokens=6), TrimConfig(policy="none"))
     assert ours.visual_tokens == {"1tile": 1601, "4tile": 6404}[name]
-    hf = reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES[name]]), TrimConfig(policy="none"), 6)
+    with reference_vision_tap(pipe.loaded.model):
+        hf = reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES[name]]), TrimConfig(policy="none"), 6)
     assert ours.token_ids == hf
     assert len(set(ours.token_ids)) > 1
 
@@ -67,7 +73,8 @@ def test_trimmed_equals_reference_and_target_is_predictable(real_ckpt):
     ours = pipe.generate(PROMPT, [IMAGES["4tile"]], SamplingParams(max_tokens=6), cfg)
     assert ours.kept_tokens == 2562  # ceil(0.4 * 6404), whatever the heads agree on
     assert ours.cross_kv_bytes / ours.cross_kv_bytes_full == pytest.approx(2562 / 6404)
-    assert ours.token_ids == reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES["4tile"]]), cfg, 6)
+    with reference_vision_tap(pipe.loaded.model):
+        assert ours.token_ids == reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES["4tile"]]), cfg, 6)
 
 
 def test_long_prompt_trims_as_the_reference(real_ckpt):
@@ -77,7 +84,25 @@ def test_long_prompt_trims_as_the_reference(real_ckpt):
     assert prepared.input_ids.numel() >= 2000
     cfg = TrimConfig(policy="target", target_fraction=0.3)
     ours = pipe.generate(prompt, [IMAGES["1tile"]], SamplingParams(max_tokens=4), cfg)
-    assert ours.token_ids == reference_generate(pipe.loaded.model, prepared, cfg, 4)
+    with reference_vision_tap(pipe.loaded.model):
+        assert ours.token_ids == reference_generate(pipe.loaded.model, prepared, cfg, 4)
+
+
+@pytest.mark.parametrize("name", ["1tile", "4tile"])
+def test_features_are_the_reference_taps_not_transformers(real_ckpt, name):
+    """fp32, the 11B's widths: crosstrim's projected features equal the reference tap's (each intermediate layer
+    read at its input) within 1e-5 and differ from transformers 5.24's own (read at its output)."""
+    pipe = pipeline(real_ckpt, "float32")
+    model, prepared = pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES[name]])
+    ours = pipe.encoder.encode(prepared).features
+    with reference_vision_tap(model):
+        reference = hf_visual_features(model, prepared)
+    with transformers_vision_tap(model):
+        hf = hf_visual_features(model, prepared)
+    ours_diff, hf_diff = (ours - reference).abs().max().item(), (hf - reference).abs().max().item()
+    print(f"real layout {name}: ours - reference {ours_diff:.2e}, transformers - reference {hf_diff:.3f}")
+    assert ours_diff <= 1e-5
+    assert hf_diff > 1e-3, "transformers now taps like Meta's reference: TappedVisionEncoder's workaround can go"
 
 
 STAGE_RSS = """
