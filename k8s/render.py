@@ -3,7 +3,7 @@ the API keys' environment variable (the config's `api_key_env`, from the Secret 
 containers of the groups that can run the ingress.
 
     python k8s/render.py          # rewrite the serveConfigV2 blocks and the API keys' env in place
-    python k8s/render.py --check  # exit 1 when a manifest differs from its render (tests/test_k8s.py checks the same)
+    python k8s/render.py --check  # exit 1 when a manifest differs from its render (tests/deploy/test_k8s*.py checks the same)
 """
 
 import argparse

@@ -3,12 +3,6 @@ llama-models' VisionEncoder), not transformers 5.24's (read at its output); the 
 
 import pytest
 import torch
-from helpers import (
-    PROMPTS,
-    hf_visual_features,
-    reference_vision_tap,
-    transformers_vision_tap,
-)
 from transformers import MllamaForConditionalGeneration
 
 from pipeline.config import ModelConfig, TrimConfig
@@ -20,6 +14,12 @@ from pipeline.quality.reference import (
     capture_cross_probs,
     reference_generate,
     trim_generated,
+)
+from tests.helpers import (
+    PROMPTS,
+    hf_visual_features,
+    reference_vision_tap,
+    transformers_vision_tap,
 )
 
 CASES = {"1tile": ["1tile"], "4tile": ["4tile"], "two-images": ["2tile", "4tile"]}

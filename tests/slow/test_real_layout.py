@@ -9,20 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import (
-    hf_visual_features,
-    image,
-    reference_vision_tap,
-    transformers_vision_tap,
-)
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate
+from tests.helpers import hf_visual_features, image, reference_vision_tap, script, transformers_vision_tap
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from build_real_layout import find_tokenizer
+ROOT = Path(__file__).resolve().parents[2]
+find_tokenizer = script("build_real_layout").find_tokenizer
 
 pytestmark = pytest.mark.slow
 GiB = 2**30
