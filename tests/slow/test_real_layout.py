@@ -84,15 +84,20 @@ def test_long_prompt_trims_as_the_reference(real_ckpt):
 
 @pytest.mark.parametrize("name", ["1tile", "4tile"])
 def test_features_are_the_reference_taps_not_transformers(real_ckpt, name):
-    """fp32, the 11B's widths: crosstrim's projected features equal the reference tap's (each intermediate layer
-    read at its input) within 1e-5 and differ from transformers 5.24's own (read at its output)."""
-    pipe = pipeline(real_ckpt, "float32")
-    model, prepared = pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES[name]])
-    ours = pipe.encoder.encode(prepared).features
-    with reference_vision_tap(model):
-        reference = hf_visual_features(model, prepared)
-    with transformers_vision_tap(model):
-        hf = hf_visual_features(model, prepared)
+    """fp32, the 11B's widths (the vision stage alone): crosstrim's projected features equal the reference tap's
+    (each intermediate layer read at its input) within 1e-5 and differ from transformers 5.24's own (its output)."""
+    from pipeline.model.encoder import VisionEncoder
+    from pipeline.model.inputs import prepare_prompt, user_message
+    from pipeline.model.loader import load_model
+
+    _PIPES.clear()
+    loaded = load_model(ModelConfig(source=str(real_ckpt), dtype="float32", device="cpu"), parts=("vision",))
+    prepared = prepare_prompt(loaded.processor, user_message(PROMPT, 1), [IMAGES[name]], 1, 4096)
+    ours = VisionEncoder(loaded).encode(prepared).features
+    with reference_vision_tap(loaded.model):
+        reference = hf_visual_features(loaded.model, prepared)
+    with transformers_vision_tap(loaded.model):
+        hf = hf_visual_features(loaded.model, prepared)
     ours_diff, hf_diff = (ours - reference).abs().max().item(), (hf - reference).abs().max().item()
     print(f"real layout {name}: ours - reference {ours_diff:.2e}, transformers - reference {hf_diff:.3f}")
     assert ours_diff <= 1e-5
