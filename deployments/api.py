@@ -1,7 +1,6 @@
-"""The OpenAI chat-completions wire format (plus the `trim` extension) and its mapping to pipeline types."""
+"""The OpenAI wire format: chat-completions request models (plus the `trim` extension), their mapping to
+SamplingParams and TrimConfig, and the error shape."""
 
-import time
-import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,57 +75,25 @@ class ChatCompletionRequest(_Wire):
     return_token_ids: bool = False
 
 
-def to_hf_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
-    """HF chat-template messages (an {"type": "image"} slot per image part) and the image URLs in order."""
-    out, urls = [], []
-    for m in messages:
-        if isinstance(m.content, str):
-            out.append({"role": m.role, "content": m.content})
-            continue
-        content = []
-        for part in m.content:
-            if isinstance(part, ImagePart):
-                content.append({"type": "image"})
-                urls.append(part.image_url.url)
-            else:
-                content.append({"type": "text", "text": part.text})
-        out.append({"role": m.role, "content": content})
-    return out, urls
+# Request fields that map one-to-one onto SamplingParams fields of the same name; a field left out (None) takes
+# SamplingParams' default. A new OpenAI field the sampler understands is one more name here (or, when it needs
+# translating, one more entry in `sampling_fields`).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "n", "logprobs", "top_logprobs")
 
 
-def prompt_chars(messages: list[Message]) -> int:
-    return sum(len(m.content) if isinstance(m.content, str) else
-               sum(len(p.text) for p in m.content if isinstance(p, TextPart)) for m in messages)
-
-
-TEMPLATE_TOKENS_PER_MESSAGE = 4  # Llama 3's chat template wraps each message in at least 4 special tokens
-
-
-def check_shape(messages: list[Message], max_messages: int, max_prompt_tokens: int) -> None:
-    """Refuse before templating and tokenising: too many messages, the template alone past the token limit, text
-    that is not Unicode (lone surrogates a JSON escape can carry)."""
-    if len(messages) > max_messages:
-        raise InvalidRequest(f"{len(messages)} messages; this deployment accepts at most {max_messages}")
-    if len(messages) * TEMPLATE_TOKENS_PER_MESSAGE > max_prompt_tokens:
-        raise InvalidRequest(f"{len(messages)} messages exceed the prompt limit of {max_prompt_tokens} tokens")
-    for m in messages:
-        texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content if isinstance(p, TextPart)]
-        for text in texts + ([m.name] if m.name else []):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest("a message's text is not valid Unicode (a lone surrogate)") from None
+def sampling_fields(req: ChatCompletionRequest, default_max_tokens: int) -> dict:
+    """The SamplingParams fields a request sets (None: not set)."""
+    fields = {name: getattr(req, name) for name in SAMPLING_FIELDS}
+    fields["max_tokens"] = req.max_completion_tokens or req.max_tokens or default_max_tokens
+    fields["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return fields
 
 
 def to_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
+    """The request's SamplingParams (what crosses to the decoder); a value the sampler refuses is a 400."""
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs: true")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    fields = dict(
-        max_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop,
-        ignore_eos=req.ignore_eos, n=req.n, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
-    )
+    fields = sampling_fields(req, default_max_tokens)
     try:
         return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
     except ValueError as exc:
@@ -149,63 +116,6 @@ def to_trim_config(override: TrimOverride | str | None, default: TrimConfig) -> 
         return TrimConfig(**{**default.model_dump(), **fields})
     except ValueError as exc:
         raise InvalidRequest(f"bad trim settings: {exc}") from exc
-
-
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def choice(index: int, text: str, finish_reason: str, logprobs: list[dict] | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": None if logprobs is None else {"content": logprobs}, "finish_reason": finish_reason}
-
-
-def completion(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
-               extra: dict) -> dict:
-    return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": choices, "usage": usage(prompt_tokens, completion_tokens), **extra,
-    }
-
-
-class TokenBytes:
-    """A token id's text and exact bytes for OpenAI's logprobs entries (byte-level BPE: a token may be part of
-    a UTF-8 character, so its bytes come from the vocabulary, not from decoding it alone)."""
-
-    def __init__(self, tokenizer):
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        self.tokenizer, self.byte_of = tokenizer, {c: b for b, c in bytes_to_unicode().items()}
-
-    def __call__(self, token_id: int) -> dict:
-        piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
-        raw = (bytes(self.byte_of[c] for c in piece) if all(c in self.byte_of for c in piece)
-               else piece.encode())
-        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
-
-    def entries(self, item: dict) -> list[dict]:
-        """One OpenAI logprobs `content` entry per new token of a decoder item."""
-        tops = item.get("top_logprobs") or [[] for _ in item["logprobs"]]
-        return [{**self(t), "logprob": lp, "top_logprobs": [{**self(i), "logprob": v} for i, v in top]}
-                for t, lp, top in zip(item["new_token_ids"], item["logprobs"], tops)]
-
-
-def chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, index: int = 0,
-          logprobs: list[dict] | None = None, **extra) -> dict:
-    choices = [{"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
-                "finish_reason": finish_reason}]
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices, **extra}
-
-
-def usage_chunk(rid: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

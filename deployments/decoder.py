@@ -1,5 +1,5 @@
 """DecoderPool deployment: the continuous-batching engine (`parts=("text",)`) inside each replica; streams
-token deltas per request and reports its free KV budget to the KVBudgetRouter."""
+typed items per request (deployments/stream.py) and reports its free KV budget to the KVBudgetRouter."""
 
 import contextlib
 import dataclasses
@@ -18,6 +18,7 @@ from pipeline.errors import InvalidRequest, Overloaded
 from pipeline.model.loader import load_model
 
 from .handoff import Handoff
+from .stream import StageError
 
 log = logging.getLogger("ray.serve")
 
@@ -46,31 +47,29 @@ class DecoderPool:
             ("swapped", "Sequences preempted to host memory"), ("preemptions", "Preemptions since start"),
         )}
 
-    async def generate(self, source: Handoff | list[int], params: dict, request_id: str):
-        """Yields dicts: RequestOutput fields (the first also carries `trim`), or one {"error": ...}."""
-        summary = source.summary(received_at=time.time()) if isinstance(source, Handoff) else None
-        stream = self.engine.generate(source.trim if summary else source, SamplingParams(**params), request_id)
+    async def generate(self, source: Handoff | list[int], params: SamplingParams, request_id: str):
+        """Yields DecoderItems (deployments/stream.py): a TrimSummary first when the request has an image, then
+        the engine's RequestOutputs; a failure of this request ends the stream with one StageError."""
+        if isinstance(source, Handoff):
+            yield source.summary(received_at=time.time())
+        stream = self.engine.generate(source.trim if isinstance(source, Handoff) else source, params, request_id)
         del source  # the engine drops the big resume tensors after the prefill; hold no other reference
-        first = True
+        failed = StageError(500, f"the decoder failed on request {request_id}")
         async with contextlib.aclosing(stream):  # an abandoned stream frees its KV at once
             try:
                 async for out in stream:
                     if out.error is not None:  # this request alone failed in the engine; the rest go on
-                        yield {"error": {"status": 500, "message": f"the decoder failed on request {request_id}"}}
+                        yield failed
                         break
-                    item = dataclasses.asdict(out)
-                    del item["error"]  # "error" in an item means the request failed
-                    if first:
-                        item["trim"], first = summary, False
                     self._observe()
-                    yield item
+                    yield out
             except InvalidRequest as exc:
-                yield {"error": {"status": 400, "message": str(exc)}}
+                yield StageError(400, str(exc))
             except Overloaded as exc:
-                yield {"error": {"status": 503, "message": str(exc)}}
-            except Exception as exc:  # logged here; the client sees no internals
+                yield StageError(503, str(exc))
+            except Exception as exc:  # noqa: BLE001 - logged here; the client sees no internals
                 log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
-                yield {"error": {"status": 500, "message": f"the decoder failed on request {request_id}"}}
+                yield failed
         self._observe()
 
     def _observe(self) -> dict:

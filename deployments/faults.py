@@ -2,7 +2,6 @@
 request may be sent again (a lost replica: yes, once; it never shows a client Ray's internals)."""
 
 import logging
-from dataclasses import dataclass
 
 from ray import exceptions as ray_errors
 from ray.serve import exceptions as serve_errors
@@ -10,6 +9,7 @@ from ray.serve import exceptions as serve_errors
 from pipeline.errors import InvalidRequest, Overloaded
 
 from .availability import StageUnavailable
+from .stream import StageError
 
 log = logging.getLogger("ray.serve")
 
@@ -25,13 +25,6 @@ REPLICA_LOST = (
     serve_errors.ReplicaUnavailableError,
 )
 OVERLOADED = (Overloaded, serve_errors.BackPressureError)
-
-
-@dataclass(frozen=True)
-class StageError:
-    status: int
-    message: str
-    retryable: bool = False  # the replica was lost: sending the request again may succeed
 
 
 def _causes(exc: BaseException):

@@ -7,6 +7,8 @@ import torch
 
 from pipeline.types import TrimResult
 
+from .stream import TrimSummary
+
 
 @dataclass
 class Handoff:
@@ -27,19 +29,19 @@ class Handoff:
         t = self.trim.kept_features if self.ship == "features" else self.trim.cross_kv
         return t.numel() * t.element_size()
 
-    def summary(self, received_at: float) -> dict:
+    def summary(self, received_at: float) -> TrimSummary:
         trim = self.trim
-        return {
-            "visual_tokens": sum(trim.visual_tokens),
-            "kept_tokens": sum(trim.kept_tokens),
-            "kept_ratio": round(trim.kept_fraction, 6),
-            "cross_kv_bytes": trim.cross_kv_bytes,  # what the decoder holds for this request
-            "cross_kv_bytes_full": trim.cross_kv_bytes_full,  # what it would hold untrimmed
-            "ship": self.ship,
-            "shipped_bytes": self.nbytes,
-            "shipped_cross_bytes": self.cross_bytes,
-            "hop_ms": round((received_at - self.sent_at) * 1e3, 3),
-        }
+        return TrimSummary(
+            visual_tokens=sum(trim.visual_tokens),
+            kept_tokens=sum(trim.kept_tokens),
+            kept_ratio=round(trim.kept_fraction, 6),
+            cross_kv_bytes=trim.cross_kv_bytes,
+            cross_kv_bytes_full=trim.cross_kv_bytes_full,
+            ship=self.ship,
+            shipped_bytes=self.nbytes,
+            shipped_cross_bytes=self.cross_bytes,
+            hop_ms=round((received_at - self.sent_at) * 1e3, 3),
+        )
 
 
 def contiguous(trim: TrimResult) -> TrimResult:

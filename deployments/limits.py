@@ -5,12 +5,14 @@ bounded amount and never blocks the others."""
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.exceptions import HTTPException
 
 from . import api
-from .auth import KeyLedger, authenticate, bearer
+from .auth import KeyLedger, authenticate, bearer, load_keys
+from .config import AppConfig
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 PER_KEY_PATHS = frozenset({"/v1/chat/completions"})  # what per-key concurrency counts
@@ -18,13 +20,19 @@ PER_KEY_PATHS = frozenset({"/v1/chat/completions"})  # what per-key concurrency 
 
 @dataclass
 class Guard:
-    """The ingress replica's limits; `Ingress.__init__` puts one on `app.state.guard`."""
+    """The ingress replica's limits; each `Ingress` replica holds its own (`Ingress.guard`)."""
 
     keys: tuple[str, ...] = ()  # empty: no auth
     max_body_bytes: int = 32 * 2**20
     body_read_timeout_s: float = 10.0
     retry_after_s: int = 1
     ledger: KeyLedger = field(default_factory=KeyLedger)
+
+    @classmethod
+    def from_config(cls, cfg: AppConfig) -> "Guard":
+        """The limits `cfg` sets, with the API keys from the environment variable it names."""
+        return cls(load_keys(cfg.api_key_env), cfg.max_body_bytes, cfg.body_read_timeout_s, cfg.retry_after_s,
+                   KeyLedger(cfg.per_key_max_concurrent, cfg.per_key_max_kv_bytes))
 
     def client_key(self, scope) -> str | None:
         """The key id of an authenticated request; without auth, the client address (None: refuse with 401)."""
@@ -60,12 +68,14 @@ def content_length(scope) -> int | None:
 
 
 class GuardMiddleware:
-    def __init__(self, app):
-        self.app = app
+    """`guard_of()` gives the Guard of the replica serving the request (None: no limits)."""
+
+    def __init__(self, app, guard_of: Callable[[], Guard | None]):
+        self.app, self.guard_of = app, guard_of
 
     async def __call__(self, scope, receive, send):
-        guard: Guard | None = getattr(scope.get("app").state, "guard", None) if scope.get("app") else None
-        if scope["type"] != "http" or guard is None:
+        guard = self.guard_of() if scope["type"] == "http" else None
+        if guard is None:
             return await self.app(scope, receive, send)
         path = route_path(scope)
         key = guard.client_key(scope)
@@ -106,7 +116,7 @@ def limited_receive(receive, guard: Guard, method: str):
             message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
         except asyncio.TimeoutError:
             done = True
-            raise HTTPException(408, f"the request body did not arrive within {guard.body_read_timeout_s} s")
+            raise HTTPException(408, f"the request body did not arrive within {guard.body_read_timeout_s} s") from None
         if message["type"] == "http.request":
             read += len(message.get("body", b""))
             if read > guard.max_body_bytes:

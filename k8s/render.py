@@ -1,11 +1,11 @@
 """Render each RayService's `serveConfigV2` under k8s/ from its Serve config under configs/ (one source of truth), the
 API keys' environment variable (the config's `api_key_env`, from the Secret crosstrim-api-keys) on the Ray
 containers of the groups that can run the ingress, and GCS fault tolerance (`gcsFaultToleranceOptions`) on a Redis:
-either one this manifest runs (a Deployment and Service, `in-cluster`) or an `external` one whose address and
-password come from the Secret crosstrim-redis (k8s/gcs_redis.py).
+either k8s/gcs-redis.yaml (a Deployment and Service, `in-cluster`) or an `external` one whose address and password
+come from the Secret crosstrim-redis (k8s/gcs_redis.py).
 
     python k8s/render.py          # rewrite the serveConfigV2 blocks, the env blocks and the Redis parts in place
-    python k8s/render.py --check  # exit 1 when a manifest differs from its render (tests/test_k8s.py checks the same)
+    python k8s/render.py --check  # exit 1 when a manifest differs from its render (tests/deploy/test_k8s*.py too)
     python k8s/render.py --redis external   # render every manifest with that Redis instead of its own choice
 """
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from locust import FastHttpUser, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # locust does this too; importers of this file may not
-from workload import PROMPTS, chat_body, data_url, image_set, trim_field  # noqa: E402
+from workload import PROMPTS, chat_body, data_url, image_set, trim_field
 
 
 @events.init_command_line_parser.add_listener

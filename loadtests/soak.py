@@ -50,7 +50,7 @@ def rss_mib() -> dict[str, float]:
     for name, p in replica_processes(APP).items():
         try:
             out[name] = round(p.memory_info().rss / 2**20, 1)
-        except Exception:  # noqa: BLE001  a replica restarting
+        except Exception:  # a replica restarting
             continue
     return out
 
@@ -99,7 +99,7 @@ def markdown(r: dict, command: str) -> str:
     rows = "\n".join(f"| {k} | {r['rss_mib_at_baseline'][k]} | {r['rss_mib_at_end'][k]} | {v:+.1f} |"
                      for k, v in sorted(r["rss_growth_mib"].items()))
     return f"""{MARK[0]}
-## Soak: {r['minutes']} minutes under steady load (issue 14)
+## Soak: {r['minutes']} minutes under steady load
 
 `{command}` ({r['date']}): configs/local.yaml (tiny model) on a local Ray with 2 CPU cores shared with other work,
 locust streaming chat requests (1- and 2-tile images, {r['max_tokens']} output tokens, ignore_eos). Saturation probe

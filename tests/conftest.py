@@ -1,11 +1,6 @@
 """Shared fixtures: the bundled tiny model loaded once per session."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +12,6 @@ def tiny_pipeline():
 
 @pytest.fixture(scope="session")
 def imgs():
-    from helpers import images
+    from tests.helpers import images
 
     return images()

@@ -1,11 +1,19 @@
-"""Shared test inputs (generated images of 1, 2 and 4 tiles, a few prompts) and checks on a running Serve app."""
+"""Shared test inputs (generated images of 1, 2 and 4 tiles, a few prompts), the repo's scripts, waits bounded by
+progress, and checks on a running Serve app."""
 
+import asyncio
+import base64
+import importlib.util
+import io
+import sys
 import time
+from pathlib import Path
 
 from PIL import Image
 
 from pipeline.quality.synthetic import noise_image
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What colour is the square?", "describe this image please", "where is the red one", "count the shapes"]
 
 
@@ -17,11 +25,59 @@ def images() -> dict[str, Image.Image]:
     return {"1tile": image(64, 64, 0), "2tile": image(100, 40, 1), "4tile": image(128, 128, 2)}
 
 
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64," + base64.b64encode(data).decode()
+
+
+def script(name: str):
+    """scripts/NAME.py imported as a module (scripts/ is not a package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """predicate()'s first truthy value, polled every `interval` s; an AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def decoder_stats(http) -> dict:
     """One decoder replica's engine stats from the app's /stats (http: an httpx.Client on the app)."""
     r = http.get("/stats")
     assert r.status_code == 200, r.text
     return r.json()["decoder"]
+
+
+async def while_decoding(work, http, stall_s: float = 180.0, period_s: float = 2.0):
+    """Await `work` (a coroutine on the app) for as long as the decoder makes progress: an AssertionError only if
+    its tokens_generated stays still for `stall_s` seconds while `work` runs. A busy machine slows a run down
+    but never fails it; a hung decoder still does. Requests under `work` use no read timeout of their own."""
+    task = asyncio.ensure_future(work)
+    seen, last_change = None, time.monotonic()
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=period_s)
+        if done:
+            return task.result()
+        generated = (await asyncio.to_thread(decoder_stats, http))["tokens_generated"]
+        if generated != seen:
+            seen, last_change = generated, time.monotonic()
+        elif time.monotonic() - last_change > stall_s:
+            task.cancel()
+            raise AssertionError(f"the decoder made no progress for {stall_s}s (tokens_generated stayed {seen})")
 
 
 def assert_healthy(http, body: dict, kv_wait_s: float = 0.0):

@@ -76,7 +76,10 @@ def hf_generate_workload(loaded, prepared, lengths: list[int], batch: int) -> di
 def run_realistic(args) -> int:
     loaded, prepared, trimmed, untrimmed, stage_ms, trim_cfg = prepare_sources(args, tiles=args.tiles or 1)
     n = len(prepared)
-    pick = lambda xs: [xs[i % n] for i in range(args.requests)]
+
+    def pick(xs):
+        return [xs[i % n] for i in range(args.requests)]
+
     lengths = np.random.default_rng(args.seed).integers(8, 129, args.requests).tolist()
     probe = _engine(loaded, 2**20, "reserved")
     need_full = probe.kv.bytes_needed(untrimmed[0].prompt_len + MAX_TOKENS, untrimmed[0].num_kept)

@@ -1,7 +1,8 @@
 """`crosstrim eval`: what trimming costs in accuracy. Per k_ratio (topk_union) and target fraction (target):
 exact-match accuracy (or agreement with the untrimmed output when there are no labels), the kept fraction (mean and
-per-image spread), and a control keeping as many tokens per image chosen at random; under two protocols (later layers trimmed, as the paper; every layer trimmed). Also
-first-layer attention sparsity and inter-layer consistency. Accuracy runs the server's stages."""
+per-image spread), and a control keeping as many tokens per image chosen at random; under two protocols (later
+layers trimmed, as the paper; every layer trimmed). Also first-layer attention sparsity and inter-layer consistency.
+Accuracy runs the server's stages."""
 
 import json
 import statistics

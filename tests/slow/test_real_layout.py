@@ -9,15 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import image
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate
+from tests.helpers import image, script
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from build_real_layout import find_tokenizer
+ROOT = Path(__file__).resolve().parents[2]
+find_tokenizer = script("build_real_layout").find_tokenizer
 
 pytestmark = pytest.mark.slow
 GiB = 2**30

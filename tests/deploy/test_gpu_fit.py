@@ -13,7 +13,7 @@ from pipeline.engine.kv_cache import KVCache
 from pipeline.model.placement import placement_of
 from pipeline.model.weights import held_layers, meta_model, wanted
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GPU_BYTES = 80 * 10**9  # the configs assume 80 GB GPUs (A100/H100), as their headers say
 VISION = dict(hidden_size=1280, attention_heads=16, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
               intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680, image_size=560, patch_size=14,

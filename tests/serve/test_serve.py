@@ -2,48 +2,23 @@
 to over HTTP (httpx and the official openai client), with a real moto S3 server and a real HTTP image host."""
 
 import asyncio
-import base64
-import http.server as http_server
 import io
-import subprocess
-import sys
-import threading
 import time
 import zlib
-from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
 import yaml
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import helpers
+from tests.helpers import ROOT, data_url, decoder_stats, image, png, wait_for, while_decoding
+from tests.serve.conftest import APP, BUCKET
+
 CONFIGS = ROOT / "configs"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helpers  # noqa: E402
-from helpers import decoder_stats, image  # noqa: E402
-
-from deployments.localrun import free_port  # noqa: E402
-
-APP = "crosstrim"
-BUCKET = "crosstrim-test-images"
-DEPLOYMENTS = {"Ingress", "VisionEncoder", "Trimmer", "DecoderPool"}
 
 
 # ---------------------------------------------------------------- helpers
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(data: bytes, media: str = "image/png") -> str:
-    return f"data:{media};base64," + base64.b64encode(data).decode()
-
 
 def chat(text: str, *urls: str, **fields) -> dict:
     content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
@@ -58,105 +33,11 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 # ---------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def images() -> dict[str, bytes]:
-    # Distinct images per test so the encoder's feature cache is exercised only where meant.
-    return {name: png(image(w, h, seed)) for name, (w, h, seed) in {
-        "exact": (100, 40, 11), "exact2": (64, 64, 12), "openai": (128, 128, 13), "cache": (64, 64, 14),
-        "s3": (64, 64, 15), "http": (64, 64, 16), "batch": (100, 40, 17),
-    }.items()}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(images):
-    """A real moto S3 server holding one image."""
-    import boto3
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _reachable(url), 20, "moto_server")
-        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-        s3.create_bucket(Bucket=BUCKET)
-        s3.put_object(Bucket=BUCKET, Key="img/shape.png", Body=images["s3"])
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _reachable(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=1)
-        return True
-    except httpx.HTTPError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def image_host(images):
-    """A real HTTP server serving /allowed/img.png and /other/img.png."""
-    class Handler(http_server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = images["http"]
-            self.send_response(200 if self.path.endswith("/img.png") else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def serve_app(s3_endpoint, image_host):
-    """configs/local.yaml deployed on a fresh local Ray, as `serve run` does it, on a free port; the test only
-    adds its S3 endpoint and image host to the allowlists."""
-    from ray.serve.context import _get_global_client
-
-    from deployments import localrun
-
-    config = localrun.load_config(CONFIGS / "local.yaml")
-    (app,) = config["applications"]
-    app["runtime_env"]["env_vars"].update(
-        AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    app["args"]["s3_buckets"] = [BUCKET]
-    app["args"]["http_allowlist"] = [f"{image_host}/allowed/"]
-    metrics_port = free_port()
-    localrun.start_ray(num_cpus=2, metrics_port=metrics_port)
-    try:
-        url = localrun.deploy(config, APP, timeout_s=240)
-        yield SimpleNamespace(url=url, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                              client=_get_global_client(), config=config)
-    finally:
-        localrun.stop()
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def http(serve_app):
-    with httpx.Client(base_url=serve_app.url, timeout=60) as c:
+    with httpx.Client(base_url=serve_app.url, timeout=httpx.Timeout(60, read=300)) as c:
         yield c
 
 
@@ -182,76 +63,6 @@ def expected(oracle, prompt: str, pngs: list[bytes], max_tokens: int, trim=None)
     # The engine's stream leaves out a final stop token; Generation.token_ids keeps it.
     ids = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
     return g, ids
-
-
-# ---------------------------------------------------------------- configs and router (no cluster)
-
-@pytest.mark.parametrize("name", ["local.yaml", "local-2node.yaml", "llama-3.2-11b-vision.yaml",
-                                  "llama-3.2-90b-vision.yaml"])
-def test_config_validates(name):
-    from ray.serve.schema import ServeDeploySchema
-
-    from deployments.config import AppConfig
-
-    config = ServeDeploySchema.model_validate(yaml.safe_load((CONFIGS / name).read_text()))
-    (app,) = config.applications
-    assert app.import_path == "deployments.app:build_app"
-    cfg = AppConfig(**app.args)
-    assert {d.name for d in app.deployments} == DEPLOYMENTS
-    assert app.runtime_env["env_vars"]["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
-    opts = {d.name: d for d in app.deployments}
-    as_dict = lambda x: x if isinstance(x, dict) else x.model_dump()  # noqa: E731
-    if name == "local.yaml":
-        assert cfg.model.source == "bundled:tiny-mllama-vqa"  # the trained demo model
-        assert sum(d.ray_actor_options.num_cpus * d.num_replicas for d in app.deployments) <= 2
-        assert all(d.ray_actor_options.num_cpus < 1 for d in app.deployments)
-    elif name == "local-2node.yaml":  # local.yaml's app, each stage pinned to its node by a custom resource
-        local = AppConfig(**yaml.safe_load((CONFIGS / "local.yaml").read_text())["applications"][0]["args"])
-        # Only how long a request waits for a missing stage differs: a node may be gone for good here, so a request
-        # for its stages is answered (503) well within 10 s, where one node waits out a restart.
-        assert cfg.stage_wait_s < 10 <= local.stage_wait_s
-        assert cfg.model_copy(update={"stage_wait_s": local.stage_wait_s}) == local
-        for d in app.deployments:
-            want = "crosstrim_decoder" if d.name == "DecoderPool" else "crosstrim_frontend"
-            assert d.ray_actor_options.resources == {want: 1}, d.name
-            assert d.ray_actor_options.num_cpus < 1
-    else:
-        assert cfg.model.dtype == "bfloat16" and cfg.model.source.startswith(("s3://", "/"))
-        # A share of a GPU is enough for the tower and for the trimmer (embeddings, layers through the first cross
-        # layer, later cross layers' K/V projections); tests/test_gpu_fit.py checks each stage's weights fit.
-        for stage in ("VisionEncoder", "Trimmer", "DecoderPool"):
-            assert opts[stage].ray_actor_options.num_gpus >= (1 if stage == "DecoderPool" else 0.1)
-            scaling = as_dict(opts[stage].autoscaling_config)
-            assert scaling["max_replicas"] >= scaling["min_replicas"] >= 1
-    router = as_dict(opts["DecoderPool"].request_router_config)
-    assert router["request_router_class"] == "deployments.router:KVBudgetRouter"
-    assert opts["DecoderPool"].max_ongoing_requests > cfg.engine.max_running + cfg.engine.max_waiting
-
-
-def test_router_prefers_most_free_kv():
-    from deployments.router import rank_by_free_kv
-
-    def replica(rid, **stats):
-        return SimpleNamespace(replica_id=rid, routing_stats=stats)
-
-    base = dict(requests=2, capacity=8, avg_request_kv_bytes=0)
-    a = replica("a", kv_free_bytes=500, **{**base, "avg_request_kv_bytes": 100})
-    b = replica("b", kv_free_bytes=900, **base)  # b has not seen a request yet
-    order = lambda ongoing, *rs: [r.replica_id for r in rank_by_free_kv(list(rs), ongoing)]  # noqa: E731
-    assert order({"a": 2, "b": 2}, a, b) == ["b", "a"]
-    # Requests sent to b since its report use up its lead (at a's ~100 bytes a request): 900 - 500 < 500.
-    assert order({"a": 2, "b": 7}, a, b) == ["a", "b"]
-    # A full queue goes last whatever its KV.
-    assert order({"a": 2, "b": 8}, b, a) == ["a", "b"]
-    # A replica that has not reported yet counts as free as the freest, less what was sent to it since.
-    c = replica("c")
-    assert order({"a": 2, "b": 9, "c": 3}, a, b, c) == ["c", "a", "b"]  # c: 900 - 3 x 100 > 500
-    assert order({"a": 2, "b": 9, "c": 5}, a, b, c) == ["a", "c", "b"]  # c: 900 - 5 x 100 < 500
-    # Before any report: fewest requests in flight.
-    assert order({"c": 1, "d": 0}, replica("c"), replica("d")) == ["d", "c"]
-    # Equal free KV: fewer requests in flight wins.
-    assert order({"a": 3, "b": 2}, replica("a", kv_free_bytes=5, **base), replica("b", kv_free_bytes=5, **base)) \
-        == ["b", "a"]
 
 
 # ---------------------------------------------------------------- the product over HTTP
@@ -390,26 +201,6 @@ def test_feature_cache_serves_repeated_image(serve_app, http, images):
     assert 0 < after["bytes"] <= after["max_bytes"]
 
 
-def test_feature_cache_is_bounded_in_bytes():
-    from deployments.encoder import FeatureCache
-
-    def item(n):  # n KiB of features + a 4-token mask
-        return torch.zeros(n * 256), torch.ones(4, dtype=torch.bool)
-
-    cache = FeatureCache(10 * 1024 + 8)
-    for key in "abc":
-        cache.put(key, item(4))  # 3 x 4 KiB > 10 KiB: "a" goes
-    assert list(cache.entries) == ["b", "c"] and cache.bytes == 2 * (4096 + 4)
-    assert cache.get("b") is not None  # "b" is now the most recent: "c" goes next
-    cache.put("d", item(4))
-    assert list(cache.entries) == ["b", "d"]
-    cache.put("huge", item(11))  # bigger than the whole cache: not kept, nothing evicted for it
-    assert list(cache.entries) == ["b", "d"] and cache.bytes <= cache.max_bytes
-    off = FeatureCache(0)
-    off.put("a", item(1))
-    assert not off.entries and off.get("a") is None
-
-
 def test_trim_overrides(serve_app, http, images):
     def kept(trim):
         r = http.post("/v1/chat/completions", json=chat("where is the red circle?", data_url(images["cache"]),
@@ -469,9 +260,10 @@ def test_concurrent_requests_are_batched(serve_app, http, images):
     url = data_url(images["batch"])
 
     async def run():
-        async with httpx.AsyncClient(base_url=serve_app.url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=httpx.Timeout(60, read=None)) as c:
             bodies = [chat(f"question {i}", url, max_tokens=24) for i in range(16)]
-            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+            return await while_decoding(asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies)),
+                                        http)
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 16, [r.text for r in responses if r.status_code != 200]
@@ -492,10 +284,13 @@ def test_48_long_requests_all_succeed_and_run_16_at_once(serve_app, http, images
     urls = [data_url(images[k]) for k in ("batch", "exact", "exact2", "cache")]
 
     async def run():
-        async with httpx.AsyncClient(base_url=serve_app.url, timeout=120) as c:
+        # A request waits for two waves of 16 x 1024 tokens before its own: no read timeout (a busy machine made
+        # 120 s a flaky verdict); the run fails only if the decoder stops producing tokens.
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=httpx.Timeout(60, read=None)) as c:
             bodies = [{**chat("where is the yellow square?", urls[i % 4], max_tokens=1024), "ignore_eos": True}
                       for i in range(48)]
-            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+            return await while_decoding(asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies)),
+                                        http)
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 48, [r.text for r in responses if r.status_code != 200]
@@ -598,7 +393,7 @@ def test_overloaded_gets_503_with_retry_after(serve_app, http):
     for r in refused:
         assert r.headers["retry-after"] == "1"
     assert any(r.status_code == 200 for r in done)
-    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed")
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 120, "KV to be freed")
     stats = decoder_stats(http)
     assert stats["running"] == stats["waiting"] == 0
     assert_healthy(http)
@@ -616,14 +411,14 @@ def test_disconnect_mid_stream_frees_kv(serve_app, http, images):
         assert any('"content"' in next(lines) for _ in range(6))
         assert decoder_stats(http)["kv_used_bytes"] > 0
     # Leaving the block closed the connection mid-stream.
-    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed after the disconnect")
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 120, "KV to be freed after the disconnect")
     assert decoder_stats(http)["tokens_generated"] - generated < max_tokens / 2
 
     # A non-streaming client that gives up frees its KV too.
     generated = decoder_stats(http)["tokens_generated"]
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
-    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 20, "KV to be freed after the timeout")
+    wait_for(lambda: decoder_stats(http)["kv_used_bytes"] == 0, 120, "KV to be freed after the timeout")
     assert decoder_stats(http)["tokens_generated"] - generated < max_tokens / 2
     assert_healthy(http)
 
@@ -640,7 +435,7 @@ def test_prometheus_metrics(serve_app, http):
             return None
         return text if all(n in text for n in names) else None
 
-    text = wait_for(scraped, 40, "crosstrim metrics in the Prometheus export", interval=1.0)
+    text = wait_for(scraped, 120, "crosstrim metrics in the Prometheus export", interval=1.0)
     visual = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                  if line.startswith("ray_crosstrim_visual_tokens") and not line.startswith("#"))
     assert visual > 0
@@ -654,23 +449,20 @@ def test_prometheus_metrics(serve_app, http):
     assert stats["kv_used_bytes"] == 0
     wait_for(lambda: gauge("ray_crosstrim_decoder_kv_used_bytes") == [0.0] and
              gauge("ray_crosstrim_decoder_kv_budget_bytes") == [float(stats["kv_budget_bytes"])],
-             20, "KV gauges equal to /stats", interval=1.0)
+             120, "KV gauges equal to /stats", interval=1.0)
 
 
+@pytest.mark.serve_config(args={"ship": "features"})
 def test_ship_features_matches_in_process(serve_app, http, oracle, images):
-    """Redeploy with `ship: features`: the trimmer ships kept features (hidden floats a token, a quarter of the
+    """Deployed with `ship: features`: the trimmer ships kept features (hidden floats a token, a quarter of the
     tiny model's 3-layer K/V) and the decoder projects K/V; greedy outputs stay exact."""
-    from ray.serve.schema import ServeDeploySchema
-
-    serve_app.config["applications"][0]["args"]["ship"] = "features"
-    serve_app.client.deploy_apps(ServeDeploySchema.model_validate(serve_app.config))
     body = chat("What colour is the square?", data_url(images["exact"]), max_tokens=24, return_token_ids=True)
 
     def features_answer():
         r = http.post("/v1/chat/completions", json=body)
         return r.json() if r.status_code == 200 and r.json()["trim"]["ship"] == "features" else None
 
-    out = wait_for(features_answer, 120, "the redeployed trimmer to ship features", interval=1.0)
+    out = wait_for(features_answer, 600, "the redeployed trimmer to ship features", interval=1.0)
     want, want_ids = expected(oracle, "What colour is the square?", [images["exact"]], 24)
     assert out["choices"][0]["message"]["content"] == want.text and out["token_ids"] == want_ids
     t = out["trim"]
@@ -683,14 +475,11 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
     """Scale DecoderPool to 2 replicas in place; a burst of long requests lands on both, each replica reporting
     its free KV budget to the KVBudgetRouter."""
     import ray
-    from ray.serve.schema import ServeDeploySchema
+    from ray import serve
 
-    config = serve_app.config
-    for d in config["applications"][0]["deployments"]:
-        if d["name"] == "DecoderPool":
-            d["num_replicas"] = 2
-            d["ray_actor_options"]["num_cpus"] = 0.25
-    serve_app.client.deploy_apps(ServeDeploySchema.model_validate(config))
+    config = serve_app.session.config(deployments={"DecoderPool": {"num_replicas": 2,
+                                                                    "ray_actor_options": {"num_cpus": 0.25}}})
+    serve_app.session.deploy_in_place(config)
 
     def replicas():
         """Each DecoderPool replica's routing stats, asked of its actor directly."""
@@ -703,7 +492,13 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
             return None
         return stats if len(stats) == 2 else None
 
-    wait_for(replicas, 120, "a second DecoderPool replica", interval=1.0)
+    wait_for(replicas, 600, "a second DecoderPool replica", interval=1.0)
+
+    def both_running():  # the controller's view, which the ingress's handle follows (an actor answers before it)
+        pool = serve.status().applications[APP].deployments["DecoderPool"]
+        return pool.replica_states.get("RUNNING", 0) == 2 and pool.status == "HEALTHY"
+
+    wait_for(both_running, 600, "Serve to mark both DecoderPool replicas running", interval=1.0)
     time.sleep(1.5)  # one routing-stats period, so the ingress's router has both reports
 
     async def burst():
@@ -714,7 +509,7 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
                 for i in range(8)]
             responses = await asyncio.gather(*(c.send(r, stream=True) for r in reqs))
             # a busy replica may answer late on a loaded machine: ask again until both have (streams stay open)
-            during = await asyncio.to_thread(wait_for, replicas, 30, "both replicas' routing stats", 0.5)
+            during = await asyncio.to_thread(wait_for, replicas, 120, "both replicas' routing stats", 0.5)
             stats = (await c.get("/stats")).json()["decoder"]  # the whole pool, not the replica a handle picks
             for r in responses:
                 await r.aclose()
@@ -730,53 +525,4 @@ def test_decoder_router_spreads_over_two_replicas(serve_app, http):
     assert pool["replicas"] == 2 and configured * 0.99 < budget <= configured, pool
     assert pool["running"] + pool["waiting"] == 8, pool  # every request of the burst, wherever it landed
     wait_for(lambda: all(s["requests"] == 0 and s["kv_free_bytes"] == budget for s in replicas() or [{"requests": 1}]),
-             20, "both replicas to free their KV")
-
-
-@pytest.mark.parametrize("name", ["local-2node.yaml", "llama-3.2-11b-vision.yaml", "llama-3.2-90b-vision.yaml"])
-def test_decoder_autoscaling_target_follows_max_running(name):
-    """A second decoder replica is asked for at 3/4 of the engine's max_running ongoing requests, before one
-    replica's batch is full (and Serve's queue, max_ongoing_requests, sits above running + waiting)."""
-    app = yaml.safe_load((CONFIGS / name).read_text())["applications"][0]
-    engine = app["args"]["engine"]
-    pool = next(d for d in app["deployments"] if d["name"] == "DecoderPool")
-    assert pool["autoscaling_config"]["target_ongoing_requests"] == engine["max_running"] * 3 // 4
-    assert pool["max_ongoing_requests"] > engine["max_running"] + engine["max_waiting"]
-
-
-def test_stage_watch_ends_a_wait_when_its_stage_has_no_replica():
-    """The ingress's wait for a first token ends with StageUnavailable once a stage it needs reports no running
-    replica (Serve alone would hold the request until one is back); items that arrive are returned."""
-    from deployments.availability import StageUnavailable, StageWatch
-
-    class Items:  # a decoder stream whose first item comes after `delay` seconds (never, if None)
-        def __init__(self, delay):
-            self.delay = delay
-
-        async def __anext__(self):
-            await asyncio.sleep(3600 if self.delay is None else self.delay)
-            return {"new_text": "x"}
-
-    async def run():
-        watch = StageWatch("crosstrim", period_s=0.05)
-        watch.task = asyncio.get_running_loop().create_future()  # no poller: the test sets the counts
-        watch.running = {"VisionEncoder": 1, "Trimmer": 1, "DecoderPool": 1}
-        assert await watch.first(Items(0.01), ("DecoderPool",)) == {"new_text": "x"}
-        assert watch.down() == [] and watch.report()["stages"]["DecoderPool"] == "ok"
-
-        async def lose_decoder():
-            await asyncio.sleep(0.2)
-            watch.running["DecoderPool"] = 0
-
-        t0 = time.monotonic()
-        loss = asyncio.ensure_future(lose_decoder())
-        with pytest.raises(StageUnavailable, match="DecoderPool"):
-            await asyncio.wait_for(watch.first(Items(None), ("VisionEncoder", "Trimmer", "DecoderPool")), 5)
-        await loss
-        assert time.monotonic() - t0 < 1.0
-        with pytest.raises(StageUnavailable):
-            watch.check(("DecoderPool",))
-        watch.check(("VisionEncoder", "Trimmer"))  # a request those stages serve alone is not refused
-        assert watch.report()["stages"]["DecoderPool"] == "unavailable"
-
-    asyncio.run(run())
+             120, "both replicas to free their KV")

@@ -16,7 +16,7 @@ from pipeline.errors import ModelSourceError
 from pipeline.model.loader import load_model
 from pipeline.model.sources import ASSETS, resolve_source
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ASSETS / "tiny-mllama"
 
 

@@ -4,13 +4,13 @@ GPU; scripts/gpu_check.sh runs these and the CUDA benchmarks in one command."""
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.attention import PerSequenceAttention, VarlenPagedAttention
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
+from tests.helpers import PROMPTS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="no CUDA device: varlen_attn is CUDA-only")]

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pipeline.quality.synthetic import (  # noqa: E402
+from pipeline.quality.synthetic import (
     CELL,
     COLOURS,
     EXAMPLE_OBJECTS,
@@ -25,6 +23,7 @@ from pipeline.quality.synthetic import (  # noqa: E402
     write_parquet,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "pipeline" / "assets" / "tiny-mllama-vqa"
 
 

@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.cli import main as cli_main
 from pipeline.config import TrimConfig
@@ -17,6 +16,7 @@ from pipeline.quality.reference import (
     reference_select,
     trim_generated,
 )
+from tests.helpers import PROMPTS
 
 MAX_NEW = 12
 CASES = [

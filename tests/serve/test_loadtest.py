@@ -13,12 +13,11 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers import decoder_stats
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, decoder_stats
+from tests.serve.conftest import APP
+
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
-APP = "crosstrim"
-sys.path.insert(0, str(ROOT))
 
 
 METRICS = ("ttft_ms", "itl_ms", "output_chunks", "output_tokens", "cross_kv_kib", "shipped_kib", "hop_ms")
@@ -27,7 +26,7 @@ METRICS = ("ttft_ms", "itl_ms", "output_chunks", "output_tokens", "cross_kv_kib"
 def run_locust(host: str, prefix: Path, *extra: str, users: int = 4, seconds: int = 20) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
            "-t", f"{seconds}s", "--host", host, "--csv", str(prefix), "--only-summary", "--stop-timeout", "0", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, cwd=ROOT)
 
 
 def stats_rows(prefix: Path) -> dict[tuple[str, str], dict]:
@@ -39,18 +38,11 @@ def failure_messages(prefix: Path) -> str:
     return Path(f"{prefix}_failures.csv").read_text()
 
 
-@pytest.fixture(scope="module")
-def serve_app():
-    from deployments import localrun
-
-    config = localrun.load_config(ROOT / "configs" / "local.yaml")
-    localrun.start_ray(num_cpus=2)
-    try:
-        url = localrun.deploy(config, APP, timeout_s=240)
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield SimpleNamespace(url=url, http=client, config=config)
-    finally:
-        localrun.stop()
+@pytest.fixture()
+def serve_app(serve_app):
+    """The shared app (configs/local.yaml), with a client on it."""
+    with httpx.Client(base_url=serve_app.url, timeout=httpx.Timeout(60, read=300)) as client:
+        yield SimpleNamespace(url=serve_app.url, http=client, config=serve_app.config)
 
 
 # ------------------------------------------------------------------------------------------------ the locustfile

@@ -27,7 +27,7 @@ from pipeline.model.inputs import decode_image
 from pipeline.quality.synthetic import generate_samples, png_bytes
 from pipeline.storage import S3Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = ROOT / "configs" / "batch-local.yaml"
 GPU_CONFIG = ROOT / "configs" / "batch-gpu.yaml"
 MAX_TOKENS = 6

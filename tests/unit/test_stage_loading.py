@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from helpers import PROMPTS
 from safetensors.torch import save_file
 from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
@@ -18,6 +17,7 @@ from pipeline.model.sources import ASSETS
 from pipeline.model.trimmer import Trimmer
 from pipeline.model.weights import wanted
 from pipeline.quality.reference import reference_generate, trim_generated
+from tests.helpers import PROMPTS, script
 
 TINY = ASSETS / "tiny-mllama"
 CPU32 = dict(dtype="float32", device="cpu")
@@ -103,8 +103,8 @@ def test_missing_weights_are_a_clear_error(tmp_path, hf_tiny):
 
 def test_cross_attention_at_index_0_matches_hf(tmp_path, imgs):
     """A valid layout once crashed the decoder's prefill (an unshaped empty self K/V)."""
-    sys.path.insert(0, str(ASSETS.parents[1] / "scripts"))
-    from build_tiny_mllama import TEXT, build_config
+    tiny = script("build_tiny_mllama")
+    TEXT, build_config = tiny.TEXT, tiny.build_config
 
     from pipeline.inprocess import Pipeline
     from pipeline.model.presets import init_weights
@@ -205,7 +205,6 @@ print(rss() - before)
 def test_large_frees_go_back_to_the_os():
     """After load_model's mallopt a freed activation-sized tensor leaves the process; without it glibc keeps it."""
     import subprocess
-    import sys
 
     kept = {mode: int(subprocess.run([sys.executable, "-c", FREE_PROBE, mode], capture_output=True, text=True,
                                      check=True).stdout) for mode in ("off", "on")}

@@ -7,9 +7,7 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -18,12 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helpers
+from tests import helpers
+from tests.serve.conftest import APP
 
-APP = "crosstrim"
 KEYS = ("k-alpha-123", "k-beta-456", "k-fuzz-789")
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 BODY_TIMEOUT_S = 3
@@ -56,23 +51,16 @@ def replica_pid(name: str) -> int:
     return found[0]
 
 
-@pytest.fixture(scope="module")
-def app():
-    from deployments import localrun
+pytestmark = pytest.mark.serve_config(env={"CROSSTRIM_API_KEYS": ",".join(KEYS)}, args={
+    "body_read_timeout_s": BODY_TIMEOUT_S, "per_key_max_concurrent": PER_KEY_CONCURRENT,
+    "per_key_max_kv_bytes": PER_KEY_KV})
 
-    config = localrun.load_config(ROOT / "configs" / "local.yaml")
-    (application,) = config["applications"]
-    application["runtime_env"]["env_vars"]["CROSSTRIM_API_KEYS"] = ",".join(KEYS)
-    application["args"].update(body_read_timeout_s=BODY_TIMEOUT_S, per_key_max_concurrent=PER_KEY_CONCURRENT,
-                               per_key_max_kv_bytes=PER_KEY_KV)
-    localrun.start_ray(num_cpus=2)
-    try:
-        url = localrun.deploy(config, APP, timeout_s=240)
-        port = config["http_options"]["port"]
-        with httpx.Client(base_url=url, timeout=60, headers=AUTH) as http:
-            yield SimpleNamespace(url=url, port=port, http=http, config=config)
-    finally:
-        localrun.stop()
+
+@pytest.fixture()
+def app(serve_app):
+    """The shared app with API keys and per-key limits (this module's serve_config), an authorised client on it."""
+    with httpx.Client(base_url=serve_app.url, timeout=httpx.Timeout(60, read=300), headers=AUTH) as http:
+        yield SimpleNamespace(url=serve_app.url, port=serve_app.port, http=http, config=serve_app.config)
 
 
 def assert_healthy(http):

@@ -4,7 +4,6 @@ Pipeline and the engine (batched, preempting); with 2+ GPUs the gpu-marked test 
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
@@ -13,6 +12,7 @@ from pipeline.inprocess import Pipeline
 from pipeline.model.loader import load_model
 from pipeline.model.placement import module_device, split_layers
 from pipeline.model.trimmer import Trimmer
+from tests.helpers import PROMPTS
 
 TRIMS = [TrimConfig(policy="none"), TrimConfig(k_ratio=0.1)]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "deployments", "loadtests")
 
 
@@ -86,6 +86,11 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
 
 def test_no_source_file_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := p.read_text().count("\n")) > 400}
+    assert not long
+
+
+def test_no_test_file_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "tests").rglob("*.py") if (n := p.read_text().count("\n")) > 600}
     assert not long
 
 

@@ -7,7 +7,6 @@ its model on a shared 2-core machine)."""
 import base64
 import io
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,9 +15,9 @@ import httpx
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import image  # noqa: E402
+from tests.helpers import image
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,6 @@ import asyncio
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.async_engine import AsyncLLMEngine
@@ -15,6 +14,7 @@ from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate, trim_generated
+from tests.helpers import PROMPTS
 
 MAX_NEW = 12
 

@@ -4,13 +4,13 @@ import asyncio
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.async_engine import AsyncLLMEngine
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams, sample
 from pipeline.errors import InvalidRequest, Overloaded
+from tests.helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,22 @@
+"""Fixtures for the deploy-layer tests: the KubeRay CRDs' JSON-schema validators."""
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.deploy.test_k8s import CRDS, KUBERAY_KINDS, strict
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict:
+    if not CRDS.is_dir():
+        print(f"SKIP: KubeRay CRDs not found at {CRDS} (shared/ beside the repo)")
+        pytest.skip(f"KubeRay CRDs not found at {CRDS}")
+    validators = {}
+    for kind, filename in KUBERAY_KINDS.items():
+        crd = yaml.load((CRDS / filename).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        assert crd["spec"]["names"]["kind"] == kind
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        schema = strict(version["schema"]["openAPIV3Schema"])
+        validators[kind] = jsonschema.Draft7Validator(schema)
+    return validators

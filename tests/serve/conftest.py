@@ -1,0 +1,158 @@
+"""One local Ray and one Serve app for every test under tests/serve: configs/local.yaml (with a moto S3 and an
+image host on loopback in its allowlists), redeployed only for a test that asks for other settings with
+`@pytest.mark.serve_config(args={...}, env={...}, deployments={"Name": {...}})` (or a module's `pytestmark`)."""
+
+import copy
+import http.server as http_server
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from deployments.localrun import free_port
+from tests.helpers import ROOT, image, png, wait_for
+
+APP = "crosstrim"
+BUCKET = "crosstrim-test-images"
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """base with changes merged in, dicts key by key (a deep update that leaves base alone)."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class ServeSession:
+    """The running Ray and the Serve config deployed on it; `app(...)` deploys a config only when it differs."""
+
+    def __init__(self, base: dict, metrics_port: int):
+        self.base, self.metrics_port, self.deployed = base, metrics_port, None
+
+    def config(self, args: dict | None = None, env: dict | None = None, deployments: dict | None = None) -> dict:
+        config = copy.deepcopy(self.base)
+        (app,) = config["applications"]
+        app["args"] = merged(app["args"], args or {})
+        app["runtime_env"]["env_vars"].update(env or {})
+        for d in app["deployments"]:
+            d.update(merged(d, (deployments or {}).get(d["name"], {})))
+        return config
+
+    def app(self, **overrides) -> SimpleNamespace:
+        from ray import serve
+        from ray.serve.context import _get_global_client
+
+        from deployments import localrun
+
+        config = self.config(**overrides)
+        if config != self.deployed:
+            if self.deployed is not None:
+                serve.delete(APP)  # blocks until its replicas are gone: no replica of the old config is left
+            self.deployed = None
+            localrun.deploy(config, APP, timeout_s=600)
+            self.deployed = config
+        port = config["http_options"]["port"]
+        return SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, config=copy.deepcopy(config),
+                               metrics_url=f"http://127.0.0.1:{self.metrics_port}/metrics",
+                               client=_get_global_client(), session=self)
+
+    def deploy_in_place(self, config: dict) -> None:
+        """Apply `config` to the running app as `serve deploy` would (a test of in-place changes); a later test that
+        wants another config gets a fresh deployment."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+        self.deployed = copy.deepcopy(config)
+
+
+@pytest.fixture(scope="package")
+def images() -> dict[str, bytes]:
+    # Distinct images per test so the encoder's feature cache is exercised only where meant.
+    return {name: png(image(w, h, seed)) for name, (w, h, seed) in {
+        "exact": (100, 40, 11), "exact2": (64, 64, 12), "openai": (128, 128, 13), "cache": (64, 64, 14),
+        "s3": (64, 64, 15), "http": (64, 64, 16), "batch": (100, 40, 17),
+    }.items()}
+
+
+def _reachable(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="package")
+def s3_endpoint(images):
+    """A real moto S3 server holding one image."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _reachable(url), 60, "moto_server")
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_object(Bucket=BUCKET, Key="img/shape.png", Body=images["s3"])
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="package")
+def image_host(images):
+    """A real HTTP server serving /allowed/img.png and /other/img.png."""
+    class Handler(http_server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = images["http"]
+            self.send_response(200 if self.path.endswith("/img.png") else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="package")
+def serve_session(s3_endpoint, image_host):
+    """configs/local.yaml on a fresh local Ray, as `serve run` does it, on a free port; the tests only add their S3
+    endpoint and image host to the allowlists. Package-scoped: Ray stops after the last test here, before other
+    folders' tests start their own."""
+    from deployments import localrun
+
+    base = localrun.load_config(ROOT / "configs" / "local.yaml")
+    (app,) = base["applications"]
+    app["runtime_env"]["env_vars"].update(
+        AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    app["args"]["s3_buckets"] = [BUCKET]
+    app["args"]["http_allowlist"] = [f"{image_host}/allowed/"]
+    metrics_port = free_port()
+    localrun.start_ray(num_cpus=2, metrics_port=metrics_port)
+    try:
+        yield ServeSession(base, metrics_port)
+    finally:
+        localrun.stop()
+
+
+@pytest.fixture()
+def serve_app(request, serve_session):
+    """The app deployed with configs/local.yaml, or with the overrides of the test's `serve_config` mark."""
+    mark = request.node.get_closest_marker("serve_config")
+    return serve_session.app(**(mark.kwargs if mark else {}))
