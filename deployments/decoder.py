@@ -97,8 +97,9 @@ class DecoderPool:
         return dataclasses.asdict(s)
 
     def _snapshot(self) -> dict:
-        """The engine's stats with this replica's peaks: what /stats shows for it."""
-        return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
+        """The engine's stats with this replica's peaks and admission limits: what /stats shows for it."""
+        return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch,
+                "max_running": self.cfg.max_running, "max_waiting": self.cfg.max_waiting}
 
     async def stats(self) -> dict:
         return self._snapshot()
