@@ -51,8 +51,8 @@ class DecoderPool:
     def reconfigure(self, user_config: dict) -> None:
         """In place (deployments/settings.py): the engine's admission limits, from its next step on."""
         limits = DecoderSettings(**user_config).engine_limits
-        self.engine.engine.set_limits(limits.max_running, limits.max_waiting)
-        self.cfg = self.engine.engine.cfg
+        self.engine.set_limits(limits.max_running, limits.max_waiting)
+        self.cfg = self.cfg.model_copy(update=dict(limits))
 
     def __del__(self):
         """Serve calls this once the replica, removed from routing, has finished its streams or run out of
@@ -61,13 +61,14 @@ class DecoderPool:
         if engine is not None:
             engine.shutdown()
 
-    async def generate(self, source: Handoff | list[int], params: SamplingParams, request_id: str):
+    async def generate(self, handoff: Handoff, params: SamplingParams, request_id: str):
         """Yields DecoderItems (deployments/stream.py): a TrimSummary first when the request has an image, then
         the engine's RequestOutputs; a failure of this request ends the stream with one StageError."""
-        if isinstance(source, Handoff):
-            yield source.summary(received_at=time.time())
-        stream = self.engine.generate(source.trim if isinstance(source, Handoff) else source, params, request_id)
-        del source  # the engine drops the big resume tensors after the prefill; hold no other reference
+        request = handoff.request()
+        if request.image is not None:
+            yield handoff.summary(request, received_at=time.time())
+        stream = self.engine.generate(request, params, request_id)
+        del handoff, request  # the engine drops the big resume tensors after the prefill; hold no other reference
         failed = StageError(500, f"the decoder failed on request {request_id}")
         async with contextlib.aclosing(stream):  # an abandoned stream frees its KV at once
             try:
@@ -106,7 +107,7 @@ class DecoderPool:
 
     async def kv_bytes_per_token(self) -> float:
         """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""
-        return self.engine.engine.kv.bytes_needed(4096, 0) / 4096
+        return self.engine.kv_bytes_per_token()
 
     async def load_stats(self) -> dict:
         return self.loaded.load_stats()

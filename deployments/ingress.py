@@ -10,7 +10,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
+from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import InvalidRequest
+from pipeline.orchestration import run_stages
 from pipeline.types import PreparedPrompt, RequestOutput
 
 from . import api
@@ -18,6 +20,7 @@ from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .chat import ChatRenderer, completion_id
 from .config import AppConfig
 from .faults import classify, log
+from .handoff import Handoff
 from .http_app import ApiError, make_app
 from .limits import Guard
 from .preprocess import Preprocessor
@@ -104,7 +107,7 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - never a bare 500 without a body
             error = exc if isinstance(exc, ApiError) else ApiError.of(classify(exc, rid), self.cfg.retry_after_s)
             self.requests.inc(tags={"status": str(error.status)})
-            raise error
+            raise error from None  # the client gets its own message; the cause is logged by classify
         self.ttft.observe(time.perf_counter() - t0, tags={"kind": "image" if stream.trim else "text"})
         self.requests.inc(tags={"status": "200"})
         acc, render = Accumulator(req.n), ChatRenderer(req, rid, self.cfg.served_model_name, stream.trim,
@@ -165,15 +168,11 @@ class Ingress:
             return None, first
         return first, await self.watch.first(items, stages, self.cfg.stage_wait_s)
 
-    def _send(self, prepared: PreparedPrompt, keys: list[str], params, trim_cfg, rid: str):
+    def _send(self, prepared: PreparedPrompt, keys: list[str], params: SamplingParams, trim_cfg, rid: str):
         """Chain the stages by handle: each stage's result goes to the next through the object store,
         never through this replica."""
-        if prepared.num_images == 0:
-            return self.decoder.generate.remote(prepared.input_ids.tolist(), params, rid)
-        visual = self.encoder.encode.remote(prepared, keys)
-        # The trimmer needs the ids and the cross-attention mask, not the pixels.
-        for_trimmer = PreparedPrompt(input_ids=prepared.input_ids, cross_attention_mask=prepared.cross_attention_mask)
-        handoff = self.trimmer.trim.remote(for_trimmer, visual, trim_cfg)
+        handoff = run_stages(prepared, lambda p: self.encoder.encode.remote(p, keys),
+                             lambda p, visual: self.trimmer.trim.remote(p, visual, trim_cfg), Handoff.of)
         return self.decoder.generate.remote(handoff, params, rid)
 
     async def _hold_kv(self, client, tokens: int) -> None:

@@ -13,7 +13,7 @@ from pipeline.model.loader import load_model
 from pipeline.model.trimmer import Trimmer
 from pipeline.types import PreparedPrompt, VisualFeatures
 
-from .handoff import Handoff, contiguous
+from .handoff import Handoff
 from .settings import TrimmerSettings
 
 
@@ -46,12 +46,10 @@ class TrimmerDeployment:
         return handoff
 
     def _trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None) -> Handoff:
-        features = self.ship == "features"
-        result = self.stage.trim(prompt, visual, cfg, keep_features=features)
-        result = contiguous(result.as_features() if features else result)
-        handoff = Handoff(result, self.ship)
-        self.visual_tokens.inc(sum(result.visual_tokens))
-        self.kept_tokens.inc(sum(result.kept_tokens))
+        request = self.stage.trim(prompt, visual, cfg, ship=self.ship)
+        handoff = Handoff.of(request)
+        self.visual_tokens.inc(sum(request.image.visual_tokens))
+        self.kept_tokens.inc(sum(request.image.kept_tokens))
         self.shipped_bytes.inc(handoff.cross_bytes, tags={"part": "cross"})
         self.shipped_bytes.inc(handoff.nbytes - handoff.cross_bytes, tags={"part": "resume"})
         return handoff

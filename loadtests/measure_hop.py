@@ -96,25 +96,35 @@ def measure_in_process(config_path: str, n: int, seed0: int) -> dict:
 LLAMA_11B = dict(hidden=4096, kv_heads=8, head_dim=128, layers=40, cross_layers=8, first_cross=3, visual=6404)
 
 
-def synthetic_trim(kept: int, prompt: int, prefix: int, dtype, m: dict = LLAMA_11B):
-    """A TrimResult with a model's shapes (default Llama-3.2-11B-Vision: one 4-tile image of 6404 visual tokens),
-    `kept` of the image's tokens kept."""
+def synthetic_request(kept: int, prompt: int, prefix: int, dtype, ship: str, m: dict = LLAMA_11B):
+    """A DecodeRequest with a model's shapes (default Llama-3.2-11B-Vision: one 4-tile image of 6404 visual
+    tokens), `kept` of the image's tokens kept, shipping their K/V or their features."""
     import torch
 
-    from pipeline.types import TrimResult
+    from pipeline.types import (
+        CrossKV,
+        DecodeRequest,
+        ImageState,
+        KeptFeatures,
+        ResumeState,
+    )
 
     kv = (2, m["kv_heads"])
-    return TrimResult(
-        prompt_token_ids=list(range(prompt)),
-        hidden=torch.randn(prompt, m["hidden"]).to(dtype),
-        self_kv=torch.randn(m["first_cross"], *kv, prompt, m["head_dim"]).to(dtype),
-        prefix_len=prefix,
-        cross_kv=torch.randn(m["cross_layers"], *kv, kept, m["head_dim"]).to(dtype),
+    image = ImageState(
         kept_image=torch.zeros(kept, dtype=torch.long), kept_index=torch.arange(kept),
         row_visibility=torch.ones(prompt, 1, dtype=torch.bool), visual_tokens=[m["visual"]], kept_tokens=[kept],
-        kept_features=torch.randn(kept, m["hidden"]).to(dtype),
         kv_bytes_per_visual_token=m["cross_layers"] * 2 * m["kv_heads"] * m["head_dim"] * dtype.itemsize,
+        tokens_per_image=m["visual"], prefix_len=prefix,
     )
+    cross = (CrossKV(torch.randn(m["cross_layers"], *kv, kept, m["head_dim"]).to(dtype)) if ship == "kv"
+             else KeptFeatures(torch.randn(kept, m["hidden"]).to(dtype)))
+    resume = ResumeState(
+        hidden=torch.randn(prompt, m["hidden"]).to(dtype),
+        self_kv=torch.randn(m["first_cross"], *kv, prompt, m["head_dim"]).to(dtype),
+        cross=cross, padding_features=torch.zeros(0, m["hidden"], dtype=dtype),
+        padding_positions=torch.zeros(0, dtype=torch.long),
+    )
+    return DecodeRequest(list(range(prompt)), image, resume)
 
 
 class HopSender:
@@ -125,8 +135,7 @@ class HopSender:
 
         from deployments.handoff import Handoff
 
-        trim = synthetic_trim(kept, prompt, prefix, getattr(torch, dtype), m)
-        self.handoff = Handoff(trim.as_features() if ship == "features" else trim.without_features(), ship)
+        self.handoff = Handoff.of(synthetic_request(kept, prompt, prefix, getattr(torch, dtype), ship, m))
 
     def send(self):
         self.handoff.sent_at = time.time()

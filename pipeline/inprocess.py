@@ -1,5 +1,6 @@
 """The three stages in one process: encode -> trim -> decode, for the CLI, tests and offline use."""
 
+from functools import partial
 
 from PIL import Image
 
@@ -11,7 +12,8 @@ from pipeline.model.encoder import VisionEncoder
 from pipeline.model.inputs import prepare_prompt, user_message
 from pipeline.model.loader import LoadedModel, load_model
 from pipeline.model.trimmer import Trimmer
-from pipeline.types import Generation, PreparedPrompt, TrimResult
+from pipeline.orchestration import run_stages
+from pipeline.types import DecodeRequest, Generation, PreparedPrompt
 
 
 class Pipeline:
@@ -32,43 +34,39 @@ class Pipeline:
         return prepare_prompt(self.loaded.processor, user_message(prompt, len(images)), images,
                               cfg.max_images, cfg.max_prompt_tokens)
 
-    def trim(self, prepared: PreparedPrompt, trim: TrimConfig | None = None) -> TrimResult | list[int]:
-        """A TrimResult for a prompt with images; the token ids of a text-only one (it skips both stages)."""
-        if prepared.num_images == 0:
-            return prepared.input_ids.tolist()
-        return self.trimmer.trim(prepared, self.encoder.encode(prepared), trim)
+    def trim(self, prepared: PreparedPrompt, trim: TrimConfig | None = None, ship: str = "kv") -> DecodeRequest:
+        """The decode request of a prepared prompt: encoded and trimmed when it has images."""
+        return run_stages(prepared, self.encoder.encode, partial(self.trimmer.trim, cfg=trim, ship=ship))
 
     def generate(self, prompt: str, images: list[Image.Image], params: SamplingParams | None = None,
                  trim: TrimConfig | None = None) -> Generation:
-        source = self.trim(self.prepare(prompt, images), trim)
+        request = self.trim(self.prepare(prompt, images), trim)
         params = params or SamplingParams()
         if self.fit_kv:
-            self.fit_engine(source, params)
-        (seq,) = self.engine.generate([source], params)
-        return make_generation(seq, source)
+            self.fit_engine(request, params)
+        (seq,) = self.engine.generate([request], params)
+        return make_generation(seq)
 
-    def fit_engine(self, source: TrimResult | list[int], params: SamplingParams) -> None:
+    def fit_engine(self, request: DecodeRequest, params: SamplingParams) -> None:
         """Rebuild the engine with exactly the KV one request needs, when the current budget cannot hold it."""
-        trim = source if isinstance(source, TrimResult) else None
-        seq = Sequence("fit", trim.prompt_token_ids if trim else source, params, trim=trim)
-        need = self.engine.kv.bytes_needed(seq.max_self_tokens, seq.cross_tokens)
-        length = seq.prompt_len + params.max_tokens
+        need = self.engine.kv_bytes_for(request, params)
+        length = request.prompt_len + params.max_tokens
         cfg = self.engine.cfg
-        if need > self.engine.kv.capacity_bytes or length > cfg.max_model_len:
+        if need > self.engine.kv_budget_bytes or length > cfg.max_model_len:
             self.engine = None  # free the old arena first
             self.engine = LLMEngine(self.loaded, cfg.model_copy(update={
                 "kv_budget_bytes": max(need, cfg.kv_budget_bytes), "max_model_len": max(length, cfg.max_model_len)}))
 
 
-def make_generation(seq: Sequence, source: TrimResult | list[int]) -> Generation:
-    is_trim = isinstance(source, TrimResult)
+def make_generation(seq: Sequence) -> Generation:
+    image = seq.image
     return Generation(
         text=seq.text,
         token_ids=list(seq.output_ids),  # every sampled token, a final EOS included (as HF generate returns)
         finish_reason=seq.finish_reason,
         prompt_tokens=seq.prompt_len,
-        visual_tokens=sum(source.visual_tokens) if is_trim else 0,
-        kept_tokens=sum(source.kept_tokens) if is_trim else 0,
-        cross_kv_bytes=source.cross_kv_bytes if is_trim else 0,
-        cross_kv_bytes_full=source.cross_kv_bytes_full if is_trim else 0,
+        visual_tokens=sum(image.visual_tokens) if image else 0,
+        kept_tokens=sum(image.kept_tokens) if image else 0,
+        cross_kv_bytes=image.cross_kv_bytes if image else 0,
+        cross_kv_bytes_full=image.cross_kv_bytes_full if image else 0,
     )

@@ -1,4 +1,4 @@
-"""The stages' hand-off types: what crosses from one stage to the next (prompt -> features -> trim result ->
+"""The stages' hand-off types: what crosses from one stage to the next (prompt -> features -> decode request ->
 outputs). Both sides import them from here, so no stage depends on another stage's module."""
 
 import dataclasses
@@ -60,38 +60,48 @@ class VisualFeatures:
         return self.features.numel() * self.features.element_size()
 
 
-@dataclass
-class TrimResult:
-    """Everything the decoder needs to resume the prefill right after the first cross-attention layer."""
+def _tensor_fields(obj) -> tuple[dict[str, torch.Tensor], dict]:
+    """A dataclass's fields split into (tensors, plain values)."""
+    tensors, plain = {}, {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        (tensors if isinstance(value, torch.Tensor) else plain)[f.name] = value
+    return tensors, plain
 
-    prompt_token_ids: list[int]
-    hidden: torch.Tensor  # (S, hidden): the first cross-attention layer's output, every prompt row
-    self_kv: torch.Tensor  # (first_cross, 2, KVH, S, hd): self-attention K/V of the layers before it
-    cross_kv: torch.Tensor  # (cross_layers, 2, KVH, kept, hd): K/V of the kept tokens, every cross layer
+
+def map_tensors(obj, fn):
+    """A copy of a hand-off dataclass with `fn` applied to every tensor in it, nested ones too (moving to a device,
+    making contiguous)."""
+    def apply(value):
+        if isinstance(value, torch.Tensor):
+            return fn(value)
+        return map_tensors(value, fn) if dataclasses.is_dataclass(value) else value
+
+    return dataclasses.replace(obj, **{f.name: apply(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class ImageState:
+    """What a sequence with images keeps for its whole life: which visual tokens were kept and who sees them."""
+
     kept_image: torch.Tensor  # (kept,) which image each kept token comes from
     kept_index: torch.Tensor  # (kept,) its position among that image's tiles * patches tokens
     row_visibility: torch.Tensor  # (S, images) bool: which images each prompt row sees
     visual_tokens: list[int]  # non-padding tokens per image
     kept_tokens: list[int]  # kept tokens per image
-    kept_features: torch.Tensor | None = None  # (kept, hidden): shipped instead of cross_kv in "features" mode
-    kv_bytes_per_visual_token: int = 0  # K and V of one visual token across all cross-attention layers
-    # The blind prefix: rows before the first image token see no image, and HF lets them attend to every visual
-    # token (their mask row is all zeros), padding tiles' tokens included, which trimming never drops. The
-    # decoder projects the padding tokens' K/V in each later cross-attention layer from their features (hidden
-    # floats a token: 3.5x fewer bytes than the 11B's later layers' K/V); empty when no row is blind or no
-    # image has padding tiles.
+    kv_bytes_per_visual_token: int  # K and V of one visual token across all cross-attention layers
+    tokens_per_image: int  # tiles * patches: global position = image * tokens_per_image + index
+    # Rows before the first image token see no image (HF lets them attend to every visual token, padding tiles'
+    # included: see ResumeState.padding_features).
     prefix_len: int = 0
-    tokens_per_image: int = 0  # tiles * patches: global position = image * tokens_per_image + index
-    padding_features: torch.Tensor | None = None  # (P, hidden): projected features of the padding tokens
-    padding_positions: torch.Tensor | None = None  # (P,) their global positions, ascending
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def kept_positions(self) -> torch.Tensor:
-        """(kept,) global positions of the kept tokens, in cross_kv's order."""
+        """(kept,) global positions of the kept tokens, in the cross K/V's order."""
         return self.kept_image * self.tokens_per_image + self.kept_index
 
     @property
@@ -113,32 +123,137 @@ class TrimResult:
 
     @property
     def nbytes(self) -> int:
+        return _nbytes(_tensor_fields(self)[0].values())
+
+
+@dataclass
+class CrossKV:
+    """The kept tokens' K/V in every cross-attention layer, as the trimmer projected them."""
+
+    kv: torch.Tensor  # (cross_layers, 2, KVH, kept, hd)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.kv
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes([self.kv])
+
+
+@dataclass
+class KeptFeatures:
+    """The kept tokens' projected features (hidden floats a token); the decoder projects every layer's K/V."""
+
+    features: torch.Tensor  # (kept, hidden)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.features
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes([self.features])
+
+
+CROSS_KINDS = {"kv": CrossKV, "features": KeptFeatures}  # TrimmerConfig's `ship` -> what crosses the hop
+
+
+@dataclass
+class ResumeState:
+    """What the decoder's prefill consumes once to resume right after the first cross-attention layer."""
+
+    hidden: torch.Tensor  # (S, hidden): the first cross-attention layer's output, every prompt row
+    self_kv: torch.Tensor  # (first_cross, 2, KVH, S, hd): self-attention K/V of the layers before it
+    cross: CrossKV | KeptFeatures  # the kept tokens, as K/V or as features
+    # The blind prefix's extra keys: HF lets rows before the first image token attend to every visual token,
+    # padding tiles' tokens included, which trimming never drops. The decoder projects their K/V in each later
+    # cross-attention layer from these features; empty when no row is blind or no image has padding tiles.
+    padding_features: torch.Tensor  # (P, hidden)
+    padding_positions: torch.Tensor  # (P,) their global positions, ascending
+
+    @property
+    def ship(self) -> str:
+        return next(k for k, t in CROSS_KINDS.items() if isinstance(self.cross, t))
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes([self.hidden, self.self_kv, self.padding_features, self.padding_positions]) + self.cross.nbytes
+
+
+@dataclass
+class Payload:
+    """A hand-off as tensors plus plain fields: what the Serve hops and the batch job's rows carry."""
+
+    tensors: dict[str, torch.Tensor]
+    fields: dict
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.tensors.values())
+
+    def map_tensors(self, fn) -> "Payload":
+        return Payload({k: fn(t) for k, t in self.tensors.items()}, self.fields)
+
+    def as_dict(self) -> dict:
+        """For torch.save(..., weights_only=True) and back with Payload(**d)."""
+        return {"tensors": self.tensors, "fields": self.fields}
+
+
+@dataclass
+class DecodeRequest:
+    """What the decoder is asked to run: the prompt's token ids and, for a prompt with images, its image state and
+    the resume state its prefill consumes (a text-only prompt has neither and prefills from layer 0)."""
+
+    prompt_token_ids: list[int]
+    image: ImageState | None = None
+    resume: ResumeState | None = None
+
+    def __post_init__(self):
+        if (self.image is None) != (self.resume is None):
+            raise ValueError("a decode request carries an image state and a resume state together, or neither")
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_kept(self) -> int:
+        return 0 if self.image is None else self.image.num_kept
+
+    @property
+    def nbytes(self) -> int:
         """Bytes handed to the decoder in all."""
-        tensors = (self.hidden, self.self_kv, self.cross_kv, self.kept_image, self.kept_index, self.row_visibility,
-                   self.kept_features, self.padding_features, self.padding_positions)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return self.to_payload().nbytes
 
-    def as_features(self) -> "TrimResult":
-        """The same result shipping kept features (hidden floats a token) instead of every layer's K/V."""
-        assert self.kept_features is not None, "trim(..., keep_features=True) keeps them"
-        return dataclasses.replace(self, cross_kv=self.cross_kv.new_zeros(0))
+    def to_payload(self) -> Payload:
+        """Tensors named "image.<field>", "resume.<field>" and "resume.cross" (K/V or features, as `ship` says);
+        plain fields: the prompt ids, the image state's counts, `ship`."""
+        tensors, fields = {}, {"prompt_token_ids": list(self.prompt_token_ids)}
+        if self.image is not None:
+            image_tensors, fields["image"] = _tensor_fields(self.image)
+            resume_tensors, _ = _tensor_fields(self.resume)  # its one plain field is `cross`, named below
+            tensors |= {f"image.{k}": v for k, v in image_tensors.items()}
+            tensors |= {f"resume.{k}": v for k, v in resume_tensors.items()}
+            tensors["resume.cross"] = self.resume.cross.tensor
+            fields["ship"] = self.resume.ship
+        return Payload(tensors, fields)
 
-    def without_features(self) -> "TrimResult":
-        return dataclasses.replace(self, kept_features=None)
+    @classmethod
+    def from_payload(cls, payload: Payload) -> "DecodeRequest":
+        fields = payload.fields
+        if "image" not in fields:
+            return cls(list(fields["prompt_token_ids"]))
+        parts = {"image": {}, "resume": {}}
+        for name, t in payload.tensors.items():
+            owner, _, field_name = name.partition(".")
+            parts[owner][field_name] = t
+        cross = CROSS_KINDS[fields["ship"]](parts["resume"].pop("cross"))
+        image = ImageState(**fields["image"], **parts["image"])
+        return cls(list(fields["prompt_token_ids"]), image, ResumeState(cross=cross, **parts["resume"]))
 
-    def without_resume_state(self) -> "TrimResult":
-        """After the prefill only the small per-token metadata is read; let the big tensors go."""
-        empty = self.hidden.new_zeros(0)
-        return dataclasses.replace(self, hidden=empty, self_kv=empty, cross_kv=empty, kept_features=None,
-                                   padding_features=empty, padding_positions=empty.long())
-
-    def map_tensors(self, fn) -> "TrimResult":
-        """A copy with `fn` applied to every tensor field (moving to a device, making contiguous)."""
-        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
-
-    def to(self, device) -> "TrimResult":
-        return self.map_tensors(lambda t: t.to(device))
+    def to(self, device) -> "DecodeRequest":
+        return map_tensors(self, lambda t: t.to(device))
 
 
 @dataclass

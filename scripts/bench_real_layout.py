@@ -46,8 +46,8 @@ def run_stage(ckpt: str, stage: str, dtype: str, threads: int) -> dict:
         timings = {"encode_s": time.perf_counter() - t0}
     else:
         trim = Trimmer(loaded, TrimConfig(policy="target", target_fraction=0.5)).trim(prompt, visual)
-        timings = {"trim_s": time.perf_counter() - t0, "kept_tokens": trim.kept_tokens[0]}
-        if stage == "decoder":  # the decoder holds every weight the trimmer runs: its TrimResult is made here
+        timings = {"trim_s": time.perf_counter() - t0, "kept_tokens": trim.image.kept_tokens[0]}
+        if stage == "decoder":  # the decoder holds every weight the trimmer runs: its DecodeRequest is made here
             engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**29))
             t1 = time.perf_counter()
             (seq,) = engine.generate([trim], SamplingParams(max_tokens=16, ignore_eos=True))

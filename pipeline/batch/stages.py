@@ -18,15 +18,15 @@ from pipeline.model.encoder import VisionEncoder
 from pipeline.model.inputs import decode_image, prepare_prompt, user_message
 from pipeline.model.loader import load_model
 from pipeline.model.trimmer import Trimmer
+from pipeline.orchestration import run_stages
 from pipeline.storage import S3Settings
-from pipeline.types import PreparedPrompt, TrimResult, VisualFeatures
+from pipeline.types import DecodeRequest, Payload, PreparedPrompt, VisualFeatures
 
 log = logging.getLogger(__name__)
 
 
-
-
-
+# A row's `state` between stages, torch.save'd: {"request": a DecodeRequest's payload} once it is a decode request
+# (text-only rows from the encoder on), or {"trim_input": ...}, what the trimmer reads, from the encoder.
 def pack(state: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -35,6 +35,21 @@ def pack(state: dict) -> bytes:
 
 def unpack(blob: bytes) -> dict:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def pack_request(request: DecodeRequest) -> bytes:
+    return pack({"request": request.to("cpu").to_payload().as_dict()})
+
+
+def unpack_request(state: dict) -> DecodeRequest:
+    return DecodeRequest.from_payload(Payload(**state["request"]))
+
+
+def pack_trim_input(prompt: PreparedPrompt, visual: VisualFeatures) -> bytes:
+    return pack({"trim_input": {
+        "input_ids": prompt.input_ids, "cross_attention_mask": prompt.cross_attention_mask,
+        "features": visual.features.cpu(), "token_valid": visual.token_valid.cpu(),
+    }})
 
 
 def row_error(exc: Exception, stage: str) -> str:
@@ -98,13 +113,8 @@ class EncodeStage:
             images = [] if image is None else [image]
             prepared = prepare_prompt(self.loaded.processor, user_message(row["prompt"], len(images)), images,
                                       self.cfg.max_images, self.cfg.max_prompt_tokens)
-            if not images:
-                return rid, None, pack({"input_ids": prepared.input_ids})
-            visual = self.encoder.encode(prepared)
-            return rid, None, pack({
-                "input_ids": prepared.input_ids, "cross_attention_mask": prepared.cross_attention_mask,
-                "features": visual.features.cpu(), "token_valid": visual.token_valid.cpu(),
-            })
+            # The chain stops before the trimmer, which is the next actor pool.
+            return rid, None, run_stages(prepared, self.encoder.encode, pack_trim_input, pack_request)
         except Exception as exc:
             return rid, row_error(exc, "encoder"), None
 
@@ -126,13 +136,12 @@ class TrimStage:
             return rid, error, None
         try:
             state = unpack(blob)
-            if "features" not in state:  # text-only: nothing to trim
+            if "request" in state:  # text-only: already a decode request
                 return rid, None, blob
-            dev = self.loaded.device
+            state, dev = state["trim_input"], self.loaded.device
             prepared = PreparedPrompt(input_ids=state["input_ids"], cross_attention_mask=state["cross_attention_mask"])
             visual = VisualFeatures(state["features"].to(dev), state["token_valid"].to(dev))
-            trim = self.trimmer.trim(prepared, visual)
-            return rid, None, pack({"trim": trim.to("cpu").__dict__})
+            return rid, None, pack_request(self.trimmer.trim(prepared, visual))
         except Exception as exc:
             return rid, row_error(exc, "trimmer"), None
 
@@ -156,9 +165,8 @@ class DecodeStage:
                 results[i] = {"id": rid, "error": error}
                 continue
             try:
-                state = unpack(blob)
-                source = TrimResult(**state["trim"]) if "trim" in state else state["input_ids"].tolist()
-                pending.append((i, self.engine.make_sequence(source, self.params, request_id=f"row-{i}")))
+                request = unpack_request(unpack(blob))
+                pending.append((i, self.engine.make_sequence(request, self.params, request_id=f"row-{i}")))
             except Exception as exc:  # e.g. prompt + max_tokens over max_model_len, KV that never fits
                 results[i] = {"id": rid, "error": row_error(exc, "decoder")}
         self._run(pending, cols[0], results)
@@ -170,14 +178,13 @@ class DecodeStage:
         try:
             while pending or self.engine.has_work():
                 # Feed the bounded queue as it drains; admission by KV budget happens inside step().
-                while pending and self.engine.stats().waiting < self.engine.cfg.max_waiting:
+                while pending and self.engine.has_room():
                     i, seq = pending.popleft()
                     running.append((i, self.engine.add(seq)))
                 self.engine.step()
         except Exception as exc:  # a failed step: fail what was in flight, keep the actor usable
             message = row_error(exc, "decoder")
-            for request_id in list(self.engine.seqs):
-                self.engine.abort(request_id)
+            self.engine.abort_all()
             unfinished = [i for i, _ in pending] + [i for i, seq in running if seq.finish_reason in (None, "abort")]
             for i in unfinished:
                 results[i] = {"id": ids[i], "error": message}
@@ -187,7 +194,7 @@ class DecodeStage:
             if seq.finish_reason == "error":  # this row alone failed in the engine (logged there)
                 results[i] = {"id": ids[i], "error": "decoder: the engine failed on this row"}
                 continue
-            gen = make_generation(seq, seq.trim if seq.trim is not None else seq.prompt_token_ids)
+            gen = make_generation(seq)
             results[i] = {"id": ids[i], "text": gen.text, "prompt_tokens": gen.prompt_tokens,
                           "completion_tokens": len(gen.token_ids), "visual_tokens": gen.visual_tokens,
                           "kept_tokens": gen.kept_tokens, "finish_reason": gen.finish_reason,

@@ -70,7 +70,7 @@ def _run_engine(loaded, sources, budget, params):
     engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=budget, max_running=256, max_waiting=4096,
                                             max_model_len=4096, kv_allocation="reserved"))
     seqs = [engine.add_request(s, params) for s in sources]
-    admitted_at_once = engine.scheduler.count_admissible()
+    admitted_at_once = engine.count_admissible()
     batch_sizes, step_ms = [], []
     t0 = time.perf_counter()
     while engine.has_work():
@@ -119,7 +119,7 @@ def run_decoder(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
 
     probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, max_model_len=4096))
-    need_full = probe.kv.bytes_needed(untrimmed[0].prompt_len + args.max_tokens, untrimmed[0].num_kept)
+    need_full = probe.kv_bytes_for(untrimmed[0], params)
     budget = need_full * args.untrimmed_slots + need_full // 2
     del probe
 
@@ -175,7 +175,7 @@ def run_decoder(args) -> int:
         "step_vs_bound_batch1_stream_convention": round(one["step_ms_mean"] / (bound_ms / 2), 3),
         "stage_ms_mean": {k: round(statistics.mean(v), 1) for k, v in stage_ms.items()},
         "engine_untrimmed_equals_hf_greedy_batch1": exact,
-        "note": "engine tokens/s time the decoder engine (prefill resume + decode) on precomputed TrimResults; "
+        "note": "engine tokens/s time the decoder engine (prefill resume + decode) on precomputed DecodeRequests; "
                 "HF generate's include its vision encoder and full prefill (see stage_ms_mean for those costs)",
     }
     _print_table(result)

@@ -82,7 +82,7 @@ def run_realistic(args) -> int:
 
     lengths = np.random.default_rng(args.seed).integers(8, 129, args.requests).tolist()
     probe = _engine(loaded, 2**20, "reserved")
-    need_full = probe.kv.bytes_needed(untrimmed[0].prompt_len + MAX_TOKENS, untrimmed[0].num_kept)
+    need_full = probe.kv_bytes_for(untrimmed[0], SamplingParams(max_tokens=MAX_TOKENS))
     budget = need_full * args.untrimmed_slots + need_full // 2
     runs = {
         "paged_trimmed": run_workload(loaded, pick(trimmed), lengths, budget, "paged"),

@@ -1,1 +1,2 @@
-"""The decoding engine (nano-vllm shape): sequence, sampling, KV cache, scheduler, model runner, LLMEngine, AsyncLLMEngine."""
+"""The decoding engine (nano-vllm shape): sequence, sampling, KV pages and cache, scheduler, model runner, LLMEngine,
+AsyncLLMEngine."""

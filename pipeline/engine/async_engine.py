@@ -8,6 +8,7 @@ import threading
 from pipeline.engine.llm_engine import EngineStats, LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import Overloaded
+from pipeline.types import DecodeRequest
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,11 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._loop, name="crosstrim-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, source, params: SamplingParams, request_id: str | None = None):
-        seq = self.engine.make_sequence(source, params, request_id)  # raises InvalidRequest at once
-        del source  # the engine drops the big tensors after prefill; this frame must not pin them
+    async def generate(self, request: DecodeRequest, params: SamplingParams, request_id: str | None = None):
+        seq = self.engine.make_sequence(request, params, request_id)  # raises InvalidRequest at once
+        del request  # the engine drops the big tensors after prefill; this frame must not pin them
         with self._lock:
-            if len(self.engine.scheduler.waiting) + self._pending >= self.engine.cfg.max_waiting:
+            if not self.engine.has_room(self._pending):
                 raise Overloaded("the decoder queue is full; try again later")
             self._pending += 1
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
@@ -54,6 +55,12 @@ class AsyncLLMEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def kv_bytes_per_token(self) -> float:
+        return self.engine.kv_bytes_per_token()
+
+    def set_limits(self, max_running: int, max_waiting: int) -> None:
+        self.engine.set_limits(max_running, max_waiting)
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -91,10 +98,8 @@ class AsyncLLMEngine:
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # the step failed outside any one sequence's guard: never hang, never hold KV
-                log.exception("engine step failed (%s: %s); failing the %d requests in flight", type(exc).__name__, exc,
-                              len(self.engine.seqs))
-                for seq in list(self.engine.seqs.values()):
-                    self._deliver(seq.request_id, self.engine.fail(seq, exc))
-                continue
+                log.exception("engine step failed (%s); failing the %d requests in flight", type(exc).__name__,
+                              self.engine.num_requests)
+                outputs = self.engine.fail_all(exc)
             for out in outputs:
                 self._deliver(out.request_id, out)

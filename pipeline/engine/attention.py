@@ -4,7 +4,8 @@ K/V in place as a strided view when its pages are one run (the fastest measured 
 
 import torch
 
-from pipeline.engine.kv_cache import KVCache, SeqKV
+from pipeline.engine.kv_cache import KVCache
+from pipeline.engine.page_table import PageTable
 from pipeline.model.layers import attend_one
 
 
@@ -14,23 +15,24 @@ class PerSequenceAttention:
     def __init__(self, kv: KVCache):
         self.kv = kv
 
-    def write_self(self, slot: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        view = self.kv.self_layer(slot)  # on the layer's device, as k and v are
+    def write_self(self, kv_layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """The batch's new K/V (B, KVH, 1, hd) into one layer at the rows' token slots (B,)."""
+        view = self.kv.self_layer(kv_layer)  # on the layer's device, as k and v are
         slots = slots.to(view.device)
         view[slots, 0] = k[:, :, 0]
         view[slots, 1] = v[:, :, 0]
 
-    def self_attn(self, q, kvs: list[SeqKV], lengths: list[int], slot: int, scale: float) -> torch.Tensor:
+    def self_attn(self, q, tables: list[PageTable], lengths: list[int], kv_layer: int, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
-        for i, (kv, n) in enumerate(zip(kvs, lengths)):
-            keys, values = self.kv.self_kv(kv, slot, n)
+        for i, (table, n) in enumerate(zip(tables, lengths)):
+            keys, values = self.kv.self_kv(table, kv_layer, n)
             out[i, :, 0] = attend_one(q[i, :, 0], keys, values, scale)
         return out
 
-    def cross_attn(self, q, kvs: list[SeqKV], masks: list, slot: int, scale: float) -> torch.Tensor:
+    def cross_attn(self, q, tables: list[PageTable], masks: list, kv_layer: int, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
-        for i, (kv, mask) in enumerate(zip(kvs, masks)):
-            keys, values = self.kv.cross_kv(kv, slot)
+        for i, (table, mask) in enumerate(zip(tables, masks)):
+            keys, values = self.kv.cross_kv(table, kv_layer)
             out[i, :, 0] = attend_one(q[i, :, 0], keys, values, scale, mask=mask)
         return out
 
@@ -45,9 +47,9 @@ class VarlenPagedAttention(PerSequenceAttention):
 
         self.varlen_attn = varlen_attn
 
-    def _pages(self, slot: int, size: int):
+    def _pages(self, kv_layer: int, size: int):
         """(pages, page_size, KVH, hd) K and V pools of one layer, strided views of its arena."""
-        layer = self.kv.self_layer(slot).unflatten(0, (-1, size))  # (pages, size, 2, KVH, hd)
+        layer = self.kv.self_layer(kv_layer).unflatten(0, (-1, size))  # (pages, size, 2, KVH, hd)
         return layer[:, :, 0], layer[:, :, 1]
 
     def _call(self, q, k_pool, v_pool, tables: list[list[int]], lengths: list[int], scale: float):
@@ -62,20 +64,20 @@ class VarlenPagedAttention(PerSequenceAttention):
                                enable_gqa=True, seqused_k=used, block_table=table)  # (B, H, hd)
         return out[:, :, None]
 
-    def self_attn(self, q, kvs, lengths, slot, scale):
-        k_pool, v_pool = self._pages(slot, self.kv.block_size)
-        return self._call(q, k_pool, v_pool, [kv.self_pages for kv in kvs], lengths, scale)
+    def self_attn(self, q, tables, lengths, kv_layer, scale):
+        k_pool, v_pool = self._pages(kv_layer, self.kv.block_size)
+        return self._call(q, k_pool, v_pool, [t.self_pages for t in tables], lengths, scale)
 
-    def cross_attn(self, q, kvs, masks, slot, scale):
+    def cross_attn(self, q, tables, masks, kv_layer, scale):
         plain = [i for i, m in enumerate(masks) if m is None]
-        if len(plain) < len(kvs):
-            out = super().cross_attn(q, kvs, masks, slot, scale)
+        if len(plain) < len(tables):
+            out = super().cross_attn(q, tables, masks, kv_layer, scale)
         else:
             out = torch.empty_like(q)
         if plain:
-            k_pool, v_pool = self.kv.cross_pool(slot)
-            out[plain] = self._call(q[plain], k_pool, v_pool, [kvs[i].cross_pages for i in plain],
-                                    [kvs[i].cross_tokens for i in plain], scale)
+            k_pool, v_pool = self.kv.cross_pool(kv_layer)
+            out[plain] = self._call(q[plain], k_pool, v_pool, [tables[i].cross_pages for i in plain],
+                                    [tables[i].cross_tokens for i in plain], scale)
         return out
 
 

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -18,7 +19,7 @@ from pipeline.engine.sampling import SamplingParams, make_generator, sample
 from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Sequence
 from pipeline.model.loaded import LoadedModel
-from pipeline.types import RequestOutput, TrimResult
+from pipeline.types import DecodeRequest, RequestOutput, map_tensors
 
 # Flash attention 2's paged path (what varlen_attn calls with a block table) takes pages of a multiple of 256
 # tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
@@ -70,26 +71,24 @@ class LLMEngine:
         self.cfg = self.scheduler.cfg = self.cfg.model_copy(update={"max_running": max_running,
                                                                     "max_waiting": max_waiting})
 
-    def make_sequence(self, source: TrimResult | list[int], params: SamplingParams,
-                      request_id: str | None = None) -> Sequence:
-        """A sequence from a TrimResult, or from prompt token ids for a text-only prompt; checked, not queued."""
-        request_id = request_id or uuid.uuid4().hex
-        if isinstance(source, TrimResult):
-            seq = Sequence(request_id, source.prompt_token_ids, params, trim=source)
-        else:
-            seq = Sequence(request_id, source, params)
+    # ---- requests in and out
+
+    def make_sequence(self, request: DecodeRequest, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """A sequence for a decode request; checked (InvalidRequest if it could never run), not queued."""
+        seq = Sequence.from_request(request_id or uuid.uuid4().hex, request, params)
         self.scheduler.check(seq)
         return seq
 
     def add(self, seq: Sequence) -> Sequence:
+        """Queue a sequence; Overloaded when the queue is full (callers ask has_room() first)."""
         if seq.request_id in self.seqs:
             raise ValueError(f"duplicate request id {seq.request_id}")
         self.scheduler.add(seq)
         self.seqs[seq.request_id] = seq
         return seq
 
-    def add_request(self, source, params: SamplingParams, request_id: str | None = None) -> Sequence:
-        return self.add(self.make_sequence(source, params, request_id))
+    def add_request(self, request: DecodeRequest, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        return self.add(self.make_sequence(request, params, request_id))
 
     def abort(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
@@ -97,8 +96,47 @@ class LLMEngine:
             if not s.finished:
                 self.scheduler.finish(s, "abort")
 
+    def abort_all(self) -> None:
+        """Abort every request in the engine, freeing all its KV (what a caller does after a failed step)."""
+        for request_id in list(self.seqs):
+            self.abort(request_id)
+
+    def fail_all(self, exc: BaseException) -> list[RequestOutput]:
+        """End every request in the engine with an error output (a step failed outside any one sequence)."""
+        return [self.fail(seq, exc) for seq in list(self.seqs.values())]
+
+    # ---- admission and KV, for callers (nothing outside the engine reads its scheduler or KV cache)
+
+    def has_room(self, pending: int = 0) -> bool:
+        """The one admission rule: may another request queue now? `pending`: requests a caller has accepted but
+        not yet added (the async engine's inbox)."""
+        return self.scheduler.has_room(pending)
+
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.swapped)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests in the engine (each of n completions counted once)."""
+        return len(self.seqs)
+
+    def kv_bytes_for(self, request: DecodeRequest, params: SamplingParams) -> int:
+        """KV bytes one completion of `request` may hold: its prompt, max_tokens and its kept visual tokens."""
+        return self.kv.bytes_needed(request.prompt_len + params.max_tokens, request.num_kept)
+
+    def kv_bytes_per_token(self) -> float:
+        """KV bytes a text token reserves, page rounding averaged out (the ingress's per-key accounting)."""
+        return self.kv.bytes_needed(4096, 0) / 4096
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return self.kv.capacity_bytes
+
+    def count_admissible(self) -> int:
+        """Dry run: how many waiting requests the next step would admit."""
+        return self.scheduler.count_admissible()
+
+    # ---- stepping
 
     def step(self) -> list[RequestOutput]:
         """Admit what fits and prefill it, then decode every other running sequence by one token. A failure while
@@ -119,12 +157,9 @@ class LLMEngine:
 
     def _prefill_one(self, seq: Sequence) -> list[RequestOutput]:
         """The prompt's forward, then the first token of each of its n completions."""
-        if seq.trim is not None and seq.trim.hidden.device != self.loaded.device:
-            seq.trim = seq.trim.to(self.loaded.device)
-        logits = self.runner.prefill(seq)
-        seq.trim = seq.trim and seq.trim.without_resume_state()
+        logits = self._prefill_logits(seq)
         for i in range(1, seq.params.n):  # n > 1: siblings share the prompt's and image's pages
-            child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, trim=seq.trim)
+            child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, seq.image)
             child.index, child.arrival = i, seq.arrival
             self.scheduler.fork(seq, child)
             seq.siblings.append(child)
@@ -135,6 +170,26 @@ class LLMEngine:
             s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop)
             outputs.append(self._append(s, logits))
         return outputs
+
+    def _prefill_logits(self, seq: Sequence) -> torch.Tensor:
+        """The prompt's forward for an admitted sequence; it hands over its resume state, which goes after."""
+        resume = seq.take_resume()
+        if seq.image is not None and seq.image.kept_image.device != torch.device(self.loaded.device):
+            seq.image, resume = (map_tensors(x, partial(torch.Tensor.to, device=self.loaded.device))
+                                 for x in (seq.image, resume))
+        return self.runner.prefill(seq, resume)
+
+    def prefill_logits(self, request: DecodeRequest) -> torch.Tensor:
+        """The next-token logits (V,) after a request's prompt, from its prefill alone, on an idle engine (the
+        exactness tests' first step); nothing stays in the engine after."""
+        assert not self.has_work(), "prefill_logits runs on an idle engine"
+        seq = self.add_request(request, SamplingParams(max_tokens=1))
+        try:
+            _, admitted = self.scheduler.admit()
+            assert admitted == [seq], "the request does not fit the KV budget"
+            return self._prefill_logits(seq)
+        finally:
+            self.abort(seq.request_id)
 
     def _decode(self, batch: list[Sequence]) -> list[RequestOutput]:
         """One batched forward, each row sampled under its own guard. If the forward itself fails, run each
@@ -219,16 +274,16 @@ class LLMEngine:
         return EngineStats(
             running=len(sched.running), waiting=len(sched.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
-            kv_written_bytes=sum(self.kv.written_bytes(s.kv) for s in sched.running),
+            kv_written_bytes=sum(self.kv.written_bytes(s.pages) for s in sched.running),
             swapped=len(sched.swapped), preemptions=sched.preemptions,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
         )
 
-    def generate(self, sources: list, params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+    def generate(self, requests: list[DecodeRequest], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Offline: run every request to completion, continuously batched; sequences in input order."""
-        params = params if isinstance(params, list) else [params] * len(sources)
-        seqs = [self.add_request(src, p) for src, p in zip(sources, params)]
+        params = params if isinstance(params, list) else [params] * len(requests)
+        seqs = [self.add_request(r, p) for r, p in zip(requests, params)]
         while self.has_work():
             self.step()
         return seqs

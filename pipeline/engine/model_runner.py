@@ -1,5 +1,5 @@
 """Runs the text decoder over sequences whose K/V lives in the engine's KV pages: the prefill (resumed after the
-first cross-attention layer from a TrimResult, or from layer 0 for a text-only prompt) and the batched
+first cross-attention layer from a ResumeState, or from layer 0 for a text-only prompt) and the batched
 decode step, where projections and MLPs run on the whole batch and attention runs in the device's backend."""
 
 import torch
@@ -12,12 +12,13 @@ from pipeline.model.layers import (
     cross_finish,
     cross_kv,
     cross_q,
+    project_cross_kv,
     self_finish,
     self_qkv,
 )
 from pipeline.model.loaded import LoadedModel
 from pipeline.model.placement import moved
-from pipeline.model.trimmer import project_cross_kv
+from pipeline.types import CrossKV, ImageState, ResumeState
 
 
 class ModelRunner:
@@ -39,39 +40,42 @@ class ModelRunner:
         return self.lm_head(self.text.norm(h[:, -1].to(self.last))).float().to(self.device)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Fill the sequence's K/V for its prompt; return the logits of the next token (V,)."""
+    def prefill(self, seq: Sequence, resume: ResumeState | None) -> torch.Tensor:
+        """Fill the sequence's K/V for its prompt (from `resume`, the sequence's resume state, when it has an
+        image); return the logits of the next token (V,)."""
         n = seq.prompt_len
-        kv, trim, cache = seq.kv, seq.trim, self.kv
-        slots = cache.self_slots(kv, 0, n)
-        if trim is None:
+        table, image, cache = seq.pages, seq.image, self.kv
+        slots = table.self_slots(0, n)
+        if image is None:
             h, start = self.text.embed_tokens(torch.tensor(seq.prompt_token_ids, device=self.device))[None], 0
         else:  # resume every row after the first cross-attention layer
-            h, start = trim.hidden[None].to(self.loaded.dtype), self.first + 1
+            h, start = resume.hidden[None].to(self.loaded.dtype), self.first + 1
             # (layers, 2, KVH, n, hd) -> each layer's pages (n, 2, KVH, hd), on the layer's device
             for i in range(self.first):
-                view = cache.self_layer(cache.slot[i])
-                view[slots.to(view.device)] = trim.self_kv[i].permute(2, 0, 1, 3).to(view.device, view.dtype)
-            cross = trim.cross_kv if trim.cross_kv.numel() else (  # "features" mode: project every layer's K/V here
-                project_cross_kv(self.text, self.loaded.cross_layers, trim.kept_features))
-            cache.write_cross(kv, cross)
-            p = trim.prefix_len
-            visible = trim.row_visibility[p:, trim.kept_image]  # (rows, kept): row sees the token's image
+                view = cache.self_layer(cache.kv_layer[i])
+                view[slots.to(view.device)] = resume.self_kv[i].permute(2, 0, 1, 3).to(view.device, view.dtype)
+            if isinstance(resume.cross, CrossKV):
+                cross = resume.cross.kv
+            else:  # the kept tokens' features: project every cross-attention layer's K/V here
+                cross = project_cross_kv(self.text, self.loaded.cross_layers, resume.cross.features)
+            cache.write_cross(table, cross)
+            p = image.prefix_len
+            visible = image.row_visibility[p:, image.kept_image]  # (rows, kept): row sees the token's image
             sees = torch.arange(n, device=self.device) >= p  # the blind prefix sees no image
-            blind = BlindPrefix(trim)
+            blind = BlindPrefix(image, resume)
         rows = torch.arange(n, device=self.device)
         causal = rows[:, None] >= rows[None, :]
         cos, sin = self.text.rotary_emb(h, rows[None])
-        masks = (visible, sees) if trim is not None else ()
+        masks = (visible, sees) if image is not None else ()
         on = {}  # device -> (cos, sin, causal, slots, *masks) there
         for idx in range(start, len(self.text.layers)):
             layer, dev = self.text.layers[idx], self.layer_devices[idx]
             h = h.to(dev)
             cos_d, sin_d, causal_d, slots_d, *masks_d = moved((cos, sin, causal, slots, *masks), dev, on)
             if idx in self.cross:
-                if trim is not None:  # a text-only prompt skips cross-attention layers, as HF does
+                if image is not None:  # a text-only prompt skips cross-attention layers, as HF does
                     visible_d, sees_d = masks_d
-                    keys, values = cache.cross_kv(kv, cache.slot[idx])
+                    keys, values = cache.cross_kv(table, cache.kv_layer[idx])
                     q = cross_q(layer, h)
                     out = attend(q[:, :, p:], keys[None], values[None], layer.cross_attn.scaling,
                                  mask=visible_d[None, None])
@@ -80,14 +84,14 @@ class ModelRunner:
                     h = cross_finish(layer, h, out, sees_d[None])
                 continue
             q, k, v = self_qkv(layer, h, cos_d, sin_d)
-            slot = cache.slot[idx]
-            view = cache.self_layer(slot)
+            kv_layer = cache.kv_layer[idx]
+            view = cache.self_layer(kv_layer)
             view[slots_d, 0] = k[0].transpose(0, 1)
             view[slots_d, 1] = v[0].transpose(0, 1)
-            keys, values = cache.self_kv(kv, slot, n)
+            keys, values = cache.self_kv(table, kv_layer, n)
             out = attend(q, keys[None], values[None], layer.self_attn.scaling, mask=causal_d)
             h = self_finish(layer, h, out)
-        kv.self_written = n
+        table.self_written = n
         return self._logits(h)[0]
 
     @torch.inference_mode()
@@ -95,37 +99,37 @@ class ModelRunner:
         """One token for every sequence in one batched forward; returns logits (B, V)."""
         tokens = torch.tensor([s.last_token for s in seqs], device=self.device)
         pos = [s.num_tokens - 1 for s in seqs]  # position of the token being fed
-        kvs = [s.kv for s in seqs]
-        slots = torch.tensor([self.kv.self_slot(kv, p) for kv, p in zip(kvs, pos)], device=self.device)
+        tables = [s.pages for s in seqs]
+        slots = torch.tensor([t.self_slot(p) for t, p in zip(tables, pos)], device=self.device)
         lengths = [p + 1 for p in pos]
         h = self.text.embed_tokens(tokens)[:, None]
         cos, sin = self.text.rotary_emb(h, torch.tensor(pos, device=self.device)[:, None])
-        with_image = [i for i, s in enumerate(seqs) if s.trim is not None]
+        with_image = [i for i, s in enumerate(seqs) if s.image is not None]
         on = {}  # device -> (cos, sin) there
         for idx, layer in enumerate(self.text.layers):
-            slot, dev = self.kv.slot[idx], self.layer_devices[idx]
+            kv_layer, dev = self.kv.kv_layer[idx], self.layer_devices[idx]
             h = h.to(dev)
             if idx in self.cross:
                 if with_image:
-                    h = self._cross_decode(layer, h, [seqs[i] for i in with_image], with_image, slot)
+                    h = self._cross_decode(layer, h, [seqs[i] for i in with_image], with_image, kv_layer)
                 continue
             q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
-            self.attn.write_self(slot, k, v, slots)
-            h = self_finish(layer, h, self.attn.self_attn(q, kvs, lengths, slot, layer.self_attn.scaling))
-        for kv, n in zip(kvs, lengths):
-            kv.self_written = n
+            self.attn.write_self(kv_layer, k, v, slots)
+            h = self_finish(layer, h, self.attn.self_attn(q, tables, lengths, kv_layer, layer.self_attn.scaling))
+        for table, n in zip(tables, lengths):
+            table.self_written = n
         return self._logits(h)
 
-    def _cross_decode(self, layer, h, seqs, rows, slot):
+    def _cross_decode(self, layer, h, seqs, rows, kv_layer):
         """Rows of text-only sequences pass through unchanged (HF skips the layer for them)."""
         x = h[rows]
         q = cross_q(layer, x)
         masks = []
         for s in seqs:
             # A generated token sees what the prompt's last row sees (HF repeats that mask row).
-            mask = s.trim.row_visibility[-1][s.trim.kept_image]
+            mask = s.image.row_visibility[-1][s.image.kept_image]
             masks.append(None if bool(mask.all()) else mask.to(x.device))
-        out = self.attn.cross_attn(q, [s.kv for s in seqs], masks, slot, layer.cross_attn.scaling)
+        out = self.attn.cross_attn(q, [s.pages for s in seqs], masks, kv_layer, layer.cross_attn.scaling)
         h = h.clone()
         h[rows] = cross_finish(layer, x, out, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         return h
@@ -137,13 +141,12 @@ class BlindPrefix:
     trimming never drops), in the visual tokens' original order. The padding tokens' K/V are projected per layer
     from the shipped features and never enter the KV pages."""
 
-    def __init__(self, trim):
-        self.features = trim.padding_features
-        if self.features is not None and self.features.numel():
+    def __init__(self, image: ImageState, resume: ResumeState):
+        self.features = resume.padding_features if resume.padding_features.numel() else None
+        if self.features is not None:
             # the sorted union of kept and padding positions, as indices into cat([kept, padding])
-            self.order = torch.cat([trim.kept_positions, trim.padding_positions.to(trim.kept_image.device)]).argsort()
-        else:
-            self.features = None
+            positions = resume.padding_positions.to(image.kept_image.device)
+            self.order = torch.cat([image.kept_positions, positions]).argsort()
 
     def attend(self, layer, q, keys, values):
         """q (1, H, prefix, hd) over the kept tokens' keys, values (KVH, kept, hd) and this layer's padding K/V."""

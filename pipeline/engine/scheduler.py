@@ -7,6 +7,7 @@ from collections import deque
 from pipeline.config import EngineConfig
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.sequence import Sequence, Status
+from pipeline.engine.swap import swap_in, swap_out
 from pipeline.errors import InvalidRequest, Overloaded
 
 
@@ -33,9 +34,13 @@ class Scheduler:
         if need > self.kv.capacity_bytes:
             raise InvalidRequest(f"request needs {need} bytes of KV; the whole budget is {self.kv.capacity_bytes}")
 
+    def has_room(self, pending: int = 0) -> bool:
+        """The queue's bound: another sequence may wait, with `pending` more already on their way."""
+        return len(self.waiting) + pending < self.cfg.max_waiting
+
     def add(self, seq: Sequence) -> None:
         self.check(seq)
-        if len(self.waiting) >= self.cfg.max_waiting:
+        if not self.has_room():
             raise Overloaded(f"{len(self.waiting)} requests already waiting; try again later")
         self.waiting.append(seq)
 
@@ -45,7 +50,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != Status.RUNNING:
                 continue  # preempted just now for an earlier-admitted sequence
-            while not self.kv.grow(seq.kv, seq.num_tokens):  # room for the token fed this step
+            while not self.kv.grow(seq.pages, seq.num_tokens):  # room for the token fed this step
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -60,19 +65,20 @@ class Scheduler:
         resumed, admitted = [], []
         while self.swapped and len(self.running) < self.cfg.max_running:
             seq = self.swapped[0]
-            if not self.kv.swap_in(seq.kv, seq.swapped, seq.num_tokens):
+            pages = swap_in(self.kv, seq.swapped, seq.num_tokens)
+            if pages is None:
                 break
             self.swapped.popleft()
-            seq.swapped, seq.status = None, Status.RUNNING
+            seq.pages, seq.swapped, seq.status = pages, None, Status.RUNNING
             self.running.append(seq)
             resumed.append(seq)
         while not self.swapped and self.waiting and len(self.running) + self.waiting[0].params.n <= self.cfg.max_running:
             seq = self.waiting[0]
-            kv = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
-            if kv is None:
+            pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+            if pages is None:
                 break  # no skipping ahead: a large request is not starved by small ones
             self.waiting.popleft()
-            seq.kv, seq.status = kv, Status.RUNNING
+            seq.pages, seq.status = pages, Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
         return resumed, admitted
@@ -89,20 +95,20 @@ class Scheduler:
 
     def fork(self, seq: Sequence, child: Sequence) -> None:
         """A sibling sharing `seq`'s pages joins the running batch right after it (admitted with it)."""
-        child.kv, child.status = self.kv.fork(seq.kv), Status.RUNNING
+        child.pages, child.status = self.kv.fork(seq.pages), Status.RUNNING
         self.running.append(child)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Free the sequence's KV at once, wherever it is."""
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
-            self.kv.release(seq.kv)
+            self.kv.release(seq.pages)
         elif seq.status == Status.WAITING:
             self.waiting.remove(seq)
         elif seq.status == Status.SWAPPED:
             self.swapped.remove(seq)
             seq.swapped = None
-        seq.kv = None
+        seq.pages = None
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def _first_tokens(self, seq: Sequence) -> int:
@@ -114,7 +120,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        seq.swapped = self.kv.swap_out(seq.kv)
+        seq.swapped, seq.pages = swap_out(self.kv, seq.pages), None
         seq.status = Status.SWAPPED
         self.swapped.appendleft(seq)
         self.preemptions += 1

@@ -1,10 +1,13 @@
-"""A request inside the decoder engine: its prompt (or trimmed resume state), sampling state and KV slot."""
+"""A request inside the decoder engine: its prompt, image state (resume state until the prefill), sampling state and
+KV pages."""
 
 import time
 from enum import Enum, auto
 
+from pipeline.engine.page_table import PageTable
 from pipeline.engine.sampling import SamplingParams
-from pipeline.types import TrimResult
+from pipeline.engine.swap import SwappedKV
+from pipeline.types import DecodeRequest, ImageState, ResumeState
 
 
 class Status(Enum):
@@ -16,25 +19,37 @@ class Status(Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 trim: TrimResult | None = None):
+                 image: ImageState | None = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
-        self.trim = trim  # None for a text-only prompt: the decoder prefills it from the first layer
+        self.image = image  # None for a text-only prompt: the decoder prefills it from the first layer
+        self.resume: ResumeState | None = None  # the prefill's input, taken by it (see take_resume)
         self.status = Status.WAITING
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
         self.text = ""  # detokenized output, cut at a stop string
         self.emitted = ""  # the prefix of `text` already streamed
         self.finish_reason: str | None = None
-        self.kv = None  # SeqKV once admitted
-        self.swapped = None  # (self K/V, cross K/V) on the host while preempted
+        self.pages: PageTable | None = None  # while running: its KV pages
+        self.swapped: SwappedKV | None = None  # while preempted: its K/V on the host
         self.detok = None  # IncrementalDetokenizer, made by the engine
         self.index = 0  # which of the request's n completions; index 0 is the one prefilled
         self.siblings: list[Sequence] = []  # on index 0: the n - 1 forked after its prefill
         self.generator = None
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
+
+    @classmethod
+    def from_request(cls, request_id: str, request: DecodeRequest, params: SamplingParams) -> "Sequence":
+        seq = cls(request_id, request.prompt_token_ids, params, request.image)
+        seq.resume = request.resume
+        return seq
+
+    def take_resume(self) -> ResumeState | None:
+        """The resume state, once: the prefill consumes it and the sequence holds only its image state after."""
+        resume, self.resume = self.resume, None
+        return resume
 
     @property
     def prompt_len(self) -> int:
@@ -55,7 +70,7 @@ class Sequence:
 
     @property
     def cross_tokens(self) -> int:
-        return 0 if self.trim is None else self.trim.num_kept
+        return 0 if self.image is None else self.image.num_kept
 
     @property
     def finished(self) -> bool:

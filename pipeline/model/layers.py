@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
 
+from pipeline.model.placement import module_device
+
 
 def self_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Normed input -> q (B, H, S, hd), k and v (B, KVH, S, hd) with rotary embeddings applied."""
@@ -42,6 +44,16 @@ def cross_kv(layer, features: torch.Tensor):
     k = attn.k_proj(features).view(n, attn.num_key_value_heads, attn.head_dim).transpose(0, 1)
     v = attn.v_proj(features).view(n, attn.num_key_value_heads, attn.head_dim).transpose(0, 1)
     return attn.k_norm(k), v
+
+
+def project_cross_kv(text_model, cross_layers: list[int], features: torch.Tensor) -> torch.Tensor:
+    """Every cross-attention layer's K/V of `features` (N, hidden) -> (layers, 2, KVH, N, hd), on the features'
+    device (each layer projects on its own device)."""
+    out = []
+    for i in cross_layers:
+        layer = text_model.layers[i]
+        out.append(torch.stack(cross_kv(layer, features.to(module_device(layer)))).to(features.device))
+    return torch.stack(out)
 
 
 def cross_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, row_sees_image: torch.Tensor) -> torch.Tensor:

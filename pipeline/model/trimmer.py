@@ -10,23 +10,23 @@ from pipeline.model.layers import (
     cross_finish,
     cross_kv,
     cross_q,
+    project_cross_kv,
     self_finish,
     self_qkv,
 )
 from pipeline.model.loaded import LoadedModel
 from pipeline.model.placement import module_device, moved
 from pipeline.model.selection import ROW_CHUNK, chunk_scores, select_tokens
-from pipeline.types import PreparedPrompt, TrimResult, VisualFeatures
-
-
-def project_cross_kv(text_model, cross_layers: list[int], features: torch.Tensor) -> torch.Tensor:
-    """Every cross-attention layer's K/V of `features` (N, hidden) -> (layers, 2, KVH, N, hd), on the features'
-    device (each layer projects on its own device)."""
-    out = []
-    for i in cross_layers:
-        layer = text_model.layers[i]
-        out.append(torch.stack(cross_kv(layer, features.to(module_device(layer)))).to(features.device))
-    return torch.stack(out)
+from pipeline.types import (
+    CROSS_KINDS,
+    CrossKV,
+    DecodeRequest,
+    ImageState,
+    KeptFeatures,
+    PreparedPrompt,
+    ResumeState,
+    VisualFeatures,
+)
 
 
 class Trimmer:
@@ -38,8 +38,11 @@ class Trimmer:
 
     @torch.inference_mode()
     def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None,
-             keep_features: bool = False) -> TrimResult:
-        """Select tokens and hand over their K/V; with keep_features the kept features come along too."""
+             ship: str = "kv") -> DecodeRequest:
+        """Select tokens; the decode request carries their K/V in every cross-attention layer (ship "kv") or their
+        features, from which the decoder projects that K/V (ship "features")."""
+        if ship not in CROSS_KINDS:
+            raise ValueError(f"ship is one of {sorted(CROSS_KINDS)}, not {ship!r}")
         cfg = cfg or self.cfg
         dev = self.loaded.device
         ids = prompt.input_ids.to(dev)
@@ -69,33 +72,38 @@ class Trimmer:
             keep[kept] = True
             h = self._first_cross_layer(h_in, feats, token_visible & keep, sees)[0]
 
-        # Later layers project K/V of the kept tokens only. The blind prefix (if any) also reads the padding tiles'
-        # tokens there (HF shows them to it and trimming never drops them): the decoder projects those from their
-        # features, layer by layer.
-        later = [i for i in self.loaded.cross_layers if i != self.first]
-        later_kv = (project_cross_kv(self.text, later, feats[kept]) if later  # (later, 2, KVH, kept, hd)
-                    else k.new_zeros((0, 2, k.shape[0], len(kept), k.shape[2])))
+        # Later layers project K/V of the kept tokens only (here, or in the decoder from the shipped features). The
+        # blind prefix (if any) also reads the padding tiles' tokens there (HF shows them to it and trimming never
+        # drops them): the decoder projects those from their features, layer by layer.
+        if ship == "kv":
+            later = [i for i in self.loaded.cross_layers if i != self.first]
+            later_kv = (project_cross_kv(self.text, later, feats[kept]) if later  # (later, 2, KVH, kept, hd)
+                        else k.new_zeros((0, 2, k.shape[0], len(kept), k.shape[2])))
+            cross = CrossKV(torch.cat([torch.stack([k[:, kept], v[:, kept]])[None], later_kv]))
+        else:
+            cross = KeptFeatures(feats[kept])
         padding = (~visual.token_valid.to(dev).reshape(-1)).nonzero().squeeze(1) if prefix else kept[:0]
-        cross = torch.cat([torch.stack([k[:, kept], v[:, kept]])[None], later_kv])
         kept_image = kept // tokens_per_image
-        return TrimResult(
-            prompt_token_ids=ids.tolist(),
-            hidden=h[0],
-            # (first, 2, KVH, S, hd); empty but shaped when the first cross-attention layer is layer 0
-            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros((0, 2, k.shape[0], len(ids), k.shape[2])),
-            cross_kv=cross,
+        image = ImageState(
             kept_image=kept_image,
             kept_index=kept % tokens_per_image,
             row_visibility=row_visibility,
             visual_tokens=visual.token_valid.sum(dim=1).tolist(),
             kept_tokens=torch.bincount(kept_image, minlength=images).tolist(),
-            kept_features=feats[kept] if keep_features else None,
-            kv_bytes_per_visual_token=cross[:, :, :, 0].numel() * cross.element_size(),
-            prefix_len=prefix,
+            # one token's K and V in every cross-attention layer
+            kv_bytes_per_visual_token=len(self.loaded.cross_layers) * 2 * k.shape[0] * k.shape[2] * k.element_size(),
             tokens_per_image=tokens_per_image,
+            prefix_len=prefix,
+        )
+        resume = ResumeState(
+            hidden=h[0],
+            # (first, 2, KVH, S, hd); empty but shaped when the first cross-attention layer is layer 0
+            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros((0, 2, k.shape[0], len(ids), k.shape[2])),
+            cross=cross,
             padding_features=feats[padding],
             padding_positions=padding,
         )
+        return DecodeRequest(ids.tolist(), image, resume)
 
     def _run_to_first_cross(self, ids: torch.Tensor):
         h = self.text.embed_tokens(ids)[None]

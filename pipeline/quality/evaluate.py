@@ -91,11 +91,11 @@ def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str],
     def point(policy: str, knob: str, value: float, cfg: TrimConfig) -> dict:
         trims = [trim(p, v, cfg) for p, v in zip(prepared, visual)]
         texts = _generate(pipe, trims, max_tokens)
-        controls = [trim(p, v, TrimConfig(policy="random", budget_tokens=t.kept_tokens[0], seed=i,
+        controls = [trim(p, v, TrimConfig(policy="random", budget_tokens=t.image.kept_tokens[0], seed=i,
                                           trim_first_layer=cfg.trim_first_layer))
                     for i, (p, v, t) in enumerate(zip(prepared, visual, trims))]
         random_texts = _generate(pipe, controls, max_tokens)
-        kept = [t.kept_fraction for t in trims]
+        kept = [t.image.kept_fraction for t in trims]
         out = {"policy": policy, knob: value, "kept_fraction": statistics.mean(kept),
                # per image: how well an operator can predict the KV a request will hold
                "kept_fraction_min": min(kept), "kept_fraction_max": max(kept),
@@ -175,7 +175,7 @@ def diagnostics(pipe, rows: list[Row], k_ratio: float, mass: float = 0.9) -> dic
         scores = head_scores(probs[first], token_visible)[:, valid]
         sparsity.append([_share_for_mass(h, mass) for h in scores])
         trimmed = pipe.trim(prepared, TrimConfig(k_ratio=k_ratio))
-        kept = set(trimmed.kept_index.tolist())
+        kept = set(trimmed.image.kept_index.tolist())
         valid_idx = valid.nonzero().squeeze(1)
         for idx in later:
             total = head_scores(probs[idx], token_visible)[:, valid].sum(dim=0)

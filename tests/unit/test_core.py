@@ -16,6 +16,7 @@ from pipeline.quality.reference import (
     reference_select,
     trim_generated,
 )
+from pipeline.types import CrossKV, DecodeRequest, KeptFeatures
 from tests.helpers import PROMPTS
 
 MAX_NEW = 12
@@ -34,15 +35,9 @@ def _hf_tokens(model, prepared):
     return trim_generated(out[0, prepared.input_ids.numel() :].tolist(), model)
 
 
-def _first_logits(pipe, source):
+def _first_logits(pipe, request):
     """Our first-step logits: the decoder's prefill of one sequence."""
-    engine = pipe.engine
-    seq = engine.add_request(source, SamplingParams(max_tokens=1))
-    engine.scheduler.admit()
-    try:
-        return engine.runner.prefill(seq)
-    finally:
-        engine.abort(seq.request_id)
+    return pipe.engine.prefill_logits(request)
 
 
 @pytest.mark.parametrize("name,prompt,image_names", CASES, ids=[c[0] for c in CASES])
@@ -81,7 +76,7 @@ def test_trimmed_equals_reference(tiny_pipeline, imgs, cfg, image_names):
     # The same tokens are kept as the reference selects on HF's own forward.
     trim = pipe.trim(prepared, cfg)
     tokens_per_image = reference_select(model, prepared, cfg).numel() // len(images)
-    ours_kept = set((trim.kept_image * tokens_per_image + trim.kept_index).tolist())
+    ours_kept = set((trim.image.kept_image * tokens_per_image + trim.image.kept_index).tolist())
     assert ours_kept == set(reference_select(model, prepared, cfg).nonzero().squeeze(1).tolist())
 
 
@@ -95,12 +90,31 @@ def test_trimming_changes_the_output(tiny_pipeline, imgs):
 def test_features_mode_equals_kv_mode(tiny_pipeline, imgs):
     pipe = tiny_pipeline
     prepared = pipe.prepare(PROMPTS[0], [imgs["4tile"]])
-    trim = pipe.trimmer.trim(prepared, pipe.encoder.encode(prepared), keep_features=True)
-    (a,) = pipe.engine.generate([trim.without_features()], SamplingParams(max_tokens=MAX_NEW))
-    (b,) = pipe.engine.generate([trim.as_features()], SamplingParams(max_tokens=MAX_NEW))
+    visual = pipe.encoder.encode(prepared)
+    kv, features = (pipe.trimmer.trim(prepared, visual, ship=ship) for ship in ("kv", "features"))
+    assert isinstance(kv.resume.cross, CrossKV) and isinstance(features.resume.cross, KeptFeatures)
+    assert torch.equal(kv.image.kept_index, features.image.kept_index)
+    (a,) = pipe.engine.generate([kv], SamplingParams(max_tokens=MAX_NEW))
+    (b,) = pipe.engine.generate([features], SamplingParams(max_tokens=MAX_NEW))
     assert a.output_ids == b.output_ids
-    assert trim.as_features().nbytes < trim.without_features().nbytes
-    assert trim.as_features().cross_kv_bytes == trim.cross_kv_bytes
+    assert features.nbytes < kv.nbytes
+    assert features.image.cross_kv_bytes == kv.image.cross_kv_bytes
+
+
+def test_decode_request_payload_round_trip(tiny_pipeline, imgs):
+    """Tensors plus plain fields (what the Serve hop and the batch rows carry) give back the same request."""
+    pipe = tiny_pipeline
+    prepared = pipe.prepare(PROMPTS[0], [imgs["1tile"]])
+    visual = pipe.encoder.encode(prepared)
+    for request in [pipe.trim(pipe.prepare(PROMPTS[0], []))] + [
+            pipe.trimmer.trim(prepared, visual, ship=ship) for ship in ("kv", "features")]:
+        payload = request.to_payload()
+        assert all(isinstance(t, torch.Tensor) for t in payload.tensors.values())
+        back = DecodeRequest.from_payload(payload)
+        assert back.to_payload().fields == payload.fields and back.nbytes == request.nbytes
+        assert type(back.resume and back.resume.cross) is type(request.resume and request.resume.cross)
+        (a, b) = pipe.engine.generate([request, back], SamplingParams(max_tokens=6))
+        assert a.output_ids == b.output_ids
 
 
 # --- selection properties ---------------------------------------------------------------------------------
@@ -108,7 +122,10 @@ def test_features_mode_equals_kv_mode(tiny_pipeline, imgs):
 def test_lightened_vision_tower_changes_no_number(tiny_pipeline, imgs):
     """The tapped encoders drop HF's per-layer outputs nobody reads and the MLPs run in row chunks; the features
     equal HF's own classes' on the same modules."""
-    from transformers.models.mllama.modeling_mllama import MllamaVisionEncoder, MllamaVisionMLP
+    from transformers.models.mllama.modeling_mllama import (
+        MllamaVisionEncoder,
+        MllamaVisionMLP,
+    )
 
     from pipeline.model.encoder import RowChunkedVisionMLP, TappedVisionEncoder
 
@@ -188,14 +205,16 @@ def test_kept_grows_with_k_ratio_and_never_keeps_padding(tiny_pipeline, imgs):
     kept_prev = [0, 0]
     for r in (0.01, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0):
         trim = pipe.trimmer.trim(prepared, visual, TrimConfig(k_ratio=r))
-        assert all(a >= b for a, b in zip(trim.kept_tokens, kept_prev))
-        kept_prev = trim.kept_tokens
+        image = trim.image
+        assert all(a >= b for a, b in zip(image.kept_tokens, kept_prev))
+        kept_prev = image.kept_tokens
         # A padding tile's tokens are never kept.
-        assert bool(visual.token_valid[trim.kept_image, trim.kept_index].all())
-    assert kept_prev == trim.visual_tokens == [65, 130]
+        assert bool(visual.token_valid[image.kept_image, image.kept_index].all())
+    assert kept_prev == trim.image.visual_tokens == [65, 130]
     again = pipe.trimmer.trim(prepared, visual, TrimConfig(k_ratio=0.1))
     first = pipe.trimmer.trim(prepared, visual, TrimConfig(k_ratio=0.1))
-    assert torch.equal(again.kept_index, first.kept_index) and torch.equal(again.cross_kv, first.cross_kv)
+    assert torch.equal(again.image.kept_index, first.image.kept_index)
+    assert torch.equal(again.resume.cross.kv, first.resume.cross.kv)
 
 
 def test_cross_kv_bytes_are_kept_tokens_times_per_token_bytes(tiny_pipeline, imgs):
@@ -205,10 +224,11 @@ def test_cross_kv_bytes_are_kept_tokens_times_per_token_bytes(tiny_pipeline, img
     per_token = len(tc.cross_attention_layers) * 2 * tc.num_key_value_heads * head_dim * 4  # fp32
     prepared = pipe.prepare(PROMPTS[0], [imgs["4tile"]])
     trim = pipe.trim(prepared, TrimConfig(k_ratio=0.1))
-    assert trim.cross_kv_bytes == sum(trim.kept_tokens) * per_token
-    assert trim.cross_kv_bytes == trim.cross_kv.numel() * trim.cross_kv.element_size()
-    assert trim.cross_kv_bytes_full == 260 * per_token
-    assert trim.cross_kv_bytes / trim.cross_kv_bytes_full == pytest.approx(trim.kept_fraction, abs=0)
+    image, cross_kv = trim.image, trim.resume.cross.kv
+    assert image.cross_kv_bytes == sum(image.kept_tokens) * per_token
+    assert image.cross_kv_bytes == cross_kv.numel() * cross_kv.element_size()
+    assert image.cross_kv_bytes_full == 260 * per_token
+    assert image.cross_kv_bytes / image.cross_kv_bytes_full == pytest.approx(image.kept_fraction, abs=0)
 
 
 # --- known transformers pitfalls ----------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_batched_equals_alone_with_staggered_arrivals(tiny_pipeline, sources):
     assert max_batch >= 4, "sequences must actually share decode steps"
     assert [s.output_ids for s in seqs] == alone
     assert [len(s.output_ids) for s in seqs] == lengths
-    assert engine.kv.used_bytes == 0
+    assert engine.stats().kv_used_bytes == 0
 
 
 def test_greedy_alone_equals_hf(tiny_pipeline, sources):
@@ -61,7 +61,7 @@ def test_greedy_alone_equals_hf(tiny_pipeline, sources):
     from pipeline.quality.reference import trim_generated
 
     model = tiny_pipeline.loaded.model
-    ids = torch.tensor(sources[5])
+    ids = torch.tensor(sources[5].prompt_token_ids)
     out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=10, do_sample=False)
     assert _alone(tiny_pipeline.loaded, sources[5], SamplingParams(max_tokens=10)) == trim_generated(out[0, len(ids):].tolist(), model)
 
@@ -112,7 +112,7 @@ def test_stop_strings_stop_ids_and_max_tokens(tiny_pipeline, sources):
 def test_admission_by_budget_never_exceeds_and_frees(tiny_pipeline, sources):
     loaded = tiny_pipeline.loaded
     probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**24))
-    need = probe.kv.bytes_needed(sources[3].prompt_len + 8, sources[3].num_kept)
+    need = probe.kv_bytes_for(sources[3], SamplingParams(max_tokens=8))
     engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2 * need + need // 2))  # room for two
     seqs = [engine.add_request(sources[3], SamplingParams(max_tokens=8, ignore_eos=True)) for _ in range(5)]
     peak = 0
@@ -123,7 +123,7 @@ def test_admission_by_budget_never_exceeds_and_frees(tiny_pipeline, sources):
         assert stats.running <= 2
         peak = max(peak, stats.running)
     assert peak == 2 and all(len(s.output_ids) == 8 for s in seqs)
-    assert engine.kv.used_bytes == 0 and engine.kv.blocks.free_pages == engine.kv.blocks.num_pages
+    assert engine.stats().kv_used_bytes == 0
 
 
 def test_trimmed_requests_fit_more(tiny_pipeline, imgs):
@@ -134,10 +134,10 @@ def test_trimmed_requests_fit_more(tiny_pipeline, imgs):
     count = {}
     for name, src in (("full", full), ("cut", cut)):
         seqs = [engine.add_request(src, SamplingParams(max_tokens=4)) for _ in range(30)]
-        count[name] = engine.scheduler.count_admissible()
+        count[name] = engine.count_admissible()
         for s in seqs:
             engine.abort(s.request_id)
-        assert engine.kv.used_bytes == 0
+        assert engine.stats().kv_used_bytes == 0
     assert count["cut"] > count["full"] >= 1
 
 
@@ -162,11 +162,11 @@ def test_abort_frees_kv_at_once(tiny_pipeline, sources):
     b = engine.add_request(sources[2], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     engine.step()
-    used = engine.kv.used_bytes
+    used = engine.stats().kv_used_bytes
     engine.abort(a.request_id)
-    assert 0 < engine.kv.used_bytes < used and a.finish_reason == "abort"
+    assert 0 < engine.stats().kv_used_bytes < used and a.finish_reason == "abort"
     engine.abort(b.request_id)
-    assert engine.kv.used_bytes == 0 and not engine.has_work()
+    assert engine.stats().kv_used_bytes == 0 and not engine.has_work()
 
 
 # --- async streaming -----------------------------------------------------------------------------------
@@ -276,4 +276,4 @@ def test_one_failing_sequence_leaves_the_batch_alone(tiny_pipeline, sources, mon
     assert finals["r1"].finish_reason == "error" and finals["r2"].finish_reason == "error"
     for i in (0, 3):
         assert finals[f"r{i}"].finish_reason == "length" and seqs[i].output_ids == alone[i]
-    assert engine.stats().kv_used_bytes == 0 and not engine.seqs
+    assert engine.stats().kv_used_bytes == 0 and engine.num_requests == 0

@@ -34,9 +34,9 @@ def test_random_control_keeps_the_same_count_and_differs(tiny_pipeline, imgs):
     pipe = tiny_pipeline
     prepared = pipe.prepare("where is the red one", [imgs["4tile"]])
     trimmed = pipe.trim(prepared, TrimConfig(k_ratio=0.1))
-    control = pipe.trim(prepared, TrimConfig(policy="random", budget_tokens=trimmed.kept_tokens[0], seed=0))
-    assert control.kept_tokens == trimmed.kept_tokens
-    assert set(control.kept_index.tolist()) != set(trimmed.kept_index.tolist())
+    control = pipe.trim(prepared, TrimConfig(policy="random", budget_tokens=trimmed.image.kept_tokens[0], seed=0))
+    assert control.image.kept_tokens == trimmed.image.kept_tokens
+    assert set(control.image.kept_index.tolist()) != set(trimmed.image.kept_index.tolist())
 
 
 def test_diagnostics_are_fractions(tiny_pipeline):
@@ -70,7 +70,7 @@ def test_eval_reports_the_target_policy_at_its_fraction(tiny_pipeline):
     topk, target = result["protocols"]["later"]
     assert (topk["policy"], target["policy"]) == ("topk_union", "target")
     prepared = [tiny_pipeline.prepare(r.prompt, [r.image]) for r in rows]
-    expected = statistics.mean(tiny_pipeline.trim(p, TrimConfig(policy="target", target_fraction=0.25)).kept_fraction
+    expected = statistics.mean(tiny_pipeline.trim(p, TrimConfig(policy="target", target_fraction=0.25)).image.kept_fraction
                                for p in prepared)
     assert target["kept_fraction"] == expected
     assert 0.25 <= target["kept_fraction"] < 0.26  # ceil(0.25 * tokens) of each image's tokens

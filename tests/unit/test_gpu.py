@@ -22,7 +22,7 @@ def test_varlen_paged_attention_equals_per_sequence(dtype, atol):
     heads, kvh, hd = 32, 8, 128
     kv = KVCache(3 * 2**30, 40, [3, 8, 13, 18, 23, 28, 33, 38], kvh, hd, dtype, "cuda", block_size=256,
                  cross_layout="page")
-    kv.arena.normal_()
+    kv.arenas[0].data.normal_()
     lengths, kept = [1, 17, 200, 1200], [5, 300, 1601, 33]
     seqs = [kv.allocate(n, c) for n, c in zip(lengths, kept)]
     holes = kv.blocks.allocate(7)  # later pages land elsewhere: fragmented tables
@@ -32,14 +32,14 @@ def test_varlen_paged_attention_equals_per_sequence(dtype, atol):
     lengths = [n + 40 for n in lengths]
     q = torch.randn(len(seqs), heads, 1, hd, dtype=dtype, device="cuda")
     loop, varlen = PerSequenceAttention(kv), VarlenPagedAttention(kv)
-    for slot in (0, 31):
-        want = loop.self_attn(q, seqs, lengths, slot, hd**-0.5)
-        got = varlen.self_attn(q, seqs, lengths, slot, hd**-0.5)
+    for kv_layer in (0, 31):
+        want = loop.self_attn(q, seqs, lengths, kv_layer, hd**-0.5)
+        got = varlen.self_attn(q, seqs, lengths, kv_layer, hd**-0.5)
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
     masks = [None, None, torch.rand(kept[2], device="cuda") > 0.5, None]
-    for slot in (0, 7):
-        want = loop.cross_attn(q, seqs, masks, slot, hd**-0.5)
-        got = varlen.cross_attn(q, seqs, masks, slot, hd**-0.5)
+    for kv_layer in (0, 7):
+        want = loop.cross_attn(q, seqs, masks, kv_layer, hd**-0.5)
+        got = varlen.cross_attn(q, seqs, masks, kv_layer, hd**-0.5)
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
@@ -56,10 +56,10 @@ def test_engine_on_cuda_equals_cpu_with_preemption(tiny_pipeline, imgs):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     want = [s.output_ids for s in LLMEngine(tiny_pipeline.loaded).generate(sources, params)]
     probe = LLMEngine(gpu.loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
-    need = max(probe.kv.bytes_needed(s.prompt_len + 24, s.num_kept) for s in sources)
+    need = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=24)) for s in sources)
     for budget in (64 * 2**20, int(need * 1.4)):
         engine = LLMEngine(gpu.loaded, EngineConfig(kv_budget_bytes=budget, block_size=4, kv_watermark=0.0))
         got = [s.output_ids for s in engine.generate(sources, params)]
         assert got == want
-        assert engine.kv.used_bytes == 0
+        assert engine.stats().kv_used_bytes == 0
     assert engine.stats().preemptions > 0

@@ -14,6 +14,7 @@ from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate, trim_generated
+from pipeline.types import DecodeRequest
 from tests.helpers import PROMPTS
 
 MAX_NEW = 12
@@ -37,15 +38,14 @@ def cases(tiny_pipeline, imgs):
     text = torch.tensor(ids)
     hf = model.generate(input_ids=text[None], attention_mask=torch.ones_like(text)[None], max_new_tokens=MAX_NEW,
                         do_sample=False)
-    out.append((ids, greedy, trim_generated(hf[0, len(ids):].tolist(), model)))
+    out.append((DecodeRequest(ids), greedy, trim_generated(hf[0, len(ids):].tolist(), model)))
     return out
 
 
 def _small_engine(loaded, sources, max_tokens, fraction=1.6):
     """A pool that fits the largest request alone and a bit more: later growth must preempt."""
     probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
-    need = max(probe.kv.bytes_needed(len(s if isinstance(s, list) else s.prompt_token_ids) + max_tokens,
-                                     0 if isinstance(s, list) else s.num_kept) for s in sources)
+    need = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=max_tokens)) for s in sources)
     return LLMEngine(loaded, EngineConfig(kv_budget_bytes=int(need * fraction), block_size=4, kv_watermark=0.0))
 
 
@@ -69,7 +69,7 @@ def test_exact_with_preemption_mid_stream(tiny_pipeline, cases):
         assert seq.output_ids == expected
     assert seqs[len(cases)].output_ids == alone_seeded.output_ids
     assert [len(s.output_ids) for s in seqs[-2:]] == [40, 40]
-    assert small.kv.used_bytes == 0 and small.kv.blocks.free_pages == small.kv.blocks.num_pages
+    assert small.stats().kv_used_bytes == 0
 
 
 def test_stream_neither_loses_nor_repeats_tokens_when_preempted(tiny_pipeline, cases):
@@ -97,7 +97,7 @@ def test_stream_neither_loses_nor_repeats_tokens_when_preempted(tiny_pipeline, c
     assert small.stats().preemptions > 0
     assert [g[0] for g in got] == [a.output_ids for a in alone]
     assert [g[1] for g in got] == [a.text for a in alone]
-    assert small.kv.used_bytes == 0
+    assert small.stats().kv_used_bytes == 0
 
 
 def test_reserved_mode_holds_fewer_than_paged(tiny_pipeline, cases):
@@ -109,7 +109,7 @@ def test_reserved_mode_holds_fewer_than_paged(tiny_pipeline, cases):
                                                 max_model_len=2048))
         for _ in range(200):
             engine.add_request(src, SamplingParams(max_tokens=1024))
-        counts[mode] = engine.scheduler.count_admissible()
+        counts[mode] = engine.count_admissible()
     assert counts["paged"] >= 3 * counts["reserved"] >= 3
 
 
@@ -125,8 +125,8 @@ def test_fragmented_pages_are_gathered_exactly(tiny_pipeline, cases):
     seq = engine.add_request(src, params)
     while engine.has_work():
         engine.step()
-        if seq.kv is not None:
-            assert runs(seq.kv.self_pages) == len(seq.kv.self_pages) and seq.kv.self_base is None
+        if seq.pages is not None:
+            assert runs(seq.pages.self_pages) == len(seq.pages.self_pages) and seq.pages.self_base is None
     assert seq.output_ids == expected
 
 
@@ -195,13 +195,13 @@ def test_n_completions_share_pages_and_equal_separate_requests(tiny_pipeline, ca
     single = LLMEngine(loaded)
     single.add_request(src, params)
     single.step()
-    one_bytes = single.kv.used_bytes
+    one_bytes = single.stats().kv_used_bytes
     for pool in (LLMEngine(loaded), _small_engine(loaded, [src], 24, fraction=1.3)):
         seq = pool.add_request(src, params.model_copy(update={"n": 3}))
         outs = pool.step()
         assert [o.index for o in outs] == [0, 1, 2]
-        if pool.scheduler.preemptions == 0 and pool.kv.blocks.num_pages > 100:
-            assert pool.kv.used_bytes == one_bytes, "siblings share every page after the prefill"
+        if pool.stats().preemptions == 0 and pool.kv.blocks.num_pages > 100:
+            assert pool.stats().kv_used_bytes == one_bytes, "siblings share every page after the prefill"
         while pool.has_work():
             outs += pool.step()
         for i, s in enumerate([seq] + seq.siblings):
@@ -210,12 +210,12 @@ def test_n_completions_share_pages_and_equal_separate_requests(tiny_pipeline, ca
             assert [t for o in mine for t in o.new_token_ids] == alone[i].output_ids
             assert all(len(o.top_logprobs[0]) == 3 and o.top_logprobs[0][0][1] >= o.logprobs[0] - 1e-6
                        for o in mine if o.new_token_ids)
-        assert pool.kv.used_bytes == 0 and not pool.seqs
-    assert pool.scheduler.preemptions > 0
+        assert pool.stats().kv_used_bytes == 0 and pool.num_requests == 0
+    assert pool.stats().preemptions > 0
 
 
 def test_cross_page_layout_is_the_pool_a_block_table_indexes():
-    """The "page" layout (CUDA's): page p of cross_pool(slot) holds tokens p*size.. of the sequence using it,
+    """The "page" layout (CUDA's): page p of cross_pool(kv_layer) holds tokens p*size.. of the sequence using it,
     and writes read back the same through fragmented pages."""
     kv = KVCache(2**20, 6, [1, 4], 2, 8, torch.float32, "cpu", block_size=4, cross_layout="page")
     bm = kv.blocks

@@ -44,9 +44,17 @@ def _check_placement(pipe, devices):
     assert module_device(loaded.model.model.vision_model) == want[0]
     kv = pipe.engine.kv  # one arena per placed device, each holding the K/V of its layers only
     assert len(kv.arenas) == len(devices) and [a.data.device for a in kv.arenas] == want
-    for (cross, slot), (a, _) in kv.where.items():
-        layer = next(i for i in range(n) if kv.slot[i] == slot and (i in loaded.cross_layers) == cross)
+    for (cross, kv_layer), (a, _) in kv.layout.where.items():
+        layer = next(i for i in range(n) if kv.kv_layer[i] == kv_layer and (i in loaded.cross_layers) == cross)
         assert a == loaded.placement[layer]
+
+
+def _assert_same_request(a, b):
+    """Two decode requests equal, every tensor (hidden rows, self and cross K/V, kept tokens, padding) and field."""
+    pa, pb = a.to_payload(), b.to_payload()
+    assert pa.fields == pb.fields and pa.tensors.keys() == pb.tensors.keys()
+    for name, t in pa.tensors.items():
+        assert torch.equal(t.cpu(), pb.tensors[name].cpu()), name
 
 
 def _compare(single, split, imgs, max_tokens=6):
@@ -55,10 +63,7 @@ def _compare(single, split, imgs, max_tokens=6):
         for trim in TRIMS if images else TRIMS[:1]:
             a, b = single.trim(prepared, trim), split.trim(split.prepare(prompt, images), trim)
             if images:
-                for field in ("hidden", "self_kv", "cross_kv", "kept_image", "kept_index", "padding_features",
-                              "padding_positions"):
-                    assert torch.equal(getattr(a, field).cpu(), getattr(b, field).cpu()), field
-                assert a.kept_tokens == b.kept_tokens
+                _assert_same_request(a, b)
             params = SamplingParams(max_tokens=max_tokens)
             assert (split.generate(prompt, images, params, trim).token_ids
                     == single.generate(prompt, images, params, trim).token_ids)
@@ -76,8 +81,7 @@ def test_layers_over_cpu_devices_give_the_same_outputs(tiny_pipeline, imgs, devi
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     expected = [s.output_ids for s in LLMEngine(tiny_pipeline.loaded).generate(sources, params)]
     probe = LLMEngine(split.loaded, EngineConfig(block_size=4))
-    need = max(probe.kv.bytes_needed(len(s if isinstance(s, list) else s.prompt_token_ids) + 24,
-                                     0 if isinstance(s, list) else s.num_kept) for s in sources)
+    need = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=24)) for s in sources)
     small = LLMEngine(split.loaded, EngineConfig(kv_budget_bytes=int(need * 1.6), block_size=4, kv_watermark=0.0))
     seqs = [small.add_request(s, params) for s in sources]
     while small.has_work():
@@ -99,9 +103,8 @@ def test_trimmer_stage_over_cpu_devices_balances_the_layers_it_holds(tiny_pipeli
         prepared = tiny_pipeline.prepare(PROMPTS[0], images)
         visual = tiny_pipeline.encoder.encode(prepared)
         a, b = tiny_pipeline.trimmer.trim(prepared, visual), split.trim(prepared, visual)
-        assert a.prefix_len == b.prefix_len > 0
-        for field in ("hidden", "self_kv", "cross_kv", "kept_index", "padding_features", "padding_positions"):
-            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert a.image.prefix_len == b.image.prefix_len > 0
+        _assert_same_request(a, b)
 
 
 @pytest.mark.gpu

@@ -132,7 +132,7 @@ def test_cross_attention_at_index_0_matches_hf(tmp_path, imgs):
             n.startswith(f"{layers}{i}.cross_attn.{m}.") for i in (5, 7) for m in ("k_proj", "v_proj", "k_norm"))}
     prepared = pipe.prepare(PROMPTS[0], [imgs["1tile"]])
     trim = trimmer.trim(prepared, pipe.encoder.encode(prepared), cfg)
-    assert trim.prefix_len > 0 and trim.padding_features.numel()
+    assert trim.image.prefix_len > 0 and trim.resume.padding_features.numel()
     (seq,) = pipe.engine.generate([trim], SamplingParams(max_tokens=8))
     assert seq.output_ids == reference_generate(hf, prepared, cfg, 8)
 
@@ -160,7 +160,7 @@ def test_target_policy_and_long_prompt_equal_the_reference(tiny_pipeline, imgs):
         assert ours.token_ids == reference_generate(model, prepared, cfg, 8)
         if cfg.policy == "target":
             trim = pipe.trim(prepared, cfg)
-            assert trim.kept_tokens == [topk_count(0.25, n) for n in trim.visual_tokens]
+            assert trim.image.kept_tokens == [topk_count(0.25, n) for n in trim.image.visual_tokens]
 
 
 def test_stages_loaded_apart_give_the_pipelines_tokens(tiny_pipeline, imgs):
@@ -176,12 +176,13 @@ def test_stages_loaded_apart_give_the_pipelines_tokens(tiny_pipeline, imgs):
     # A 4-tile image and a 1-tile one (3 padding tiles, read by the chat template's blind prefix).
     for name in ("4tile", "1tile"):
         prepared = tiny_pipeline.prepare(PROMPTS[1], [imgs[name]])
-        trim = trimmer.trim(prepared, encoder.encode(prepared), TrimConfig(), keep_features=True)
-        assert trim.prefix_len > 0 and (trim.padding_features.shape[0] > 0) == (name == "1tile")
+        visual = encoder.encode(prepared)
         expected = tiny_pipeline.generate(PROMPTS[1], [imgs[name]], SamplingParams(max_tokens=8),
                                           TrimConfig()).token_ids
-        for source in (trim.without_features(), trim.as_features()):
-            (seq,) = decoder.generate([source], SamplingParams(max_tokens=8))
+        for ship in ("kv", "features"):
+            trim = trimmer.trim(prepared, visual, TrimConfig(), ship=ship)
+            assert trim.image.prefix_len > 0 and (trim.resume.padding_features.shape[0] > 0) == (name == "1tile")
+            (seq,) = decoder.generate([trim], SamplingParams(max_tokens=8))
             assert seq.output_ids == expected
     # Only the decoder (it detokenizes) read the tokenizer: it is loaded on first use, ~0.2 GiB for Llama-3.2's.
     assert [s.loaded.__dict__.get("processor") is not None for s in (encoder, trimmer, decoder)] == [
