@@ -1,6 +1,7 @@
 """GCS fault tolerance for k8s/render.py: a RayService's `gcsFaultToleranceOptions` on a Redis that is either run by
 the manifests ("in-cluster": k8s/gcs-redis.yaml, a Deployment and a Service named crosstrim-redis, its password from
-the Secret crosstrim-redis; `kubectl apply` it with the RayService) or "external" (a managed, highly available Redis; its address and password from that Secret).
+the Secret crosstrim-redis; `kubectl apply` it with the RayService) or "external" (a managed, highly available
+Redis; its address and password from that Secret).
 
 KubeRay's `redisAddress` is a plain string that the operator puts into the head's RAY_REDIS_ADDRESS; for the external
 Redis it is `$(CROSSTRIM_REDIS_ADDRESS)`, which Kubernetes expands from the head container's env var of that name

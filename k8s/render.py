@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python k8s/render.py` from a checkout: deployments.config for api_key_env's default
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gcs_redis
+import gcs_redis  # noqa: E402 (k8s/gcs_redis.py beside this script, found once its folder is on the path)
 
 STAGE_LABEL = "crosstrim.io/stage"  # Ray node label on each stage's worker group (KubeRay `labels`)
 STAGES = ("ingress", "encoder", "trimmer", "decoder")  # found in the deployment names, e.g. VisionEncoder

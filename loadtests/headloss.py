@@ -118,10 +118,10 @@ class HeadLossCluster:
         processes still name that address)."""
         temp = self.temp / "head"
         (temp / "ray_current_cluster").unlink(missing_ok=True)
-        self.head_roots = self._ray_start(temp, ["--head", "--port", str(self.gcs_port), "--num-cpus", "0", "--include-dashboard", "false",
-                         "--ray-client-server-port", str(free_port()), "--redis-password", self.redis.password,
-                         "--system-config", json.dumps(FAST_NODE_DEATH)],
-                        self.env(RAY_REDIS_ADDRESS=self.redis.address))
+        args = ["--head", "--port", str(self.gcs_port), "--num-cpus", "0", "--include-dashboard", "false",
+                "--ray-client-server-port", str(free_port()), "--redis-password", self.redis.password,
+                "--system-config", json.dumps(FAST_NODE_DEATH)]
+        self.head_roots = self._ray_start(temp, args, self.env(RAY_REDIS_ADDRESS=self.redis.address))
 
     def start_worker(self) -> None:
         resources = {FRONTEND: 100, DECODER: 1}
