@@ -7,6 +7,7 @@ import http.server as http_server
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -156,3 +157,23 @@ def serve_app(request, serve_session):
     """The app deployed with configs/local.yaml, or with the overrides of the test's `serve_config` mark."""
     mark = request.node.get_closest_marker("serve_config")
     return serve_session.app(**(mark.kwargs if mark else {}))
+
+
+def _config_key(item) -> str:
+    mark = item.get_closest_marker("serve_config")
+    return repr(mark.kwargs) if mark else ""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """tests/serve's tests grouped by the config they deploy, configs/local.yaml's first and a test that changes the
+    app in place (`serve_in_place`) last in its group: the one app is redeployed once per config (minutes each on 2
+    busy cores), not at every switch between modules. Other folders' tests keep their places."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in Path(item.path).parents]
+    ours = [items[i] for i in slots]
+    rank: dict[str, int] = {"": -1}
+    for item in ours:
+        rank.setdefault(_config_key(item), len(rank))
+    ours.sort(key=lambda item: (rank[_config_key(item)], item.get_closest_marker("serve_in_place") is not None))
+    for i, item in zip(slots, ours):
+        items[i] = item
