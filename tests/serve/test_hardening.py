@@ -255,7 +255,8 @@ def test_idle_half_sent_connections_do_not_starve_others(app):
             print(f"/health + a request with 300 idle connections open: {time.perf_counter() - t0:.2f} s "
                   f"(body_read_timeout_s {BODY_TIMEOUT_S})")
         answered = select.select(socks, [], [], 0)[0]
-        assert not answered, f"{len(answered)} idle connections were answered before the others were served"
+        assert not answered, (f"{len(answered)} idle connections were answered before the others were served: "
+                              f"{answered[0].recv(200)!r}")
         socks[0].settimeout(BODY_TIMEOUT_S + 300)
         assert b" 408 " in socks[0].recv(4096).split(b"\r\n")[0]
     finally:
