@@ -149,11 +149,11 @@ def run_decoder(args) -> int:
     bandwidth = copy_bandwidth()
     bound_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
 
-    kept_fraction = statistics.mean(t.kept_fraction for t in trimmed)
+    kept_fraction = statistics.mean(t.image.kept_fraction for t in trimmed)
     result = {
         "model": {"text_params_M": round(sum(p.numel() for p in text.parameters()) / 1e6, 1),
                   "visual_tokens_per_image": untrimmed[0].num_kept, "dtype": str(loaded.dtype),
-                  "cross_kv_bytes_per_image_full": untrimmed[0].cross_kv_bytes,
+                  "cross_kv_bytes_per_image_full": untrimmed[0].image.cross_kv_bytes,
                   "self_kv_bytes_per_1000_text_tokens": per_tok_layer * n_self * 1000},
         "policy": trim_cfg.model_dump(),
         "requests": args.requests, "max_tokens": args.max_tokens, "kv_budget_bytes": budget,

@@ -3,9 +3,10 @@ cost per token stays constant however long the output grows; a trailing partial 
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.min_tokens = min_tokens  # stop strings are matched only once more tokens than this were generated (vLLM)
         self.text = ""  # the output so far, cut at a stop string
         self.prefix_offset = self.read_offset = 0  # tokens [prefix, read) are decoded context for the next delta
 
@@ -23,6 +24,8 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
         self.text += delta
+        if len(ids) <= self.min_tokens:
+            return False
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]

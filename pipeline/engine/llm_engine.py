@@ -15,9 +15,11 @@ from pipeline.config import EngineConfig
 from pipeline.engine.detokenizer import IncrementalDetokenizer
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.model_runner import ModelRunner
-from pipeline.engine.sampling import SamplingParams, make_generator, sample
+from pipeline.engine.sampler import Sampled, Sampler, SampleRow
+from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Sequence
+from pipeline.engine.token_mask import allocate_bitmask
 from pipeline.model.loaded import LoadedModel
 from pipeline.types import DecodeRequest, RequestOutput, map_tensors
 
@@ -25,6 +27,10 @@ from pipeline.types import DecodeRequest, RequestOutput, map_tensors
 # tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
 CUDA_PAGE = 256
 log = logging.getLogger(__name__)
+
+
+class NoTokenAllowed(RuntimeError):
+    """A row's logit mask disallowed every token: that sequence fails alone."""
 
 
 @dataclass
@@ -59,6 +65,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)
+        self.sampler = Sampler(loaded.model.lm_head.out_features, loaded.device, loaded.eos_token_ids)
         self.tokenizer = loaded.processor.tokenizer
         self.eos = set(loaded.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
@@ -71,6 +78,7 @@ class LLMEngine:
         """A sequence for a decode request; checked (InvalidRequest if it could never run), not queued."""
         seq = Sequence.from_request(request_id or uuid.uuid4().hex, request, params)
         self.scheduler.check(seq)
+        params.check_vocab(self.sampler.vocab_size)
         return seq
 
     def add(self, seq: Sequence) -> Sequence:
@@ -133,37 +141,42 @@ class LLMEngine:
     # ---- stepping
 
     def step(self) -> list[RequestOutput]:
-        """Admit what fits and prefill it, then decode every other running sequence by one token. A failure while
+        """Admit what fits and prefill it, then decode every other running sequence by one token; every row of the
+        step (each prefilled completion and each decoded sequence) is sampled in one batch. A failure while
         processing one sequence fails that sequence alone (an output with finish_reason "error")."""
         t0 = time.perf_counter()
-        outputs = []
+        outputs, rows, logits = [], [], []  # rows to sample, and their logits in parts (rows_i, V)
         admitted, batch = self.scheduler.schedule()
         for seq in admitted:
-            outputs += self._guarded_all(seq, self._prefill_one)
+            try:
+                prompt_logits = self._prefill_one(seq)
+            except Exception as exc:  # noqa: BLE001 - any failure of one request fails that request alone
+                outputs += [self.fail(s, exc) for s in [seq] + seq.siblings]
+                continue
+            rows += [seq] + seq.siblings  # the n completions' first tokens from the one prompt's logits
+            logits.append(prompt_logits.expand(1 + len(seq.siblings), -1))
         if batch:
             self.decode_steps += 1
             self.decode_rows += len(batch)
-            outputs += self._decode(batch)
+            outputs += self._decode(batch, rows, logits)
+        if rows:
+            outputs += self._sample(rows, torch.cat(logits))
         self.steps += 1
         self.last_batch_size = len(batch)
         self.last_step_ms = (time.perf_counter() - t0) * 1e3
         return outputs
 
-    def _prefill_one(self, seq: Sequence) -> list[RequestOutput]:
-        """The prompt's forward, then the first token of each of its n completions."""
+    def _prefill_one(self, seq: Sequence) -> torch.Tensor:
+        """The prompt's forward and its n - 1 sibling completions forked; the next token's logits (V,)."""
         logits = self._prefill_logits(seq)
         for i in range(1, seq.params.n):  # n > 1: siblings share the prompt's and image's pages
             child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, seq.image)
             child.index, child.arrival = i, seq.arrival
             self.scheduler.fork(seq, child)
             seq.siblings.append(child)
-        outputs = []
         for s in [seq] + seq.siblings:
-            seed = None if s.params.seed is None else s.params.seed + s.index
-            s.generator = make_generator(s.params.model_copy(update={"seed": seed}), self.loaded.device)
-            s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop)
-            outputs.append(self._append(s, logits))
-        return outputs
+            s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop, s.params.min_tokens)
+        return logits
 
     def _prefill_logits(self, seq: Sequence) -> torch.Tensor:
         """The prompt's forward for an admitted sequence; it hands over its resume state, which goes after."""
@@ -185,28 +198,54 @@ class LLMEngine:
         finally:
             self.abort(seq.request_id)
 
-    def _decode(self, batch: list[Sequence]) -> list[RequestOutput]:
-        """One batched forward, each row sampled under its own guard. If the forward itself fails, run each
+    def _decode(self, batch: list[Sequence], rows: list[Sequence], logits: list[torch.Tensor]) -> list[RequestOutput]:
+        """One batched forward; its rows join the step's `rows` / `logits`. If the forward itself fails, run each
         sequence alone so the survivors go on without the offender (a position's K/V is rewritten, not added)."""
         try:
-            logits = self.runner.decode(batch)
+            logits.append(self.runner.decode(batch))
+            rows += batch
+            return []
         except Exception:
             log.warning("batched decode of %d sequences failed; retrying each alone", len(batch), exc_info=True)
-            return [self._guarded(s, lambda s: self._append(s, self.runner.decode([s])[0])) for s in batch]
-        return [self._guarded(s, lambda s, row=row: self._append(s, row)) for s, row in zip(batch, logits)]
+        failed = []
+        for s in batch:
+            try:
+                logits.append(self.runner.decode([s]))
+                rows.append(s)
+            except Exception as exc:  # noqa: BLE001 - the offender fails alone
+                failed.append(self.fail(s, exc))
+        return failed
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample every row at once (one host read), then append each under its own guard. If the batch cannot be
+        sampled (a row's mask hook raised, say), sample each row alone so the fault stays with its row."""
+        try:
+            sampled = self._sample_rows(rows, logits)
+        except Exception:
+            log.warning("batched sampling of %d rows failed; sampling each alone", len(rows), exc_info=True)
+            return [self._guarded(s, lambda s, i=i: self._append(s, self._sample_rows([s], logits[i : i + 1])[0]))
+                    for i, s in enumerate(rows)]
+        return [self._guarded(s, lambda s, r=r: self._append(s, r)) for s, r in zip(rows, sampled)]
+
+    def _sample_rows(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sampled | None]:
+        """(len(rows), V) logits -> each row's token; a row with a logit mask (structured output) fills its bitmask
+        row first. A completion's seed is the request's + its index (n > 1 completions differ, each reproducible)."""
+        masked = [(i, s.logit_mask) for i, s in enumerate(rows) if s.logit_mask is not None]
+        bitmask = None
+        if masked:
+            bitmask = allocate_bitmask(len(rows), self.sampler.vocab_size)
+            for i, mask in masked:
+                mask.fill_bitmask(bitmask, i)
+        meta = self.sampler.prepare([
+            SampleRow(s.params, None if s.params.seed is None else s.params.seed + s.index, s.prompt_token_ids,
+                      s.output_ids) for s in rows], bitmask)
+        return self.sampler.sample(logits, meta)
 
     def _guarded(self, seq: Sequence, work) -> RequestOutput:
         try:
             return work(seq)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one sequence's failure is that sequence's alone
             return self.fail(seq, exc)
-
-    def _guarded_all(self, seq: Sequence, work) -> list[RequestOutput]:
-        """`work` for a sequence and the siblings it forks; a failure fails every one of them."""
-        try:
-            return work(seq)
-        except Exception as exc:
-            return [self.fail(s, exc) for s in [seq] + seq.siblings]
 
     def fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
         """End one sequence with an error, freeing its KV; logged with its id and reason, never its prompt."""
@@ -226,12 +265,17 @@ class LLMEngine:
         if parent is not None and all(s.finished for s in [parent] + parent.siblings):
             del self.seqs[seq.request_id]
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
-        token, logprob = sample(logits, seq.params, seq.generator)
+    def _append(self, seq: Sequence, sampled: Sampled | None) -> RequestOutput:
+        """A sampled token (host values from the step's one read) into the sequence: stops, text, the output."""
+        if sampled is None:
+            raise NoTokenAllowed("the sequence's logit mask allows no token")
+        token = sampled.token
+        if seq.logit_mask is not None:
+            seq.logit_mask.accept(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         seq.output_ids.append(token)
-        seq.logprobs.append(logprob)
+        seq.logprobs.append(sampled.logprob)
         self.tokens_generated += 1
         new_ids, reason = [token], None
         last = len(seq.output_ids) >= seq.params.max_tokens
@@ -256,11 +300,9 @@ class LLMEngine:
             index=seq.index,
         )
         if new_ids and seq.params.logprobs:  # the model's distribution (before sampling filters), as OpenAI
-            logp = torch.log_softmax(logits.float(), -1)
-            out.logprobs = [float(logp[token])]
+            out.logprobs = [sampled.logprob]
             if seq.params.top_logprobs:
-                top = torch.topk(logp, seq.params.top_logprobs)
-                out.top_logprobs = [list(zip(top.indices.tolist(), top.values.tolist()))]
+                out.top_logprobs = [sampled.top_logprobs]
         return out
 
     def stats(self) -> EngineStats:

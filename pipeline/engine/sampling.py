@@ -1,23 +1,36 @@
-"""Sampling parameters and the per-sequence sampler (greedy, temperature, top-k, top-p, seeded)."""
+"""Sampling parameters of one request, validated; the defaults change nothing (greedy, no filter, no penalty).
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+The fields and their ranges follow vLLM's `SamplingParams` and OpenAI's chat-completions parameters; what each
+one does to the logits, and in which order, is `pipeline.engine.sampler.Sampler`'s docstring.
+"""
 
-# What the sampler can compute: torch.Generator.manual_seed takes [-2^63, 2^64); logits / temperature overflow
-# float32 (inf, then NaN probabilities) below ~1e-37, so a floor well above that; top_p below float32's
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.errors import InvalidRequest
+
+# What the sampler can compute: seeds are taken modulo 2^64 (the range is torch.Generator's); logits / temperature
+# overflow float32 (inf, then NaN probabilities) below ~1e-37, so a floor well above that; top_p below float32's
 # resolution of the cumulative sum keeps nothing.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-6
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: -100 (ban) .. 100 (force)
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2 .. 2
 
 
 class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_tokens: int = Field(16, ge=1)
+    min_tokens: int = Field(0, ge=0)  # EOS and stop_token_ids cannot be sampled (stop strings not matched) before
     temperature: float = Field(0.0, ge=0.0, le=10.0)  # 0 means greedy
     top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0 means off
+    top_k: int = Field(0, ge=-1)  # 0 or -1 (vLLM's) means off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 means off
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # 1 means off; > 1 discourages repeats
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to its logit
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
@@ -33,39 +46,40 @@ class SamplingParams(BaseModel):
             raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         return t
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[int, float]) -> dict[int, float]:
+        for token, value in bias.items():
+            if token < 0:
+                raise ValueError(f"logit_bias has a negative token id {token}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias[{token}] = {value} is outside [-100, 100]")
+        return bias
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, ids: list[int]) -> list[int]:
+        if any(t < 0 for t in ids):
+            raise ValueError("stop_token_ids holds a negative token id")
+        return ids
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "SamplingParams":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalised(self) -> bool:
+        """Whether the penalties need this row's token counts."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
-def make_generator(params: SamplingParams, device) -> torch.Generator | None:
-    """Each sequence owns its generator, so a seeded request samples the same whatever shares its batch."""
-    if params.greedy:
-        return None
-    gen = torch.Generator(device=device)
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
-    return gen
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[int, float]:
-    """logits (V,) -> (token, its log-probability under the distribution sampled from)."""
-    logits = logits.float()
-    if params.greedy:
-        token = int(torch.argmax(logits))
-        return token, float(torch.log_softmax(logits, -1)[token]) if params.logprobs else 0.0
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the smallest prefix reaching top_p
-        drop[0] = False  # the likeliest token always stays
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, -1)
-    token = int(torch.multinomial(probs, 1, generator=gen))
-    return token, float(torch.log(probs[token])) if params.logprobs else 0.0
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the logits have no column for: InvalidRequest naming the field (a 400 at the API)."""
+        bad = sorted(t for t in self.logit_bias if t >= vocab_size)
+        if bad:
+            raise InvalidRequest(f"logit_bias has token ids outside the vocabulary of {vocab_size}: {bad[:8]}")

@@ -7,6 +7,7 @@ from enum import Enum, auto
 from pipeline.engine.page_table import PageTable
 from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.swap import SwappedKV
+from pipeline.engine.token_mask import TokenMask
 from pipeline.types import DecodeRequest, ImageState, ResumeState
 
 
@@ -36,7 +37,7 @@ class Sequence:
         self.detok = None  # IncrementalDetokenizer, made by the engine
         self.index = 0  # which of the request's n completions; index 0 is the one prefilled
         self.siblings: list[Sequence] = []  # on index 0: the n - 1 forked after its prefill
-        self.generator = None
+        self.logit_mask: TokenMask | None = None  # a per-row constraint (structured output) the sampler applies
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
 

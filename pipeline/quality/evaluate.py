@@ -100,7 +100,7 @@ def evaluate(pipe, rows: list[Row], k_ratios: list[float], protocols: list[str],
                # per image: how well an operator can predict the KV a request will hold
                "kept_fraction_min": min(kept), "kept_fraction_max": max(kept),
                "kept_fraction_stdev": statistics.pstdev(kept),
-               "random_kept_fraction": statistics.mean(t.kept_fraction for t in controls),
+               "random_kept_fraction": statistics.mean(t.image.kept_fraction for t in controls),
                "accuracy": _accuracy(texts, labels), "random_accuracy": _accuracy(random_texts, labels)}
         for kind in kinds:
             idx = [i for i, r in enumerate(rows) if r.kind == kind]

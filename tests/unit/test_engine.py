@@ -8,7 +8,8 @@ import torch
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.async_engine import AsyncLLMEngine
 from pipeline.engine.llm_engine import LLMEngine
-from pipeline.engine.sampling import SamplingParams, sample
+from pipeline.engine.sampler import Sampler, SampleRow
+from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import InvalidRequest, Overloaded
 from tests.helpers import PROMPTS
 
@@ -81,16 +82,18 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_pipeline, sourc
     assert len({tuple(o.output_ids) for o in others}) > 1
 
 
+def _sample_one(logits, params, seed=None, step=0):
+    sampler = Sampler(logits.numel(), "cpu", generator=torch.Generator().manual_seed(step))
+    return sampler.sample(logits[None], sampler.prepare([SampleRow(params, seed, [], [0] * step)]))[0]
+
+
 def test_sampler_filters():
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        tok, _ = sample(logits, SamplingParams(temperature=1.0, top_k=2), gen)
-        assert tok in (0, 1)
-        tok, _ = sample(logits, SamplingParams(temperature=1.0, top_p=0.5), gen)
-        assert tok == 0  # token 0 alone holds 66% of the mass
-    assert sample(logits, SamplingParams(), None)[0] == 0
-    _, lp = sample(logits, SamplingParams(logprobs=True), None)
+    for step in range(50):
+        assert _sample_one(logits, SamplingParams(temperature=1.0, top_k=2), step=step).token in (0, 1)
+        assert _sample_one(logits, SamplingParams(temperature=1.0, top_p=0.5), step=step).token == 0  # 66% alone
+    assert _sample_one(logits, SamplingParams()).token == 0
+    lp = _sample_one(logits, SamplingParams(logprobs=True)).logprob
     assert lp == pytest.approx(float(torch.log_softmax(logits, -1)[0]))
 
 
@@ -241,9 +244,7 @@ def test_sampling_at_the_floors_works():
     logits = torch.randn(50) * 30
     for params in (SamplingParams(temperature=1e-5, seed=2**64 - 1), SamplingParams(temperature=1.0, top_p=1e-6,
                                                                                       seed=-(2**63))):
-        from pipeline.engine.sampling import make_generator
-        token, _ = sample(logits, params, make_generator(params, "cpu"))
-        assert token == int(torch.argmax(logits))
+        assert _sample_one(logits, params, seed=params.seed).token == int(torch.argmax(logits))
 
 
 def test_one_failing_sequence_leaves_the_batch_alone(tiny_pipeline, sources, monkeypatch):
