@@ -60,11 +60,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def decoder_stats(http) -> dict:
-    """One decoder replica's engine stats from the app's /stats (http: an httpx.Client on the app)."""
-    r = http.get("/stats")
-    assert r.status_code == 200, r.text
-    return r.json()["decoder"]
+def decoder_stats(http, replicas: int = 1) -> dict:
+    """The decoder pool's engine stats from the app's /stats (http: an httpx.Client on the app), once `replicas`
+    replicas are in them: /stats leaves out a replica that does not answer within its 2 s (a busy machine), so it is
+    asked again (the bound ends a hang, not a slow run)."""
+    def answered():
+        r = http.get("/stats")
+        assert r.status_code == 200, r.text
+        stats = r.json()["decoder"]
+        return stats if stats["replicas"] >= replicas else None
+
+    return wait_for(answered, 300, f"{replicas} decoder replicas in /stats", interval=0.5)
 
 
 async def while_decoding(work, http, stall_s: float = 180.0, period_s: float = 2.0):
