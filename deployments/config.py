@@ -41,6 +41,11 @@ class AppConfig(BaseModel):
     # restart on one node, short where a node (and its replicas) can be gone for good.
     stage_wait_s: float = Field(5.0, ge=0)
     health_timeout_s: float = Field(0.8, gt=0)  # /health is 503 when a stage does not answer by then
+    # Draining a replica that is being removed (deployments/settings.py, drain_options): the slowest decode step rate
+    # at which its longest stream (max_model_len tokens) must still finish, the longest encode or trim call, and slack.
+    min_decode_steps_per_s: float = Field(10.0, gt=0)
+    stage_call_s: float = Field(60.0, gt=0)
+    drain_margin_s: float = Field(10.0, ge=0)
 
     @field_validator("http_allowlist")
     @classmethod

@@ -18,6 +18,7 @@ from pipeline.errors import InvalidRequest, Overloaded
 from pipeline.model.loader import load_model
 
 from .handoff import Handoff
+from .settings import DecoderSettings
 from .stream import StageError
 
 log = logging.getLogger("ray.serve")
@@ -46,6 +47,19 @@ class DecoderPool:
             ("kv_written_bytes", "Bytes of K/V written in the held pages"),
             ("swapped", "Sequences preempted to host memory"), ("preemptions", "Preemptions since start"),
         )}
+
+    def reconfigure(self, user_config: dict) -> None:
+        """In place (deployments/settings.py): the engine's admission limits, from its next step on."""
+        limits = DecoderSettings(**user_config).engine_limits
+        self.engine.set_limits(limits.max_running, limits.max_waiting)
+        self.cfg = self.cfg.model_copy(update=dict(limits))
+
+    def __del__(self):
+        """Serve calls this once the replica, removed from routing, has finished its streams or run out of
+        graceful_shutdown_timeout_s (sized from max_model_len: deployments/settings.py): stop the engine's thread."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     async def generate(self, handoff: Handoff, params: SamplingParams, request_id: str):
         """Yields DecoderItems (deployments/stream.py): a TrimSummary first when the request has an image, then
@@ -84,8 +98,9 @@ class DecoderPool:
         return dataclasses.asdict(s)
 
     def _snapshot(self) -> dict:
-        """The engine's stats with this replica's peaks: what /stats shows for it."""
-        return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch}
+        """The engine's stats with this replica's peaks and admission limits: what /stats shows for it."""
+        return {**self._observe(), "peak_running": self.peak_running, "peak_batch": self.peak_batch,
+                "max_running": self.cfg.max_running, "max_waiting": self.cfg.max_waiting}
 
     async def stats(self) -> dict:
         return self._snapshot()

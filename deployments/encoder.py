@@ -14,6 +14,8 @@ from pipeline.model.encoder import VisionEncoder
 from pipeline.model.loader import load_model
 from pipeline.types import PreparedPrompt, VisualFeatures
 
+from .settings import EncoderSettings
+
 
 class FeatureCache:
     """image key -> (features (tokens, hidden), token_valid (tokens,)); bounded in bytes, least recent out.
@@ -41,6 +43,13 @@ class FeatureCache:
             return
         self.entries[key] = item
         self.bytes += size
+        self.evict()
+
+    def resize(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.evict()
+
+    def evict(self) -> None:
         while self.bytes > self.max_bytes:
             self.bytes -= item_bytes(self.entries.popitem(last=False)[1])
 
@@ -68,6 +77,11 @@ class VisionEncoderDeployment:
         self.pool = ThreadPoolExecutor(max_workers=1)  # one forward at a time; the event loop stays free
         self.lookups = Counter("crosstrim_encoder_cache_lookups", description="Feature cache lookups by result",
                                tag_keys=("result",))
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """In place (deployments/settings.py): the cache's size; called by Serve before the first request too."""
+        max_bytes = EncoderSettings(**user_config).feature_cache_mib * 2**20
+        await asyncio.get_running_loop().run_in_executor(self.pool, self.cache.resize, max_bytes)  # the cache's thread
 
     async def encode(self, prompt: PreparedPrompt, image_keys: list[str]) -> VisualFeatures:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, prompt, image_keys)

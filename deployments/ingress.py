@@ -29,6 +29,7 @@ from .metrics import scrape
 from .preprocess import Preprocessor
 from .replicas import aggregate, routing_stats
 from .responses import Accumulator, DecoderStream, TokenBytes, collect, events
+from .settings import IngressSettings
 from .stream import StageError, TrimSummary
 
 TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -58,6 +59,10 @@ class Ingress:
                  cfg.api_key_env)
         self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
         self.watch = StageWatch(serve.get_replica_context().app_name)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """In place (deployments/settings.py): the defaults and waits every request reads, for the ones after it."""
+        self.cfg = IngressSettings(**user_config).applied_to(self.cfg)
 
     # ---- endpoints
 

@@ -14,6 +14,7 @@ from pipeline.model.trimmer import Trimmer
 from pipeline.types import PreparedPrompt, VisualFeatures
 
 from .handoff import Handoff
+from .settings import TrimmerSettings
 
 
 @serve.deployment(name="Trimmer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
@@ -27,6 +28,10 @@ class TrimmerDeployment:
         self.shipped_bytes = Counter("crosstrim_shipped_bytes", tag_keys=("part",),
                                      description="Bytes handed from trimmer to decoder (cross K/V or features, "
                                                  "and the resume state)")
+
+    def reconfigure(self, user_config: dict) -> None:
+        """In place (deployments/settings.py): what crosses to the decoder, from the next call on."""
+        self.ship = TrimmerSettings(**user_config).ship
 
     async def ping(self) -> bool:
         """For /health: the replica answers."""

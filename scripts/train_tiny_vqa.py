@@ -1,7 +1,9 @@
 """Train a tiny mllama on the synthetic shapes VQA task (pipeline/synthetic.py) and save it in HF format.
 
-The first cross-attention layer's visual input is randomly blinded or subsampled during training, so the later
-cross-attention layers must read the image themselves: the model is a real test of visual-token trimming.
+The vision tower taps its intermediate layers at their input (Meta's reference; pipeline/model/encoder.py). The
+first cross-attention layer's gates are held open and its visual input is randomly blinded or subsampled during
+training, so it must learn where to look while the later cross-attention layers must read the image themselves:
+the model is a real test of visual-token trimming.
 Metrics (fresh samples; untrimmed, later cross layers blinded, later layers kept to the top/random tokens by the
 first layer's attention) go to training.json. Run: python scripts/train_tiny_vqa.py  (seeded, 1 thread, ~21 min)
 """
@@ -32,6 +34,7 @@ from transformers import (  # noqa: E402
     MllamaProcessor,
 )
 
+from pipeline.model.encoder import tap_layer_inputs  # noqa: E402
 from pipeline.quality.evaluate import blind, cross_layers  # noqa: E402
 from pipeline.quality.synthetic import (  # noqa: E402
     CELL,
@@ -53,6 +56,7 @@ LEVELS = [(1, 2), (1, 4), (2, 4), (4, 4), (4, 6), (4, MAX_OBJECTS)]  # curriculu
 HP = dict(
     batch=32, lr=2e-3, warmup=100, max_steps=4000, decay_steps=800, eval_every=50, held_out=128,
     advance_at=0.85, level_max_steps=500, finish_at=0.95, first_layer_blind=0.5, first_layer_keep=(0.05, 1.0),
+    first_layer_gate=1.0,
 )
 VISION = dict(
     hidden_size=48, attention_heads=4, intermediate_size=96, num_hidden_layers=3, num_global_layers=1,
@@ -279,6 +283,26 @@ def init_positions(model, processor, scale: float = 2.0) -> None:
     pe.gate.fill_(1.0)
 
 
+@torch.no_grad()
+def hold_first_layer_open(model) -> None:
+    """The first cross-attention layer's two gates fixed at first_layer_gate (tanh 0.76), not trained. Trained,
+    they closed (~0): degraded in training, that layer was cheaper to switch off than to learn, so it never
+    learnt where to look. Held open, its weights get gradient from step 0 and the layer cannot be switched off;
+    the degradation still makes the later layers read the image themselves."""
+    first = cross_layers(model)[0]
+    for gate in (first.cross_attn_attn_gate, first.cross_attn_mlp_gate):
+        gate.fill_(HP["first_layer_gate"])
+        gate.requires_grad_(False)
+
+
+def load(out: Path):
+    """A saved checkpoint with the vision tap it was trained under (Meta's reference: each tapped layer's input)."""
+    processor = MllamaProcessor.from_pretrained(out)
+    model = MllamaForConditionalGeneration.from_pretrained(out)
+    tap_layer_inputs(model.model.vision_model)
+    return model, processor
+
+
 def save(model, processor, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.do_sample = False
@@ -289,8 +313,7 @@ def save(model, processor, out: Path) -> None:
 
 
 def evaluate_saved(out: Path) -> None:
-    processor = MllamaProcessor.from_pretrained(out)
-    model = MllamaForConditionalGeneration.from_pretrained(out)
+    model, processor = load(out)
     path = out / "training.json"
     report = json.loads(path.read_text()) if path.exists() else {}
     report["metrics"] = diagnostics(model, processor)
@@ -303,9 +326,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=1, help="1 reproduces the bundled checkpoint")
     ap.add_argument("--max-steps", type=int, default=HP["max_steps"])
+    ap.add_argument("--first-layer-blind", type=float, default=HP["first_layer_blind"])
     ap.add_argument("--eval-only", action="store_true", help="recompute the metrics of the checkpoint in --out")
     args = ap.parse_args()
-    HP["max_steps"] = args.max_steps
+    HP["max_steps"], HP["first_layer_blind"] = args.max_steps, args.first_layer_blind
     torch.set_num_threads(args.threads)
     if args.eval_only:
         return evaluate_saved(args.out)
@@ -313,9 +337,11 @@ def main() -> None:
     torch.manual_seed(SEED)
     processor = build_processor()
     model = MllamaForConditionalGeneration(build_config(processor.tokenizer, VOCAB, VISION, TEXT))
+    tap_layer_inputs(model.model.vision_model)
     init_weights(model)
     init_vision(model)
     init_positions(model, processor)
+    hold_first_layer_open(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params} parameters, hyper-parameters {HP}")
     t0, c0 = time.time(), time.process_time()

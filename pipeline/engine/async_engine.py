@@ -59,6 +59,9 @@ class AsyncLLMEngine:
     def kv_bytes_per_token(self) -> float:
         return self.engine.kv_bytes_per_token()
 
+    def set_limits(self, max_running: int, max_waiting: int) -> None:
+        self.engine.set_limits(max_running, max_waiting)
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()

@@ -76,6 +76,12 @@ class LLMEngine:
         self.tokens_generated = self.steps = self.last_batch_size = self.decode_steps = self.decode_rows = 0
         self.last_step_ms = 0.0
 
+    def set_limits(self, max_running: int, max_waiting: int) -> None:
+        """New admission limits from the next step on (the step thread reads one config object or the other);
+        sequences already running beyond a lowered max_running finish, none is preempted for it."""
+        self.cfg = self.scheduler.cfg = self.cfg.model_copy(update={"max_running": max_running,
+                                                                    "max_waiting": max_waiting})
+
     # ---- requests in and out
 
     def make_sequence(self, request: DecodeRequest, params: SamplingParams, request_id: str | None = None) -> Sequence:

@@ -1,29 +1,44 @@
-"""Stage 1, VisionEncoder: image tiles -> projected visual features, as MllamaModel.forward computes them."""
+"""Stage 1, VisionEncoder: image tiles -> projected visual features, as MllamaModel.forward computes them with
+the intermediate layers tapped at their input (Meta's reference; transformers 5 taps their output)."""
 
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.mllama.modeling_mllama import MllamaVisionEncoder, MllamaVisionMLP
+from transformers.models.mllama.modeling_mllama import (
+    MllamaVisionEncoder,
+    MllamaVisionMLP,
+)
 
 from pipeline.model.loaded import LoadedModel
 from pipeline.types import PreparedPrompt, VisualFeatures
 
 
 class TappedVisionEncoder(MllamaVisionEncoder):
-    """HF's vision encoder keeping only the layer outputs its caller reads.
+    """HF's vision encoder tapping each of `taps` at its INPUT, as Meta's reference does, keeping nothing else.
 
-    HF's forward keeps every layer's output (32 x (tiles * 1,608, 1,280) for the 11B: 0.5 GiB in bf16 for a
-    4-tile image), of which MllamaVisionModel reads 5 (`intermediate_layers_indices`) from the local encoder and
-    none from the global one. The layers and their arithmetic are HF's; only what is kept differs."""
+    llama-models' VisionEncoder (`return_intermediate`) appends x before layer idx runs, and transformers 4.x
+    (PR #40083) did the same; transformers 5.24's forward appends each layer's output, so MllamaVisionModel,
+    reading `hidden_states[i]` for i in `intermediate_layers_indices`, gets one layer late. HF also keeps every
+    layer's output (32 x (tiles * 1,608, 1,280) for the 11B: 0.5 GiB in bf16 for a 4-tile image) where 5 are
+    read from the local encoder and none from the global one. The layers and their arithmetic are HF's."""
 
     taps: frozenset[int] = frozenset()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutput:
         kept: list[torch.Tensor | None] = []  # indexed by layer as HF's tuple is; None where nobody reads it
         for i, layer in enumerate(self.layers):
+            kept.append(hidden_states if i in self.taps else None)  # layer i's input
             hidden_states = layer(hidden_states=hidden_states, attention_mask=attention_mask)
-            kept.append(hidden_states if i in self.taps else None)
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(kept))
+
+
+def tap_layer_inputs(vision) -> None:
+    """Swap HF's encoders' class in place (same modules, weights and names) so `vision` (an MllamaVisionModel)
+    reads each intermediate layer at its input: the features Llama-3.2-Vision was trained on. Idempotent."""
+    for encoder, taps in ((vision.transformer, vision.intermediate_layers_indices), (vision.global_transformer, ())):
+        if type(encoder) is MllamaVisionEncoder:
+            encoder.__class__ = TappedVisionEncoder
+            encoder.taps = frozenset(taps)
 
 
 class RowChunkedVisionMLP(MllamaVisionMLP):
@@ -40,12 +55,10 @@ class RowChunkedVisionMLP(MllamaVisionMLP):
 
 
 def lighten(vision) -> None:
-    """Swap classes in place (same modules, weights and names): the two encoders keep only the layer outputs
-    MllamaVisionModel reads, and every MLP runs in row chunks."""
-    for encoder, taps in ((vision.transformer, vision.intermediate_layers_indices), (vision.global_transformer, ())):
-        if type(encoder) is MllamaVisionEncoder:
-            encoder.__class__ = TappedVisionEncoder
-            encoder.taps = frozenset(taps)
+    """Swap classes in place (same modules, weights and names): the two encoders tap per the reference and keep
+    only what MllamaVisionModel reads, and every MLP runs in row chunks."""
+    tap_layer_inputs(vision)
+    for encoder in (vision.transformer, vision.global_transformer):
         for layer in encoder.layers:
             if type(layer.mlp) is MllamaVisionMLP:
                 layer.mlp.__class__ = RowChunkedVisionMLP

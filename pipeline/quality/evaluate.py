@@ -1,8 +1,8 @@
 """`crosstrim eval`: what trimming costs in accuracy. Per k_ratio (topk_union) and target fraction (target):
 exact-match accuracy (or agreement with the untrimmed output when there are no labels), the kept fraction (mean and
 per-image spread), and a control keeping as many tokens per image chosen at random; under two protocols (later
-layers trimmed, as the paper; every layer trimmed). Also first-layer attention sparsity and inter-layer consistency.
-Accuracy runs the server's stages."""
+layers trimmed, as the paper; every layer trimmed). Also first-layer attention sparsity, inter-layer consistency and
+(synthetic samples) the first layer's attention share on the asked object. Accuracy runs the server's stages."""
 
 import json
 import statistics
@@ -211,7 +211,7 @@ def heat_map(pipe, row: Row, ax_image, ax_heat) -> None:
     per_tile = probs.shape[-1] // tiles
     token_visible = prepared.token_visible(per_tile)
     scores = head_scores(probs, token_visible).sum(dim=0).reshape(tiles, per_tile)[:, 1:]  # drop each tile's class token
-    side = int(round((per_tile - 1) ** 0.5))
+    side = round((per_tile - 1) ** 0.5)
     rows_t, cols_t = get_all_supported_aspect_ratios(tiles)[int(prepared.aspect_ratio_ids[0, 0]) - 1]
     grid = torch.zeros(rows_t * side, cols_t * side)
     for t in range(rows_t * cols_t):
@@ -267,6 +267,11 @@ def run(args) -> int:
     targets = [float(x) for x in args.target_fractions.split(",") if x]
     result = evaluate(pipe, rows, k_ratios, protocols, args.max_tokens, targets, args.target_at_topk)
     result["diagnostics"] = diagnostics(pipe, rows[: args.diagnostic_samples], TrimConfig().k_ratio)
+    if args.synthetic:  # the layout says where the asked object is
+        from pipeline.quality.attention_share import attention_share
+        from pipeline.quality.synthetic import generate_samples
+
+        result["first_layer_target_share"] = attention_share(pipe, generate_samples(args.synthetic, args.seed))
     print(f"{result['samples']} samples, {result['metric']}; untrimmed {result['untrimmed_accuracy']:.3f}, "
           f"later cross-attention layers blinded {result['later_layers_blinded_accuracy']:.3f}")
     for protocol, pts in result["protocols"].items():
@@ -276,6 +281,10 @@ def run(args) -> int:
                   f"..{p['kept_fraction_max']:.3f}, sd {p['kept_fraction_stdev']:.3f})  "
                   f"accuracy {p['accuracy']:.3f}  random {p['random_accuracy']:.3f}")
     print(json.dumps(result["diagnostics"]))
+    if "first_layer_target_share" in result:
+        share = result["first_layer_target_share"]
+        print(f"first cross-attention layer: {share['share']:.3f} of its attention on the asked object's tokens, "
+              f"uniform {share['uniform']:.3f} ({share['ratio']:.2f}x; {share['n']} cell questions)")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(result, indent=2))

@@ -5,19 +5,28 @@ tokens with the same policy code. Pass 2 runs HF's own `generate` with forward p
 dropped tokens, for every row, in every later cross-attention layer and, during decoding, in the first one
 too (masking a token is mathematically the same as removing it). A dropped token is a non-padding token
 not selected; padding tiles' tokens keep HF's treatment (only rows that see no image attend to them).
+
+HF's model, with one change: its vision encoders tap per Meta's reference (each intermediate layer at its input;
+transformers 5.24 reads its output), by the same class swap the pipeline makes at load (tap_layer_inputs: HF's
+modules and weights, only which tensors the encoder keeps differs). The reference stands for the model as it was
+trained, so it must see the features the model was trained on; swapping the class, rather than hooking or
+copying HF's forward, leaves one implementation of the tap to test against an independent one (tests), and
+after it every HF entry point on that model (forward, generate) agrees.
 """
 
 import torch
 from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
 from pipeline.config import TrimConfig
+from pipeline.model.encoder import tap_layer_inputs
 from pipeline.model.selection import head_scores, select_tokens
 from pipeline.types import PreparedPrompt
 
 
 def capture_cross_probs(model, inputs: dict, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
     """The softmax of cross-attention `layers` (default: all) on HF's untrimmed forward, recomputed from HF's
-    own q and cached k: {layer index: (H, S, V)}."""
+    own q and cached k: {layer index: (H, S, V)}. Switches `model` to the reference vision tap (in place)."""
+    tap_layer_inputs(model.model.vision_model)
     text = model.model.language_model
     captured, handles = {}, []
     for idx in layers if layers is not None else text.cross_attention_layers:
@@ -61,7 +70,9 @@ def reference_select(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Te
 
 @torch.inference_mode()
 def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_tokens: int) -> list[int]:
-    """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked."""
+    """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked. Switches `model`
+    to the reference vision tap (in place)."""
+    tap_layer_inputs(model.model.vision_model)
     inputs = prompt.hf_inputs()
     handles = []
     if prompt.num_images and cfg.enabled:

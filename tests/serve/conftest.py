@@ -4,9 +4,11 @@ image host on loopback in its allowlists), redeployed only for a test that asks 
 
 import copy
 import http.server as http_server
+import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -43,6 +45,7 @@ class ServeSession:
         return config
 
     def app(self, **overrides) -> SimpleNamespace:
+        import ray
         from ray import serve
         from ray.serve.context import _get_global_client
 
@@ -53,7 +56,10 @@ class ServeSession:
             if self.deployed is not None:
                 serve.delete(APP)  # blocks until its replicas are gone: no replica of the old config is left
             self.deployed = None
-            localrun.deploy(config, APP, timeout_s=600)
+            try:
+                localrun.deploy(config, APP, timeout_s=600)
+            except ray.exceptions.RayActorError:  # Serve killed a proxy slow to report ready (a loaded machine)
+                localrun.deploy(config, APP, timeout_s=600)
             self.deployed = config
         port = config["http_options"]["port"]
         return SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, config=copy.deepcopy(config),
@@ -77,6 +83,17 @@ def images() -> dict[str, bytes]:
         "exact": (100, 40, 11), "exact2": (64, 64, 12), "openai": (128, 128, 13), "cache": (64, 64, 14),
         "s3": (64, 64, 15), "http": (64, 64, 16), "batch": (100, 40, 17),
     }.items()}
+
+
+def reserved_port() -> socket.socket:
+    """A loopback port held for the Serve proxy until the session ends: bound with SO_REUSEPORT (as Ray's proxy binds
+    it) and never listening, so the proxy can bind it beside us but no other process's free-port pick can take it in
+    the minutes Ray takes to start on a busy machine (seen: another test's moto_server on it, the proxy failing to
+    bind)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 def _reachable(url: str) -> bool:
@@ -135,7 +152,8 @@ def serve_session(s3_endpoint, image_host):
     folders' tests start their own."""
     from deployments import localrun
 
-    base = localrun.load_config(ROOT / "configs" / "local.yaml")
+    port = reserved_port()
+    base = localrun.load_config(ROOT / "configs" / "local.yaml", port=port.getsockname()[1])
     (app,) = base["applications"]
     app["runtime_env"]["env_vars"].update(
         AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -149,6 +167,7 @@ def serve_session(s3_endpoint, image_host):
         yield ServeSession(base, metrics_port)
     finally:
         localrun.stop()
+        port.close()
 
 
 @pytest.fixture()
@@ -156,3 +175,23 @@ def serve_app(request, serve_session):
     """The app deployed with configs/local.yaml, or with the overrides of the test's `serve_config` mark."""
     mark = request.node.get_closest_marker("serve_config")
     return serve_session.app(**(mark.kwargs if mark else {}))
+
+
+def _config_key(item) -> str:
+    mark = item.get_closest_marker("serve_config")
+    return repr(mark.kwargs) if mark else ""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """tests/serve's tests grouped by the config they deploy, configs/local.yaml's first and a test that changes the
+    app in place (`serve_in_place`) last in its group: the one app is redeployed once per config (minutes each on 2
+    busy cores), not at every switch between modules. Other folders' tests keep their places."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in Path(item.path).parents]
+    ours = [items[i] for i in slots]
+    rank: dict[str, int] = {"": -1}
+    for item in ours:
+        rank.setdefault(_config_key(item), len(rank))
+    ours.sort(key=lambda item: (rank[_config_key(item)], item.get_closest_marker("serve_in_place") is not None))
+    for i, item in zip(slots, ours):
+        items[i] = item

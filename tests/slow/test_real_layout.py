@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate
-from tests.helpers import image, script
+from tests.helpers import hf_visual_features, image, reference_vision_tap, script, transformers_vision_tap
 
 ROOT = Path(__file__).resolve().parents[2]
 find_tokenizer = script("build_real_layout").find_tokenizer
@@ -55,7 +55,8 @@ def test_keep_all_equals_hf_generate(real_ckpt, dtype, name):
     pipe = pipeline(real_ckpt, dtype)
     ours = pipe.generate(PROMPT, [IMAGES[name]], SamplingParams(max_tokens=6), TrimConfig(policy="none"))
     assert ours.visual_tokens == {"1tile": 1601, "4tile": 6404}[name]
-    hf = reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES[name]]), TrimConfig(policy="none"), 6)
+    with reference_vision_tap(pipe.loaded.model):
+        hf = reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES[name]]), TrimConfig(policy="none"), 6)
     assert ours.token_ids == hf
     assert len(set(ours.token_ids)) > 1
 
@@ -66,7 +67,8 @@ def test_trimmed_equals_reference_and_target_is_predictable(real_ckpt):
     ours = pipe.generate(PROMPT, [IMAGES["4tile"]], SamplingParams(max_tokens=6), cfg)
     assert ours.kept_tokens == 2562  # ceil(0.4 * 6404), whatever the heads agree on
     assert ours.cross_kv_bytes / ours.cross_kv_bytes_full == pytest.approx(2562 / 6404)
-    assert ours.token_ids == reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES["4tile"]]), cfg, 6)
+    with reference_vision_tap(pipe.loaded.model):
+        assert ours.token_ids == reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES["4tile"]]), cfg, 6)
 
 
 def test_long_prompt_trims_as_the_reference(real_ckpt):
@@ -76,7 +78,30 @@ def test_long_prompt_trims_as_the_reference(real_ckpt):
     assert prepared.input_ids.numel() >= 2000
     cfg = TrimConfig(policy="target", target_fraction=0.3)
     ours = pipe.generate(prompt, [IMAGES["1tile"]], SamplingParams(max_tokens=4), cfg)
-    assert ours.token_ids == reference_generate(pipe.loaded.model, prepared, cfg, 4)
+    with reference_vision_tap(pipe.loaded.model):
+        assert ours.token_ids == reference_generate(pipe.loaded.model, prepared, cfg, 4)
+
+
+@pytest.mark.parametrize("name", ["1tile", "4tile"])
+def test_features_are_the_reference_taps_not_transformers(real_ckpt, name):
+    """fp32, the 11B's widths (the vision stage alone): crosstrim's projected features equal the reference tap's
+    (each intermediate layer read at its input) within 1e-5 and differ from transformers 5.24's own (its output)."""
+    from pipeline.model.encoder import VisionEncoder
+    from pipeline.model.inputs import prepare_prompt, user_message
+    from pipeline.model.loader import load_model
+
+    _PIPES.clear()
+    loaded = load_model(ModelConfig(source=str(real_ckpt), dtype="float32", device="cpu"), parts=("vision",))
+    prepared = prepare_prompt(loaded.processor, user_message(PROMPT, 1), [IMAGES[name]], 1, 4096)
+    ours = VisionEncoder(loaded).encode(prepared).features
+    with reference_vision_tap(loaded.model):
+        reference = hf_visual_features(loaded.model, prepared)
+    with transformers_vision_tap(loaded.model):
+        hf = hf_visual_features(loaded.model, prepared)
+    ours_diff, hf_diff = (ours - reference).abs().max().item(), (hf - reference).abs().max().item()
+    print(f"real layout {name}: ours - reference {ours_diff:.2e}, transformers - reference {hf_diff:.3f}")
+    assert ours_diff <= 1e-5
+    assert hf_diff > 1e-3, "transformers now taps like Meta's reference: TappedVisionEncoder's workaround can go"
 
 
 STAGE_RSS = """

@@ -17,7 +17,7 @@ from pipeline.quality.reference import (
     trim_generated,
 )
 from pipeline.types import CrossKV, DecodeRequest, KeptFeatures
-from tests.helpers import PROMPTS
+from tests.helpers import PROMPTS, reference_vision_tap
 
 MAX_NEW = 12
 CASES = [
@@ -31,7 +31,9 @@ CASES = [
 
 
 def _hf_tokens(model, prepared):
-    out = model.generate(**prepared.hf_inputs(), max_new_tokens=MAX_NEW, do_sample=False)
+    """HF generate with the reference vision tap (never active while the pipeline, which shares `model`, runs)."""
+    with reference_vision_tap(model):
+        out = model.generate(**prepared.hf_inputs(), max_new_tokens=MAX_NEW, do_sample=False)
     return trim_generated(out[0, prepared.input_ids.numel() :].tolist(), model)
 
 
@@ -48,7 +50,7 @@ def test_untrimmed_equals_hf_generate(tiny_pipeline, imgs, name, prompt, image_n
     ours = pipe.generate(prompt, images, SamplingParams(max_tokens=MAX_NEW), TrimConfig(policy="none"))
     assert ours.token_ids == _hf_tokens(model, prepared)
     assert ours.kept_tokens == ours.visual_tokens
-    with torch.no_grad():
+    with torch.no_grad(), reference_vision_tap(model):
         hf_logits = model(**prepared.hf_inputs()).logits[0, -1]
     ours_logits = _first_logits(pipe, pipe.trim(prepared, TrimConfig(policy="none")))
     assert torch.allclose(ours_logits, hf_logits, atol=1e-4, rtol=0)
@@ -72,12 +74,14 @@ def test_trimmed_equals_reference(tiny_pipeline, imgs, cfg, image_names):
     prepared = pipe.prepare(PROMPTS[1], images)
     ours = pipe.generate(PROMPTS[1], images, SamplingParams(max_tokens=MAX_NEW), cfg)
     assert ours.kept_tokens < ours.visual_tokens or cfg.k_ratio == 1
-    assert ours.token_ids == reference_generate(model, prepared, cfg, MAX_NEW)
+    with reference_vision_tap(model):
+        assert ours.token_ids == reference_generate(model, prepared, cfg, MAX_NEW)
     # The same tokens are kept as the reference selects on HF's own forward.
     trim = pipe.trim(prepared, cfg)
-    tokens_per_image = reference_select(model, prepared, cfg).numel() // len(images)
-    ours_kept = set((trim.image.kept_image * tokens_per_image + trim.image.kept_index).tolist())
-    assert ours_kept == set(reference_select(model, prepared, cfg).nonzero().squeeze(1).tolist())
+    with reference_vision_tap(model):
+        keep = reference_select(model, prepared, cfg)
+    ours_kept = set((trim.image.kept_image * (keep.numel() // len(images)) + trim.image.kept_index).tolist())
+    assert ours_kept == set(keep.nonzero().squeeze(1).tolist())
 
 
 def test_trimming_changes_the_output(tiny_pipeline, imgs):
@@ -120,8 +124,8 @@ def test_decode_request_payload_round_trip(tiny_pipeline, imgs):
 # --- selection properties ---------------------------------------------------------------------------------
 
 def test_lightened_vision_tower_changes_no_number(tiny_pipeline, imgs):
-    """The tapped encoders drop HF's per-layer outputs nobody reads and the MLPs run in row chunks; the features
-    equal HF's own classes' on the same modules."""
+    """The tapped encoders drop HF's per-layer states nobody reads and the MLPs run in row chunks; the features
+    equal the reference tap's (tests' own loop) over HF's own classes on the same modules."""
     from transformers.models.mllama.modeling_mllama import (
         MllamaVisionEncoder,
         MllamaVisionMLP,
@@ -145,12 +149,13 @@ def test_lightened_vision_tower_changes_no_number(tiny_pipeline, imgs):
     try:
         RowChunkedVisionMLP.ROWS = 7  # the tiny tower's 4 x 72 rows in many chunks, a short last one
         ours = pipe.encoder.encode(prepared).features
-        for e in encoders:  # HF's own forward, keeping every layer's output, whole MLPs, on the same modules
+        for e in encoders:  # HF's own classes, whole MLPs, on the same modules, every layer's input kept
             e.__class__ = MllamaVisionEncoder
         for m in mlps:
             m.__class__ = MllamaVisionMLP
-        theirs = pipe.encoder.encode(prepared).features
-        full = vision.transformer(x).hidden_states
+        with reference_vision_tap(pipe.loaded.model):
+            theirs = pipe.encoder.encode(prepared).features
+            full = vision.transformer(x).hidden_states
     finally:
         RowChunkedVisionMLP.ROWS = rows
         for e in encoders:

@@ -17,7 +17,7 @@ from pipeline.model.sources import ASSETS
 from pipeline.model.trimmer import Trimmer
 from pipeline.model.weights import wanted
 from pipeline.quality.reference import reference_generate, trim_generated
-from tests.helpers import PROMPTS, script
+from tests.helpers import PROMPTS, reference_vision_tap, script
 
 TINY = ASSETS / "tiny-mllama"
 CPU32 = dict(dtype="float32", device="cpu")
@@ -119,11 +119,13 @@ def test_cross_attention_at_index_0_matches_hf(tmp_path, imgs):
     for name in ("1tile", "4tile"):
         prepared = pipe.prepare(PROMPTS[0], [imgs[name]])
         ours = pipe.generate(PROMPTS[0], [imgs[name]], SamplingParams(max_tokens=8), TrimConfig(policy="none"))
-        out = hf.generate(**prepared.hf_inputs(), max_new_tokens=8, do_sample=False)
+        with reference_vision_tap(hf):
+            out = hf.generate(**prepared.hf_inputs(), max_new_tokens=8, do_sample=False)
         assert ours.token_ids == trim_generated(out[0, prepared.input_ids.numel():].tolist(), hf)
         cfg = TrimConfig(policy="target", target_fraction=0.3)
         trimmed = pipe.generate(PROMPTS[0], [imgs[name]], SamplingParams(max_tokens=8), cfg)
-        assert trimmed.token_ids == reference_generate(hf, prepared, cfg, 8)
+        with reference_vision_tap(hf):
+            assert trimmed.token_ids == reference_generate(hf, prepared, cfg, 8)
     # The trimmer stage alone: layer 0 (its only full layer) and the later cross layers' K/V projections.
     trimmer = Trimmer(load_model(ModelConfig(source=str(tmp_path), **CPU32), parts=("trim",)))
     layers = "model.language_model.layers."
@@ -134,7 +136,8 @@ def test_cross_attention_at_index_0_matches_hf(tmp_path, imgs):
     trim = trimmer.trim(prepared, pipe.encoder.encode(prepared), cfg)
     assert trim.image.prefix_len > 0 and trim.resume.padding_features.numel()
     (seq,) = pipe.engine.generate([trim], SamplingParams(max_tokens=8))
-    assert seq.output_ids == reference_generate(hf, prepared, cfg, 8)
+    with reference_vision_tap(hf):
+        assert seq.output_ids == reference_generate(hf, prepared, cfg, 8)
 
 
 def test_target_policy_keeps_exactly_the_fraction_and_is_a_topk_union():
@@ -157,7 +160,8 @@ def test_target_policy_and_long_prompt_equal_the_reference(tiny_pipeline, imgs):
     assert prepared.input_ids.numel() > 2 * ROW_CHUNK
     for cfg in (TrimConfig(policy="target", target_fraction=0.25), TrimConfig(k_ratio=0.1)):
         ours = pipe.generate(long_prompt, [imgs["2tile"], imgs["4tile"]], SamplingParams(max_tokens=8), cfg)
-        assert ours.token_ids == reference_generate(model, prepared, cfg, 8)
+        with reference_vision_tap(model):
+            assert ours.token_ids == reference_generate(model, prepared, cfg, 8)
         if cfg.policy == "target":
             trim = pipe.trim(prepared, cfg)
             assert trim.image.kept_tokens == [topk_count(0.25, n) for n in trim.image.visual_tokens]
