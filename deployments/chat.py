@@ -1,12 +1,15 @@
 """OpenAI chat-completion bodies and SSE chunks (`chat.completion`, `chat.completion.chunk`) rendered from an
-Accumulator, with the `trim` and `token_ids` extensions."""
+Accumulator, with the `trim` and `token_ids` extensions; a completion that is a Llama 3.x tool call becomes
+`tool_calls` (streamed: the call's text is held back until it ends, then sent as one tool_calls delta)."""
 
 import time
 import uuid
 
+from pipeline.model.tools import parse_tool_calls
 from pipeline.types import RequestOutput
 
 from .api import ChatCompletionRequest
+from .constraints import tool_dicts
 from .responses import Accumulator, Completion, TokenBytes, token_logprobs, usage
 from .stream import TrimSummary
 
@@ -22,7 +25,26 @@ class ChatRenderer:
                  token_bytes: TokenBytes):
         self.req, self.rid, self.model, self.token_bytes = req, rid, model, token_bytes
         self.trim = trim.as_dict() if trim else None
-        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.image_tokens = trim.visual_tokens if trim else 0
+        options = req.stream_options
+        self.include_usage = bool(options and options.include_usage)
+        self.continuous_usage = bool(options and options.continuous_usage_stats)
+        tools = tool_dicts(req)
+        self.tool_names = {t["function"]["name"] for t in tools} if tools else set()
+        self.forced = tools is not None and req.tool_choice not in (None, "auto")  # the grammar makes it a call
+        self.as_content: set[int] = set()  # streamed completions known to be text, not a call
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {**usage(prompt_tokens, completion_tokens), "prompt_tokens_details": {"image_tokens": self.image_tokens}}
+
+    def _message(self, c: Completion) -> tuple[dict, str | None]:
+        """The assistant message and finish reason of a finished completion: its tool calls, or its text."""
+        calls = parse_tool_calls(c.text, self.tool_names) if self.tool_names else None
+        if not calls:
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
+        return {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
 
     def extra(self, token_ids) -> dict:
         extra = {"trim": self.trim}
@@ -34,13 +56,15 @@ class ChatRenderer:
         return {"content": self.token_bytes.entries(rows)} if rows is not None else None
 
     def body(self, acc: Accumulator) -> dict:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(c.logprobs if self.req.logprobs else None),
-                    "finish_reason": c.finish_reason} for c in acc.completions]
+        choices = []
+        for c in acc.completions:
+            message, finish_reason = self._message(c)
+            choices.append({"index": c.index, "message": message, "finish_reason": finish_reason,
+                            "logprobs": self._logprobs(c.logprobs if self.req.logprobs else None)})
         token_ids = [c.token_ids for c in acc.completions]
         return {
             "id": self.rid, "object": "chat.completion", "created": int(time.time()), "model": self.model,
-            "choices": choices, "usage": usage(acc.prompt_tokens, acc.completion_tokens),
+            "choices": choices, "usage": self.usage(acc.prompt_tokens, acc.completion_tokens),
             **self.extra(token_ids[0] if len(token_ids) == 1 else token_ids),
         }
 
@@ -56,13 +80,30 @@ class ChatRenderer:
 
     def chunk(self, c: Completion, out: RequestOutput) -> dict | None:
         """The chunk for one decoder output of completion `c` (None: nothing to send)."""
+        extra = {"usage": self.usage(out.prompt_tokens, c.completion_tokens)} if self.continuous_usage else {}
+        if self.tool_names and c.index not in self.as_content:
+            return self._held(c, out, extra)
         logprobs = token_logprobs(out) if self.req.logprobs and out.new_token_ids else None
         delta = {"content": out.new_text} if out.new_text else {}
         if out.finished:
-            return self._chunk(c.index, delta, out.finish_reason, logprobs, **self.extra(c.token_ids))
+            return self._chunk(c.index, delta, out.finish_reason, logprobs, **self.extra(c.token_ids), **extra)
         if delta or logprobs:
-            return self._chunk(c.index, delta, logprobs=logprobs)
+            return self._chunk(c.index, delta, logprobs=logprobs, **extra)
         return None
+
+    def _held(self, c: Completion, out: RequestOutput, extra: dict) -> dict | None:
+        """While a completion may be a tool call its text is held; sent as tool_calls or as text once it is known."""
+        logprobs = c.logprobs if self.req.logprobs else None  # everything held so far
+        if out.finished:
+            message, finish_reason = self._message(c)
+            delta = ({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
+                     if message.get("tool_calls") else {"content": c.text})
+            return self._chunk(c.index, delta, finish_reason, logprobs, **self.extra(c.token_ids), **extra)
+        head = c.text.lstrip()
+        if self.forced or not head or head.startswith("{"):
+            return None
+        self.as_content.add(c.index)  # plain text after all: what was held goes out now, the rest as it comes
+        return self._chunk(c.index, {"content": c.text}, logprobs=logprobs, **extra)
 
     def closing(self, c: Completion) -> dict:
         """Ends a completion the stream's error cut short."""
@@ -70,4 +111,4 @@ class ChatRenderer:
 
     def usage_chunk(self, acc: Accumulator) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model,
-                "choices": [], "usage": usage(acc.prompt_tokens, acc.completion_tokens)}
+                "choices": [], "usage": self.usage(acc.prompt_tokens, acc.completion_tokens)}

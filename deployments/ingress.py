@@ -5,7 +5,7 @@ import asyncio
 import time
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
@@ -18,11 +18,14 @@ from pipeline.types import PreparedPrompt, RequestOutput
 from . import api
 from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .chat import ChatRenderer, completion_id
+from .completions import TextRenderer, text_completion_id
 from .config import AppConfig
+from .constraints import structured_output, tool_dicts
 from .faults import classify, log
 from .handoff import Handoff
 from .http_app import ApiError, make_app
 from .limits import Guard
+from .metrics import scrape
 from .preprocess import Preprocessor
 from .replicas import aggregate, routing_stats
 from .responses import Accumulator, DecoderStream, TokenBytes, collect, events
@@ -98,41 +101,105 @@ class Ingress:
         replicas = [s["engine"] for s in pool]
         return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder}
 
+    @app.get("/v1/models/{model_id}", responses=api.error_responses(401, 404))
+    async def model(self, model_id: str) -> dict:
+        if model_id != self.cfg.served_model_name:
+            raise ApiError(404, f"model {model_id!r} does not exist; this server serves {self.cfg.served_model_name!r}")
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "crosstrim",
+                "max_model_len": self.cfg.engine.max_model_len}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self) -> PlainTextResponse:
+        """Ray's Prometheus export of every node (the names Ray's metrics port serves), on the API port."""
+        return PlainTextResponse(await scrape(self.cfg.health_timeout_s * 4),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize", responses=api.error_responses(400, 401, 404))
+    async def tokenize(self, req: api.TokenizeRequest) -> dict:
+        """vLLM's /tokenize: a prompt's (or a chat's, by the template) token ids."""
+        self._check_model(req.model)
+        try:
+            if req.prompt is not None:
+                ids = await asyncio.to_thread(self.preprocessor.tokenize, req.prompt, req.add_special_tokens)
+            else:
+                ids = await asyncio.to_thread(self.preprocessor.render, req.messages, req.add_generation_prompt)
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc)) from exc
+        strs = [self.token_bytes(t)["token"] for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.cfg.engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", responses=api.error_responses(400, 401, 404))
+    async def detokenize(self, req: api.DetokenizeRequest) -> dict:
+        self._check_model(req.model)
+        size = len(self.preprocessor.tokenizer)
+        if not all(0 <= t < size for t in req.tokens):
+            raise ApiError(400, f"tokens: ids are in [0, {size})")
+        with self.preprocessor.lock:
+            return {"prompt": self.preprocessor.tokenizer.decode(req.tokens)}
+
     @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
     async def chat_completions(self, req: api.ChatCompletionRequest, request: Request):
-        t0 = time.perf_counter()
         rid = completion_id()
+
+        async def prepare():
+            params = api.to_sampling_params(req, self.cfg.default_max_tokens, structured_output(req))
+            return (params, *await self.preprocessor.prepare(req.messages, tool_dicts(req)))
+
+        stream = await self._begin(req, rid, request.state, prepare)
+        render = ChatRenderer(req, rid, self.cfg.served_model_name, stream.trim, self.token_bytes)
+        return await self._respond(req, stream, render)
+
+    @app.post("/v1/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
+    async def completions(self, req: api.CompletionRequest, request: Request):
+        """Text completions: a string or token-id prompt, no chat template, no image."""
+        rid = text_completion_id()
+
+        async def prepare():
+            params = api.to_sampling_params(req, self.cfg.default_max_tokens, structured_output(req))
+            return (params, *await self.preprocessor.prepare_text(req.prompt))
+
+        stream = await self._begin(req, rid, request.state, prepare)
+        return await self._respond(req, stream, TextRenderer(req, rid, self.cfg.served_model_name, self.token_bytes))
+
+    async def _begin(self, req, rid: str, client, prepare) -> DecoderStream:
+        """The decoder's stream of a request, or its HTTP error (counted by status either way)."""
+        t0 = time.perf_counter()
         try:
-            stream = await self._start(req, rid, request.state)
+            stream = await self._start(req, rid, client, prepare)
         except Exception as exc:  # noqa: BLE001 - never a bare 500 without a body
             error = exc if isinstance(exc, ApiError) else ApiError.of(classify(exc, rid), self.cfg.retry_after_s)
             self.requests.inc(tags={"status": str(error.status)})
             raise error from None  # the client gets its own message; the cause is logged by classify
         self.ttft.observe(time.perf_counter() - t0, tags={"kind": "image" if stream.trim else "text"})
         self.requests.inc(tags={"status": "200"})
-        acc, render = Accumulator(req.n), ChatRenderer(req, rid, self.cfg.served_model_name, stream.trim,
-                                                       self.token_bytes)
+        return stream
+
+    async def _respond(self, req, stream: DecoderStream, render):
+        acc = Accumulator(req.n)
         if req.stream:
             return StreamingResponse(events(stream, acc, render, self.itl.observe), media_type="text/event-stream")
         return await collect(stream, acc, render, self.cfg.retry_after_s)
 
+    def _check_model(self, model: str | None) -> None:
+        if model not in (None, self.cfg.served_model_name):
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {self.cfg.served_model_name!r}")
+
     # ---- the pipeline
 
-    async def _start(self, req: api.ChatCompletionRequest, rid: str, client) -> DecoderStream:
-        """Preprocess and send the request down the stages; the decoder stream from its first output (errors before
-        the first token become HTTP statuses here, before any byte is sent). A replica lost before the first token:
-        sent once more (another replica, or the replacement), then 503."""
-        if req.model not in (None, self.cfg.served_model_name):
-            raise ApiError(404, f"model {req.model!r} does not exist; this server serves "
-                                f"{self.cfg.served_model_name!r}")
+    async def _start(self, req, rid: str, client, prepare) -> DecoderStream:
+        """Preprocess (`prepare`: SamplingParams, PreparedPrompt, image keys) and send the request down the stages;
+        the decoder stream from its first output (errors before the first token become HTTP statuses here, before
+        any byte is sent). A replica lost before the first token: sent once more (another replica, or the
+        replacement), then 503."""
+        self._check_model(req.model)
         try:
-            params = api.to_sampling_params(req, self.cfg.default_max_tokens)
+            params, prepared, keys = await prepare()
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
-            prepared, keys = await self.preprocessor.prepare(req.messages)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc)) from exc
         room = self.cfg.engine.max_model_len - len(prepared.input_ids)
-        if req.max_tokens is None and req.max_completion_tokens is None and 0 < room < params.max_tokens:
+        asked = req.max_tokens or getattr(req, "max_completion_tokens", None)
+        if asked is None and 0 < room < params.max_tokens:
             params = params.model_copy(update={"max_tokens": room})  # the default never makes a request fail
         await self._hold_kv(client, len(prepared.input_ids) + params.max_tokens)
         stages = STAGES if prepared.num_images else TEXT_STAGES

@@ -52,3 +52,4 @@ class EngineConfig(_Strict):
     kv_allocation: Literal["paged", "reserved"] = "paged"
     block_size: int = Field(16, ge=1)  # self-attention tokens a KV page (cross pages hold n_self/n_cross as many)
     kv_watermark: float = Field(0.01, ge=0.0, lt=1.0)  # pages kept free at admission, for running sequences
+    grammar_cache_size: int = Field(64, ge=1)  # compiled structured-output grammars kept (least recently used out)

@@ -6,6 +6,7 @@ one does to the logits, and in which order, is `pipeline.engine.sampler.Sampler`
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.engine.structured import StructuredOutput
 from pipeline.errors import InvalidRequest
 
 # What the sampler can compute: seeds are taken modulo 2^64 (the range is torch.Generator's); logits / temperature
@@ -38,6 +39,7 @@ class SamplingParams(BaseModel):
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)  # with logprobs: this many most likely tokens a position
     n: int = Field(1, ge=1, le=16)  # completions of one prompt, sharing its prompt and image KV pages
+    structured: StructuredOutput | None = None  # the output's grammar (JSON schema, regex, choice, EBNF; xgrammar)
 
     @field_validator("temperature")
     @classmethod

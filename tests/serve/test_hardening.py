@@ -346,8 +346,29 @@ _part = st.one_of(
     st.dictionaries(_text, st.none() | _text, max_size=2),
 )
 _message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant", "tool", ""]),
-     "content": st.one_of(_text, st.lists(_part, max_size=3), st.none(), st.integers())})
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", ""]),
+     "content": st.one_of(_text, st.lists(_part, max_size=3), st.none(), st.integers())},
+    optional={"tool_calls": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": _text, "arguments": st.one_of(_text, st.just('{"a": 1}'))})}), max_size=2), "tool_call_id": _text})
+_schema = st.one_of(st.just({"type": "object", "properties": {"a": {"type": "integer", "maximum": 9}},
+                             "required": ["a"]}), st.dictionaries(_text, st.one_of(_text, _ints), max_size=2),
+                    st.just({"type": "nonsense"}), _text)
+_tool = st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]), "function": st.fixed_dictionaries(
+    {"name": st.one_of(st.just("f"), _text), "parameters": _schema})})
+# Fields of the field policy (deployments/policy.py): implemented, ignored, default-only and refused ones.
+_policy_fields = {
+    "presence_penalty": _floats, "frequency_penalty": _floats, "repetition_penalty": _floats, "min_p": _floats,
+    "min_tokens": _ints, "logit_bias": st.dictionaries(st.one_of(_text, _ints.map(str)), _floats, max_size=3),
+    "stop_token_ids": st.lists(_ints, max_size=3), "store": st.booleans(), "metadata": st.dictionaries(_text, _text),
+    "parallel_tool_calls": st.booleans(), "audio": st.none() | st.just({"voice": "x"}), "echo": st.booleans(),
+    "response_format": st.one_of(st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "x"}]),
+                                 _schema.map(lambda s: {"type": "json_schema", "json_schema": {"name": "n", "schema": s}})),
+    "guided_json": _schema, "guided_regex": st.one_of(_text, st.just("[a-c]{2}")),
+    "guided_choice": st.lists(_text, max_size=3), "structured_outputs": st.dictionaries(
+        st.sampled_from(["json", "regex", "choice", "grammar", "json_object"]), st.one_of(_text, _schema), max_size=2),
+    "tools": st.lists(_tool, max_size=2), "tool_choice": st.one_of(
+        st.sampled_from(["none", "auto", "required", "x"]), st.just({"type": "function", "function": {"name": "f"}})),
+}
 _request = st.fixed_dictionaries(
     {"messages": st.one_of(st.lists(_message, min_size=0, max_size=3), _text)},
     optional={"max_tokens": _ints, "temperature": _floats, "top_p": _floats, "top_k": _ints, "seed": _ints,
@@ -355,7 +376,15 @@ _request = st.fixed_dictionaries(
               "trim": st.one_of(_text, st.dictionaries(st.sampled_from(["k_ratio", "policy", "mass", "enabled"]),
                                                        st.one_of(_floats, _text, st.booleans()), max_size=2)),
               "model": st.one_of(st.none(), _text), "ignore_eos": st.booleans(),
-              "stream_options": st.dictionaries(st.just("include_usage"), st.booleans())},
+              "stream_options": st.dictionaries(st.sampled_from(["include_usage", "continuous_usage_stats"]),
+                                                st.booleans()),
+              **_policy_fields},
+)
+_text_request = st.fixed_dictionaries(
+    {"prompt": st.one_of(_text, st.lists(_ints, max_size=4), st.lists(_text, max_size=2))},
+    optional={"max_tokens": st.integers(-1, 8), "logprobs": _ints, "echo": st.booleans(), "suffix": _text,
+              "stream": st.booleans(), **{k: v for k, v in _policy_fields.items() if k in (
+                  "presence_penalty", "logit_bias", "min_tokens", "guided_regex", "stop_token_ids")}},
 )
 
 
@@ -374,7 +403,20 @@ def test_fuzz_never_5xx(app):
             if r.status_code != 200:
                 assert_openai_error(r, r.status_code)
 
+        @settings(max_examples=int(os.environ.get("CROSSTRIM_FUZZ_EXAMPLES", "60")) // 3, deadline=None,
+                  database=None, suppress_health_check=list(HealthCheck))
+        @given(_text_request, st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]))
+        def probe_other(req, path):
+            if path == "/detokenize":
+                req = {"tokens": req["prompt"]}
+            r = http.post(path, json=req)
+            statuses.append(r.status_code)
+            assert r.status_code < 500, (path, req, r.text)
+            if r.status_code != 200:
+                assert_openai_error(r, r.status_code)
+
         probe()
+        probe_other()
     print(f"fuzz: {len(statuses)} requests, statuses {sorted(set(statuses))}")
     assert_healthy(app.http)
 

@@ -81,7 +81,8 @@ def test_json_body_per_index():
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
     assert [len(c["logprobs"]["content"]) for c in body["choices"]] == [3, 2]
     assert body["choices"][0]["logprobs"]["content"][1] == {"token": "t2", "logprob": -0.5, "top_logprobs": [[2, -0.5]]}
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
+                             "prompt_tokens_details": {"image_tokens": 130}}  # the trim summary's visual tokens
     assert body["token_ids"] == [[1, 2, 3], [5, 6]] and body["trim"]["kept_tokens"] == 49
 
 

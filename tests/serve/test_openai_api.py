@@ -1,0 +1,213 @@
+"""What vLLM's OpenAI server accepts, through the real `openai` SDK against the Serve app: sampling fields reach
+the sampler (checked against the in-process engine and against what each field means), structured output with
+images, tools, /v1/completions, /v1/models/{id}, /tokenize, /detokenize, /metrics, usage details."""
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import yaml
+
+from tests.helpers import ROOT, data_url, image, png
+
+MODEL = "crosstrim-tiny"
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["shape", "row", "seen"],
+          "properties": {"shape": {"enum": ["square", "circle", "triangle"]},
+                         "row": {"type": "integer", "minimum": 1, "maximum": 4}, "seen": {"type": "boolean"}}}
+
+
+
+@pytest.fixture()
+def client(serve_app):
+    return openai.OpenAI(base_url=serve_app.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture()
+def http(serve_app):
+    with httpx.Client(base_url=serve_app.url, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The in-process engine on the YAML's model: the reference for what the Serve app must produce."""
+    from pipeline.config import ModelConfig
+    from pipeline.engine.llm_engine import LLMEngine
+    from pipeline.model.loader import load_model
+
+    args = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())["applications"][0]["args"]
+    return LLMEngine(load_model(ModelConfig(**args["model"]), parts=("text",)))
+
+
+def user(text: str, *pngs: bytes) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pngs]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def reference(http, engine, messages, **fields) -> list[int]:
+    """The in-process engine's tokens for a text-only chat (its ids from the app's own /tokenize)."""
+    from pipeline.engine.sampling import SamplingParams
+    from pipeline.types import DecodeRequest
+
+    ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    (seq,) = engine.generate([DecodeRequest(ids)], SamplingParams(**fields))
+    return seq.output_ids
+
+
+def token_ids(client, messages, extra_body: dict | None = None, **fields) -> tuple[list[int], str]:
+    r = client.chat.completions.create(model=MODEL, messages=messages, **fields,
+                                       extra_body={"return_token_ids": True, **(extra_body or {})})
+    return r.model_extra["token_ids"], r.choices[0].finish_reason
+
+
+# ---------------------------------------------------------------- sampling fields
+
+def test_sampling_fields_reach_the_sampler(client, http, engine):
+    msgs = user("what is the shape at row one column three?")
+    def ids(text: str) -> list[int]:
+        return http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+    a_token, (eot,) = ids(" circle")[0], ids("<|eot_id|>")
+
+    forced, _ = token_ids(client, msgs, max_tokens=5, temperature=1.0, logit_bias={str(a_token): 100})
+    assert forced == [a_token] * 5  # +100 makes it the only token with any probability
+    none, reason = token_ids(client, msgs, max_tokens=8, logit_bias={str(eot): 100})
+    assert none == [] and reason == "stop"  # the end-of-turn token at once
+    three, reason = token_ids(client, msgs, max_tokens=8, logit_bias={str(eot): 100}, extra_body={"min_tokens": 3})
+    assert len(three) == 3 and reason == "stop"  # no end of sequence before min_tokens
+    stopped, reason = token_ids(client, msgs, max_tokens=5, temperature=1.0, logit_bias={str(a_token): 100},
+                                extra_body={"stop_token_ids": [a_token]})
+    assert stopped == [] and reason == "stop"
+
+    sampled = dict(max_tokens=12, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    first, _ = token_ids(client, msgs, **sampled)
+    assert token_ids(client, msgs, **sampled)[0] == first  # seeded: reproducible
+    assert token_ids(client, msgs, **{**sampled, "seed": 8})[0] != first
+    greedy, _ = token_ids(client, msgs, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert token_ids(client, msgs, **{**sampled, "extra_body": {"ignore_eos": True, "top_k": 1}})[0] == greedy
+    assert token_ids(client, msgs, **{**sampled, "extra_body": {"ignore_eos": True, "min_p": 1.0}})[0] == greedy
+
+    penalised = dict(max_tokens=16, presence_penalty=1.5, frequency_penalty=0.5, ignore_eos=True)
+    got, _ = token_ids(client, msgs, max_tokens=16, presence_penalty=1.5, frequency_penalty=0.5,
+                       extra_body={"ignore_eos": True})
+    assert got == reference(http, engine, msgs, **penalised)
+    got, _ = token_ids(client, msgs, max_tokens=16, extra_body={"ignore_eos": True, "repetition_penalty": 1.8})
+    assert got == reference(http, engine, msgs, max_tokens=16, repetition_penalty=1.8, ignore_eos=True)
+
+
+def test_defaults_clients_send_are_accepted(client, http):
+    """What the SDK, LangChain and the benchmark tools send even when unused: penalties at 0, store, metadata,
+    parallel_tool_calls, the developer role (rendered as system), an image part's uuid, stop: null."""
+    r = client.chat.completions.create(
+        model=MODEL, max_tokens=3, presence_penalty=0, frequency_penalty=0, store=False, metadata={"a": "b"},
+        user="u", service_tier="auto", messages=[{"role": "developer", "content": "terse"},
+                                                 {"role": "user", "content": "hi"}],
+        extra_body={"stop": None, "stream_options": None})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    as_dev = http.post("/tokenize", json={"messages": [{"role": "developer", "content": "x"}]}).json()["tokens"]
+    as_sys = http.post("/tokenize", json={"messages": [{"role": "system", "content": "x"}]}).json()["tokens"]
+    assert as_dev == as_sys
+    part = {"type": "image_url", "image_url": {"url": data_url(png(image(64, 64, 31)))}, "uuid": "aiperf-0"}
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [part]}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens_details"]["image_tokens"] == r.json()["trim"]["visual_tokens"] > 0
+    with pytest.raises(openai.BadRequestError, match="audio is not supported"):
+        client.chat.completions.create(model=MODEL, messages=user("hi"), audio={"voice": "alloy", "format": "wav"},
+                                       modalities=["text", "audio"])
+
+
+# ---------------------------------------------------------------- structured output
+
+def test_json_schema_with_images_always_validates(serve_app):
+    """Seeded requests at temperature 1 with images, sent at once (they share decode steps): every completion
+    parses and validates."""
+    pictures = [png(image(64 + 36 * (i % 3), 64, 40 + i)) for i in range(4)]
+    fmt = {"type": "json_schema", "json_schema": {"name": "shape", "strict": True, "schema": SCHEMA}}
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=serve_app.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        return await asyncio.gather(*(aclient.chat.completions.create(
+            model=MODEL, messages=user("describe the shape", pictures[i % 4]), temperature=1.0, seed=i,
+            max_tokens=48, response_format=fmt) for i in range(16)))
+
+    responses = asyncio.run(run())
+    texts = [r.choices[0].message.content for r in responses]
+    for r, text in zip(responses, texts):
+        assert r.choices[0].finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(set(texts)) > 2
+
+
+def test_vllm_extras_and_bad_specs(client):
+    msgs = user("which side?")
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=1.0, seed=1, max_tokens=8,
+                                       extra_body={"guided_choice": ["left", "right"]})
+    assert r.choices[0].message.content in ("left", "right")
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=1.0, seed=2, max_tokens=12,
+                                       extra_body={"structured_outputs": {"regex": "[A-C][0-9]{3}"}})
+    assert len(r.choices[0].message.content) == 4 and r.choices[0].message.content[0] in "ABC"
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=1.0, seed=3, max_tokens=24,
+                                       extra_body={"guided_json": {"type": "object", "properties": {
+                                           "ok": {"type": "boolean"}}, "required": ["ok"]}})
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    long_note = {"type": "json_schema", "json_schema": {"name": "note", "schema": {
+        "type": "object", "properties": {"note": {"type": "string", "minLength": 40}}, "required": ["note"]}}}
+    cut = client.chat.completions.create(model=MODEL, messages=msgs, temperature=1.0, seed=4, max_tokens=6,
+                                         response_format=long_note)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content.startswith("{")
+    with pytest.raises(openai.BadRequestError, match="invalid json schema"):
+        client.chat.completions.create(model=MODEL, messages=msgs, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 3}}})
+    with pytest.raises(openai.BadRequestError, match="one output constraint"):
+        client.chat.completions.create(model=MODEL, messages=msgs, response_format={"type": "json_object"},
+                                       extra_body={"guided_regex": "a"})
+
+
+# ---------------------------------------------------------------- endpoints
+
+def test_text_completions(client, http):
+    r = client.completions.create(model=MODEL, prompt="what is the shape", max_tokens=6, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    assert r.object == "text_completion" and choice.finish_reason == "length" and r.usage.completion_tokens == 6
+    assert len(choice.logprobs.tokens) == 6 and all(len(t) <= 2 for t in choice.logprobs.top_logprobs)
+    # ignore_eos: end-of-turn tokens may be among them, in the logprobs but (special) not in the text
+    assert "".join(t for t in choice.logprobs.tokens if not t.startswith("<|")) == choice.text
+    ids = http.post("/tokenize", json={"prompt": "what is the shape"}).json()["tokens"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == choice.text and by_ids.usage.prompt_tokens == r.usage.prompt_tokens
+    chunks = list(client.completions.create(model=MODEL, prompt="what is the shape", max_tokens=6, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage.completion_tokens == 6
+    bad = http.post("/v1/completions", json={"prompt": [999999], "max_tokens": 2})
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+
+
+def test_models_tokenize_detokenize_and_continuous_usage(client, http):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    tok = http.post("/tokenize", json={"prompt": "hello there", "return_token_strs": True}).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 2048 and tok["token_strs"][0]
+    assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"].endswith("hello there")
+    stream = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=4, stream=True,
+                                            extra_body={"ignore_eos": True},
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True})
+    usages = [c.usage.completion_tokens for c in stream if c.usage is not None]
+    assert usages[-1] == 4 and usages == sorted(usages) and len(usages) >= 4
+
+
+def test_metrics_on_the_api_port_match_rays_metrics_port(serve_app, http):
+    def names(text: str) -> set[str]:
+        return {line.split(" ")[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+    http.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2})
+    theirs = httpx.get(serve_app.metrics_url, timeout=30).text
+    ours = http.get("/metrics")
+    assert ours.status_code == 200 and ours.headers["content-type"].startswith("text/plain")
+    assert names(ours.text) >= names(theirs) and any(n.startswith("ray_serve_") for n in names(ours.text))
