@@ -48,9 +48,10 @@ class StructuredOutput(BaseModel):
         try:
             if self.kind == "json_schema":
                 # Fixed separators: a model (or random weights) cannot pad the JSON with whitespace forever.
-                return xgr.Grammar.from_json_schema(self.spec, any_whitespace=False, strict_mode=True)
+                return _without_surrogates(xgr.Grammar.from_json_schema(self.spec, any_whitespace=False,
+                                                                        strict_mode=True))
             if self.kind == "json_object":
-                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+                return _without_surrogates(xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False))
             if self.kind == "regex":
                 return xgr.Grammar.from_regex(self.spec)
             if self.kind == "choice":
@@ -60,6 +61,23 @@ class StructuredOutput(BaseModel):
         except Exception as exc:  # noqa: BLE001 - xgrammar reports a bad spec as RuntimeError("[time] file: why")
             reason = str(exc).strip().splitlines()[0].split(": ", 1)[-1]
             raise InvalidRequest(f"invalid {self.kind.replace('_', ' ')}: {reason}") from None
+
+
+# xgrammar 0.2.9's JSON string characters, as its EBNF prints them: one class for a bounded string's characters
+# (maxLength/minLength), one for an unbounded string's.
+JSON_STRING_CLASSES = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+
+
+def _without_surrogates(grammar):
+    """The grammar with surrogate code points (U+D800-DFFF) out of its JSON string characters. xgrammar admits them
+    as 3-byte UTF-8 (ED A0-BF xx), which is not valid UTF-8: the client would read three U+FFFD where the grammar
+    counted one character, breaking maxLength (seen at temperature 1). Rebuilt from the EBNF text, narrowed."""
+    import xgrammar as xgr
+
+    text = str(grammar)
+    for cls in JSON_STRING_CLASSES:
+        text = text.replace(cls, cls[:-1] + r"\ud800-\udfff]")
+    return xgr.Grammar.from_ebnf(text)
 
 
 def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]):

@@ -12,7 +12,7 @@ from pipeline.config import TrimConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.structured import GrammarCache, StructuredOutput
-from pipeline.engine.token_mask import allocate_bitmask, apply_token_bitmask
+from pipeline.engine.token_mask import allocate_bitmask, apply_token_bitmask, unpack_bitmask
 from pipeline.errors import InvalidRequest
 from tests.helpers import PROMPTS
 
@@ -173,3 +173,24 @@ def test_structured_output_on_cuda(image_sources):
     apply_token_bitmask(ours, bitmask)
     xgr.apply_token_bitmask_inplace(theirs, bitmask.cuda())
     assert torch.equal(ours, theirs)
+
+
+def test_json_strings_hold_no_surrogate_code_points(engine):
+    """xgrammar admits U+D800-DFFF in JSON strings as ED A0-BF xx (invalid UTF-8: three U+FFFD on the wire, so
+    maxLength broke at temperature 1); our grammars narrow its string classes. If xgrammar prints its classes
+    differently one day, the first assert says the narrowing no longer applies."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    bounded = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}, "required": ["a"]}
+    for schema in (bounded, {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}):
+        spec = StructuredOutput.json_schema(schema)
+        assert r"\ud800-\udfff]" in str(spec.grammar())
+        byte_token = {b: engine.tokenizer.convert_tokens_to_ids(c) for b, c in bytes_to_unicode().items()}
+        matcher = engine.grammars.matcher(spec)
+        for b in b'{"a": "' + b"\xed":
+            matcher.accept(byte_token[b])
+        bitmask = allocate_bitmask(1, engine.sampler.vocab_size)
+        matcher.fill_bitmask(bitmask, 0)
+        allowed = unpack_bitmask(bitmask, engine.sampler.vocab_size)[0]
+        assert not any(allowed[byte_token[b]] for b in range(0xA0, 0xC0)), "a surrogate's second byte is allowed"
+        assert all(allowed[byte_token[b]] for b in range(0x80, 0xA0)), "U+D000-D7FF must stay allowed"
