@@ -246,11 +246,12 @@ def test_jpeg_webp_and_odd_images(serve_app, http):
 
 def test_seeded_sampling_repeats(serve_app, http):
     def sample(seed):
-        body = chat("tell a story", max_tokens=12, temperature=1.0, top_p=0.9, seed=seed, return_token_ids=True)
+        body = chat("tell a story", max_tokens=12, temperature=1.5, seed=seed, return_token_ids=True)
         return http.post("/v1/chat/completions", json=body).json()["token_ids"]
 
     assert sample(7) == sample(7)
-    assert len({tuple(sample(s)) for s in (1, 2, 3)}) > 1
+    # The demo model is confident off its task: at temperature 1, seeds 1-3 drew one answer, seed 4 another.
+    assert len({tuple(sample(s)) for s in range(1, 9)}) > 1
 
 
 def test_concurrent_requests_are_batched(serve_app, http, images):
@@ -306,7 +307,7 @@ def test_malformed_and_schema_errors(serve_app, http):
         "malformed json": dict(content=b'{"messages": [', headers={"content-type": "application/json"}),
         "no messages": dict(json={"max_tokens": 3}),
         "empty messages": dict(json={"messages": []}),
-        "unknown field": dict(json={**chat("x"), "presence_penalty": 1.0}),
+        "unknown field": dict(json={**chat("x"), "presense_penalty": 1.0}),
         "bad role": dict(json={"messages": [{"role": "robot", "content": "x"}]}),
         "bad part": dict(json={"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}),
         "n=0": dict(json=chat("x", n=0)),
