@@ -1,5 +1,5 @@
 """Two real Ray nodes on loopback serving configs/local-2node.yaml (frontend stages on node A, the decoder pool on
-node B): answers equal the in-process pipeline's (as the one-node app's do, tests/test_serve.py), and losing node B
+node B): answers equal the in-process pipeline's (as the one-node app's do, tests/serve/test_serve.py), and losing node B
 fails fast (in-flight streams end with an error event, new requests get 503 + Retry-After, /health names the stage)
 and heals when a decoder node rejoins, with no KV budget leaked. Slow: 67-140 s (two nodes, every replica loading
 its model on a shared 2-core machine)."""

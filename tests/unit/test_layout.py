@@ -110,6 +110,20 @@ def test_architecture_doc_lists_every_module():
     assert not sorted(listed - wanted), "the table names modules that do not exist"
 
 
+DOC_PATH = r"`((?:tests|pipeline|deployments|loadtests|scripts|configs|k8s)/[\w/.-]+\.(?:py|sh|yaml|json|md|png|txt))`"
+
+
+def test_docs_name_only_files_that_exist():
+    """Every repository path a Markdown document names in backticks (`tests/...py`, `pipeline/...py`, ...) exists:
+    files move (tests went into folders) and prose is not imported."""
+    missing = []
+    for doc in [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md")]:
+        for name in re.findall(DOC_PATH, doc.read_text()):
+            if not (ROOT / name).exists():
+                missing.append(f"{doc.name}: {name}")
+    assert not missing
+
+
 def test_no_source_file_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := p.read_text().count("\n")) > 400}
     assert not long
