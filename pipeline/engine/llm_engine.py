@@ -42,6 +42,7 @@ class EngineStats:
     kv_budget_bytes: int  # bytes of every KV page
     kv_written_bytes: int  # bytes of K/V actually written in the held pages (utilisation = written / used)
     swapped: int  # preempted sequences waiting to resume
+    swap_used_bytes: int  # host bytes their K/V holds (at most EngineConfig.swap_budget_bytes)
     preemptions: int
     tokens_generated: int
     steps: int
@@ -333,7 +334,7 @@ class LLMEngine:
             running=len(sched.running), waiting=len(sched.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
             kv_written_bytes=sum(self.kv.written_bytes(s.pages) for s in sched.running),
-            swapped=len(sched.swapped), preemptions=sched.preemptions,
+            swapped=len(sched.swapped), swap_used_bytes=sched.swap.used_bytes, preemptions=sched.preemptions,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
         )
