@@ -228,7 +228,7 @@ def test_incremental_detokenizer_equals_full_decode_in_constant_work(tiny_pipeli
 def test_engine_detokenizes_incrementally(tiny_pipeline, cases):
     engine = LLMEngine(tiny_pipeline.loaded)
     full_decode = engine.tokenizer
-    engine.tokenizer = counting = _CountingTokenizer(full_decode)
+    engine.output.tokenizer = counting = _CountingTokenizer(full_decode)
     (seq,) = engine.generate([cases[3][0]], SamplingParams(max_tokens=48, ignore_eos=True))
     assert seq.text == full_decode.decode(seq.output_ids, skip_special_tokens=True)
     assert 0 < counting.longest <= 16, f"decoded {counting.longest} tokens at once: the whole output every step"
