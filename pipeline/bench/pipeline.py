@@ -4,8 +4,9 @@ bytes per request. Prints a table and writes JSON. `--baseline-tree DIR` runs th
 checkout (a `git worktree` of an older commit) in a subprocess, and reports the ratios side by side.
 
 Written against the API every tree since the engine renovation has (Pipeline, its encoder and trimmer,
-LLMEngine.add_request / step / has_work / stats), so this one file runs on an older tree too; it uses a stage's
-batched call (`encode_many`, `trim_many`) where the tree has one, else calls it once a request.
+LLMEngine.add_request / step / has_work / stats), so this one file runs on an older tree too; it uses the stages'
+batched calls (`VisionEncoder.encode_batch`, `Trimmer.trim_batch`) where the tree has them, else calls each stage
+once a request.
 """
 
 import argparse
@@ -68,14 +69,14 @@ def _chunks(xs: list, size: int) -> list[list]:
 def _stages(pipe, prepared: list, trim, batch: int) -> tuple[list, dict]:
     """Encode then trim every prompt, each stage timed over the whole workload: (decode requests, seconds)."""
     encoder, trimmer = pipe.encoder, pipe.trimmer
-    batched = hasattr(encoder, "encode_many") and hasattr(trimmer, "trim_many")
+    batched = hasattr(encoder, "encode_batch") and hasattr(trimmer, "trim_batch")
     requests, encode_s, trim_s = [], 0.0, 0.0
     for part in _chunks(prepared, batch if batched else 1):  # a chunk's features are freed once trimmed
         t0 = time.perf_counter()
-        visual = encoder.encode_many(part) if batched else [encoder.encode(p) for p in part]
+        visual = encoder.encode_batch(part) if batched else [encoder.encode(p) for p in part]
         t1 = time.perf_counter()
         inputs = [trimmer_input(p) for p in part]
-        requests += (trimmer.trim_many(inputs, visual, trim) if batched
+        requests += (trimmer.trim_batch(inputs, visual, [trim] * len(part)) if batched
                      else [trimmer.trim(x, v, trim) for x, v in zip(inputs, visual)])
         encode_s, trim_s = encode_s + t1 - t0, trim_s + time.perf_counter() - t1
     return requests, {"encode": encode_s, "trim": trim_s, "stages_batched": batched}

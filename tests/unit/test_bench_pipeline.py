@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 from pipeline.cli import main as cli_main
+from pipeline.model.encoder import VisionEncoder
+from pipeline.model.trimmer import Trimmer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +24,8 @@ def test_bench_pipeline_json_is_consistent_and_runs_a_baseline_tree(tmp_path):
         assert set(modes) == {"trimmed", "untrimmed"} and tree["distinct_images"] == 2
         for m in modes.values():
             assert m["tokens"] == requests * max_tokens and m["requests"] == requests
+            # the stages' batched calls whenever this tree has them (both runs are this tree)
+            assert m["stages_batched"] == (hasattr(VisionEncoder, "encode_batch") and hasattr(Trimmer, "trim_batch"))
             assert 1 <= m["max_running"] <= requests
             s = m["seconds"]
             assert min(s["encode"], s["trim"], s["prefill_decode"]) > 0
