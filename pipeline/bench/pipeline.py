@@ -188,10 +188,23 @@ def print_table(result: dict) -> None:
               f'the baseline; stage speed-ups {ratio["seconds"]}')
 
 
+def _merged(runs: list[dict]) -> dict:
+    """One tree's per-mode runs as one result."""
+    return runs[0] | {"modes": {m: r for run in runs for m, r in run["modes"].items()}}
+
+
 def run(args) -> int:
-    result = {"current": run_tree(args)}
+    """Mode by mode, this tree then the baseline: on a shared machine the two sides of a ratio run as close
+    together in time as they can."""
+    current, baseline = [], []
+    for mode in args.modes.split(","):
+        one = argparse.Namespace(**(vars(args) | {"modes": mode}))
+        current.append(run_tree(one))
+        if args.baseline_tree:
+            baseline.append(run_baseline(one))
+    result = {"current": _merged(current)}
     if args.baseline_tree:
-        result["baseline"] = run_baseline(args)
+        result["baseline"] = _merged(baseline)
         result["baseline_tree"] = str(Path(args.baseline_tree).resolve())
         result["ratio_vs_baseline"] = compare(result["current"], result["baseline"])
     print_table(result)
