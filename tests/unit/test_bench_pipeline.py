@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from pipeline.bench.pipeline import _merged
 from pipeline.cli import main as cli_main
 from pipeline.model.encoder import VisionEncoder
 from pipeline.model.trimmer import Trimmer
@@ -18,6 +19,7 @@ def test_bench_pipeline_json_is_consistent_and_runs_a_baseline_tree(tmp_path):
                      "--distinct", "2", "--image-size", "128", "--max-tokens", str(max_tokens), "--kv-budget",
                      str(3 * 2**18), "--stage-batch", "2", "--json", str(out), "--baseline-tree", str(ROOT)]) == 0
     r = json.loads(out.read_text())
+    assert r["current"]["repeats"] == r["baseline"]["repeats"] == 1
     assert r["current"]["tree"] == r["baseline"]["tree"] == r["baseline_tree"] == str(ROOT)
     for tree in (r["current"], r["baseline"]):
         modes = tree["modes"]
@@ -39,3 +41,13 @@ def test_bench_pipeline_json_is_consistent_and_runs_a_baseline_tree(tmp_path):
     ratio = r["ratio_vs_baseline"]["trimmed"]["tokens_per_s_engine"]
     assert ratio == round(r["current"]["modes"]["trimmed"]["tokens_per_s_engine"]
                           / r["baseline"]["modes"]["trimmed"]["tokens_per_s_engine"], 3)
+
+
+def test_repeats_keep_each_modes_best_run():
+    runs = [{"tree": "t", "modes": {"trimmed": {"tokens_per_s_end_to_end": rate, "run": i}}}
+            for i, rate in enumerate([3.0, 5.0, 4.0])]
+    runs += [{"tree": "t", "modes": {"untrimmed": {"tokens_per_s_end_to_end": rate, "run": i}}}
+             for i, rate in enumerate([2.0, 1.0, 0.5])]
+    merged = _merged(runs)
+    assert merged["repeats"] == 3 and merged["tree"] == "t"
+    assert merged["modes"]["trimmed"]["run"] == 1 and merged["modes"]["untrimmed"]["run"] == 0
