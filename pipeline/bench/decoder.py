@@ -3,17 +3,15 @@ they decode, trimmed vs untrimmed vs HF generate (static batches, the same budge
 against the memory-bandwidth bound. Prints a table and writes JSON. `crosstrim bench e2e` is the Serve app under
 locust (loadtests/bench_e2e, registered as a `crosstrim.bench` entry point so this library never imports it)."""
 
-import json
 import statistics
 import time
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import torch
 
 from pipeline.bench import pipeline as bench_pipeline
 from pipeline.bench.realistic import run_realistic
-from pipeline.bench.sources import hf_batch, prepare_sources
+from pipeline.bench.sources import hf_batch, prepare_sources, write_json
 from pipeline.config import EngineConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
@@ -184,10 +182,7 @@ def run_decoder(args) -> int:
                 "HF generate's include its vision encoder and full prefill (see stage_ms_mean for those costs)",
     }
     _print_table(result)
-    path = Path(args.json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(args.json_path, result)
     return 0
 
 

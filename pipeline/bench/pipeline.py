@@ -215,10 +215,9 @@ def run(args) -> int:
         result["baseline_tree"] = str(Path(args.baseline_tree).resolve())
         result["ratio_vs_baseline"] = compare(result["current"], result["baseline"])
     print_table(result)
-    path = Path(args.json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    from pipeline.bench.sources import write_json  # here, not at the top: a baseline tree may not have it
+
+    write_json(args.json_path, result)
     return 0
 
 
