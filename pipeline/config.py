@@ -52,4 +52,8 @@ class EngineConfig(_Strict):
     kv_allocation: Literal["paged", "reserved"] = "paged"
     block_size: int = Field(16, ge=1)  # self-attention tokens a KV page (cross pages hold n_self/n_cross as many)
     kv_watermark: float = Field(0.01, ge=0.0, lt=1.0)  # pages kept free at admission, for running sequences
+    # Host memory for preempted sequences' K/V. It never overflows: a request is admitted only while every admitted
+    # sequence at its max_tokens fits the KV budget plus this less the largest one (so any preemption's copy fits);
+    # below one sequence's worst case nothing is ever preempted and admission holds instead (docs/architecture.md).
+    swap_budget_bytes: int = Field(4 * 2**30, ge=0)
     grammar_cache_size: int = Field(64, ge=1)  # compiled structured-output grammars kept (least recently used out)

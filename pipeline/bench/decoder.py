@@ -3,16 +3,15 @@ they decode, trimmed vs untrimmed vs HF generate (static batches, the same budge
 against the memory-bandwidth bound. Prints a table and writes JSON. `crosstrim bench e2e` is the Serve app under
 locust (loadtests/bench_e2e, registered as a `crosstrim.bench` entry point so this library never imports it)."""
 
-import json
 import statistics
 import time
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import torch
 
+from pipeline.bench import pipeline as bench_pipeline
 from pipeline.bench.realistic import run_realistic
-from pipeline.bench.sources import hf_batch, prepare_sources
+from pipeline.bench.sources import hf_batch, prepare_sources, write_json
 from pipeline.config import EngineConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
@@ -20,7 +19,8 @@ from pipeline.quality.reference import trim_generated
 
 
 def add_args(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (decoder: engine vs HF generate at one KV budget; e2e: Serve app)")
+    p = sub.add_parser("bench", help="benchmarks (decoder: engine vs HF generate at one KV budget; "
+                                              "pipeline: the three stages in process; e2e: Serve app)")
     bench = p.add_subparsers(dest="bench", required=True)
     d = bench.add_parser("decoder", help="decoder engine on the bench model preset")
     d.add_argument("--json", dest="json_path", default="bench-results/decoder.json")
@@ -39,6 +39,7 @@ def add_args(sub) -> None:
     d.add_argument("--threads", type=int, default=None,
                    help="torch threads for every system in the run (default: torch's); 1 on a shared machine, "
                         "where a second busy process makes 2-thread GEMMs ~10x slower")
+    bench_pipeline.add_pipeline_args(bench)
     for ep in entry_points(group="crosstrim.bench"):  # benches of other packages (the Serve app's: loadtests/)
         RUNNERS[ep.name] = ep.load()(bench)
 
@@ -49,6 +50,8 @@ RUNNERS = {}  # bench name -> run(args), filled by add_args
 def run(args) -> int:
     if args.bench == "decoder":
         return run_decoder(args)
+    if args.bench == "pipeline":
+        return bench_pipeline.run(args)
     return RUNNERS[args.bench](args)
 
 
@@ -179,10 +182,7 @@ def run_decoder(args) -> int:
                 "HF generate's include its vision encoder and full prefill (see stage_ms_mean for those costs)",
     }
     _print_table(result)
-    path = Path(args.json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(args.json_path, result)
     return 0
 
 

@@ -1,7 +1,9 @@
 """The bench model's requests for `crosstrim bench decoder`: distinct noise images, prepared, encoded and
 trimmed (by the policy and untrimmed) with each stage timed; and HF generate's inputs for a static batch."""
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,3 +50,11 @@ def hf_batch(loaded, prepared_list) -> dict:
     batch = {k: torch.cat([p.hf_inputs()[k] for p in prepared_list]) for k in prepared_list[0].hf_inputs()}
     return {k: v.to(loaded.device, loaded.dtype) if v.is_floating_point() else v.to(loaded.device)
             for k, v in batch.items()}
+
+
+def write_json(path: str, result: dict) -> None:
+    """A bench's result as JSON at `path` (its folder made), and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")

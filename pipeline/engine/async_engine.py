@@ -1,4 +1,5 @@
-"""AsyncLLMEngine: steps an LLMEngine on a background thread; every request is an async iterator of deltas."""
+"""AsyncLLMEngine: steps an LLMEngine on a background thread; every request is an async iterator of deltas, whose
+text (detokenizing, stop strings) is made on the caller's event loop, off the step thread."""
 
 import asyncio
 import logging
@@ -6,6 +7,7 @@ import queue
 import threading
 
 from pipeline.engine.llm_engine import EngineStats, LLMEngine
+from pipeline.engine.output_processor import CompletionStream, stopped_by_text
 from pipeline.engine.sampling import SamplingParams
 from pipeline.errors import Overloaded
 from pipeline.types import DecodeRequest
@@ -18,7 +20,8 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) or ("abort", id), applied between steps
+        # ("add", seq), ("abort", id) or ("finish", (id, index)): applied between steps
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0
         self._lock = threading.Lock()
@@ -39,11 +42,18 @@ class AsyncLLMEngine:
         self._inbox.put(("add", seq))
         self._wake.set()
         finished, done = False, 0
+        streams = [CompletionStream(self.engine.tokenizer, params) for _ in range(params.n)]  # text, per completion
         try:
             while not finished:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise out
+                step = await q.get()
+                if isinstance(step, BaseException):
+                    raise step
+                out = streams[step.index].add(step)
+                if out is None:
+                    continue  # sampled before the engine heard that a stop string ended this completion
+                if stopped_by_text(step, out):
+                    self._inbox.put(("finish", (seq.request_id, step.index)))
+                    self._wake.set()
                 done += out.finished
                 finished = done == params.n  # every one of the n completions
                 yield out
@@ -76,6 +86,9 @@ class AsyncLLMEngine:
             if kind == "abort":
                 self.engine.abort(item)
                 continue
+            if kind == "finish":
+                self.engine.finish_completion(*item)
+                continue
             with self._lock:
                 self._pending -= 1
             try:
@@ -96,7 +109,7 @@ class AsyncLLMEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step_tokens()
             except Exception as exc:  # the step failed outside any one sequence's guard: never hang, never hold KV
                 log.exception("engine step failed (%s); failing the %d requests in flight", type(exc).__name__,
                               self.engine.num_requests)

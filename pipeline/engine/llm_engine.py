@@ -1,6 +1,8 @@
 """LLMEngine: continuous batching over the model runner, KV in pages with preemption; synchronous (add, step, abort).
 
-`pipeline.engine.async_engine.AsyncLLMEngine` steps it on a thread for streaming callers. Neither knows Ray Serve.
+`step_tokens()` only schedules, runs the model and samples; text (detokenizing, stop strings, deltas) is the output
+processor's (output_processor.py), which `step()` runs after it for synchronous callers and which
+`pipeline.engine.async_engine.AsyncLLMEngine` runs per stream, off its step thread. Neither knows Ray Serve.
 """
 
 import logging
@@ -12,9 +14,9 @@ from functools import partial
 import torch
 
 from pipeline.config import EngineConfig
-from pipeline.engine.detokenizer import IncrementalDetokenizer
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.model_runner import ModelRunner
+from pipeline.engine.output_processor import OutputProcessor, StepToken, stopped_by_text
 from pipeline.engine.sampler import Sampled, Sampler, SampleRow
 from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.scheduler import Scheduler
@@ -42,6 +44,7 @@ class EngineStats:
     kv_budget_bytes: int  # bytes of every KV page
     kv_written_bytes: int  # bytes of K/V actually written in the held pages (utilisation = written / used)
     swapped: int  # preempted sequences waiting to resume
+    swap_used_bytes: int  # host bytes their K/V holds (at most EngineConfig.swap_budget_bytes)
     preemptions: int
     tokens_generated: int
     steps: int
@@ -70,6 +73,7 @@ class LLMEngine:
         self.sampler = Sampler(loaded.model.lm_head.out_features, loaded.device, loaded.eos_token_ids,
                                apply_bitmask=apply_bitmask)
         self.tokenizer = loaded.processor.tokenizer
+        self.output = OutputProcessor(self.tokenizer)  # step()'s text; the async engine runs its own per stream
         self.eos = set(loaded.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCache | None = None  # built on the first structured request (xgrammar's vocab scan)
@@ -113,6 +117,7 @@ class LLMEngine:
         return self.add(self.make_sequence(request, params, request_id))
 
     def abort(self, request_id: str) -> None:
+        self.output.forget(request_id)
         seq = self.seqs.pop(request_id, None)
         for s in [seq] + seq.siblings if seq is not None else []:
             if not s.finished:
@@ -123,7 +128,15 @@ class LLMEngine:
         for request_id in list(self.seqs):
             self.abort(request_id)
 
-    def fail_all(self, exc: BaseException) -> list[RequestOutput]:
+    def finish_completion(self, request_id: str, index: int, reason: str = "stop") -> None:
+        """End one completion the output side ended (a stop string), freeing its KV; gone or done already: nothing."""
+        seq = self.seqs.get(request_id)
+        done = next((s for s in ([seq] + seq.siblings if seq else []) if s.index == index), None)
+        if done is not None and not done.finished:
+            self.scheduler.finish(done, reason)
+            self._forget_if_done(done)
+
+    def fail_all(self, exc: BaseException) -> list[StepToken]:
         """End every request in the engine with an error output (a step failed outside any one sequence)."""
         return [self.fail(seq, exc) for seq in list(self.seqs.values())]
 
@@ -161,9 +174,29 @@ class LLMEngine:
     # ---- stepping
 
     def step(self) -> list[RequestOutput]:
+        """step_tokens(), then their outputs with text; a completion a stop string ends is finished at once (its
+        Sequence's text and finish_reason are kept for offline callers)."""
+        outputs = []
+        for seq, token in self._step():
+            out, stream = self.output.add(token)
+            if out is None:
+                continue
+            seq.text = stream.text
+            if stopped_by_text(token, out):
+                self.finish_completion(seq.request_id, seq.index)
+            if out.finished:
+                seq.finish_reason = out.finish_reason  # a stop string at the length limit says "stop", as before
+            outputs.append(out)
+        return outputs
+
+    def step_tokens(self) -> list[StepToken]:
+        """One step without output processing: what each completion sampled, in host values."""
+        return [token for _, token in self._step()]
+
+    def _step(self) -> list[tuple[Sequence, StepToken]]:
         """Admit what fits and prefill it, then decode every other running sequence by one token; every row of the
         step (each prefilled completion and each decoded sequence) is sampled in one batch. A failure while
-        processing one sequence fails that sequence alone (an output with finish_reason "error")."""
+        processing one sequence fails that sequence alone (a token with finish_reason "error")."""
         t0 = time.perf_counter()
         outputs, rows, logits = [], [], []  # rows to sample, and their logits in parts (rows_i, V)
         admitted, batch = self.scheduler.schedule()
@@ -171,7 +204,7 @@ class LLMEngine:
             try:
                 prompt_logits = self._prefill_one(seq)
             except Exception as exc:  # noqa: BLE001 - any failure of one request fails that request alone
-                outputs += [self.fail(s, exc) for s in [seq] + seq.siblings]
+                outputs += [(s, self.fail(s, exc)) for s in [seq] + seq.siblings]
                 continue
             rows += [seq] + seq.siblings  # the n completions' first tokens from the one prompt's logits
             logits.append(prompt_logits.expand(1 + len(seq.siblings), -1))
@@ -195,7 +228,6 @@ class LLMEngine:
             self.scheduler.fork(seq, child)
             seq.siblings.append(child)
         for s in [seq] + seq.siblings:
-            s.detok = IncrementalDetokenizer(self.tokenizer, s.params.stop, s.params.min_tokens)
             if s.params.structured is not None:  # each completion walks its own copy of the grammar
                 s.logit_mask = self.grammars.matcher(s.params.structured)
         return logits
@@ -220,7 +252,8 @@ class LLMEngine:
         finally:
             self.abort(seq.request_id)
 
-    def _decode(self, batch: list[Sequence], rows: list[Sequence], logits: list[torch.Tensor]) -> list[RequestOutput]:
+    def _decode(self, batch: list[Sequence], rows: list[Sequence],
+                logits: list[torch.Tensor]) -> list[tuple[Sequence, StepToken]]:
         """One batched forward; its rows join the step's `rows` / `logits`. If the forward itself fails, run each
         sequence alone so the survivors go on without the offender (a position's K/V is rewritten, not added)."""
         try:
@@ -235,19 +268,19 @@ class LLMEngine:
                 logits.append(self.runner.decode([s]))
                 rows.append(s)
             except Exception as exc:  # noqa: BLE001 - the offender fails alone
-                failed.append(self.fail(s, exc))
+                failed.append((s, self.fail(s, exc)))
         return failed
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, StepToken]]:
         """Sample every row at once (one host read), then append each under its own guard. If the batch cannot be
         sampled (a row's mask hook raised, say), sample each row alone so the fault stays with its row."""
         try:
             sampled = self._sample_rows(rows, logits)
         except Exception:
             log.warning("batched sampling of %d rows failed; sampling each alone", len(rows), exc_info=True)
-            return [self._guarded(s, lambda s, i=i: self._append(s, self._sample_rows([s], logits[i : i + 1])[0]))
+            return [(s, self._guarded(s, lambda s, i=i: self._append(s, self._sample_rows([s], logits[i : i + 1])[0])))
                     for i, s in enumerate(rows)]
-        return [self._guarded(s, lambda s, r=r: self._append(s, r)) for s, r in zip(rows, sampled)]
+        return [(s, self._guarded(s, lambda s, r=r: self._append(s, r))) for s, r in zip(rows, sampled)]
 
     def _sample_rows(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sampled | None]:
         """(len(rows), V) logits -> each row's token; a row with a logit mask (structured output) fills its bitmask
@@ -263,23 +296,20 @@ class LLMEngine:
                       s.output_ids) for s in rows], bitmask)
         return self.sampler.sample(logits, meta)
 
-    def _guarded(self, seq: Sequence, work) -> RequestOutput:
+    def _guarded(self, seq: Sequence, work) -> StepToken:
         try:
             return work(seq)
         except Exception as exc:  # noqa: BLE001 - one sequence's failure is that sequence's alone
             return self.fail(seq, exc)
 
-    def fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
+    def fail(self, seq: Sequence, exc: BaseException) -> StepToken:
         """End one sequence with an error, freeing its KV; logged with its id and reason, never its prompt."""
         log.error("request %s failed in the engine: %s: %s", seq.request_id, type(exc).__name__, exc)
         if not seq.finished:
             self.scheduler.finish(seq, "error")
         self._forget_if_done(seq)
-        return RequestOutput(
-            request_id=seq.request_id, new_token_ids=[], new_text="", finished=True, finish_reason="error",
-            prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids), error=type(exc).__name__,
-            index=seq.index,
-        )
+        return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), [],
+                         finish_reason="error", error=type(exc).__name__)
 
     def _forget_if_done(self, seq: Sequence) -> None:
         """Drop the request once every one of its n completions has finished."""
@@ -287,8 +317,9 @@ class LLMEngine:
         if parent is not None and all(s.finished for s in [parent] + parent.siblings):
             del self.seqs[seq.request_id]
 
-    def _append(self, seq: Sequence, sampled: Sampled | None) -> RequestOutput:
-        """A sampled token (host values from the step's one read) into the sequence: stops, text, the output."""
+    def _append(self, seq: Sequence, sampled: Sampled | None) -> StepToken:
+        """A sampled token (host values from the step's one read) into the sequence: its grammar advanced (it
+        constrains the next token), a stop token or max_tokens ended; no text (the output processor's)."""
         if sampled is None:
             raise NoTokenAllowed("the sequence's logit mask allows no token")
         token = sampled.token
@@ -300,32 +331,15 @@ class LLMEngine:
         seq.logprobs.append(sampled.logprob)
         self.tokens_generated += 1
         new_ids, reason = [token], None
-        last = len(seq.output_ids) >= seq.params.max_tokens
         if token in seq.params.stop_token_ids or (token in self.eos and not seq.params.ignore_eos):
             reason, new_ids = "stop", []  # the stop token itself is not part of the output
-            seq.detok.add(seq.output_ids[:-1], final=True)
-        elif seq.detok.add(seq.output_ids, final=last):
-            reason = "stop"
-        elif last:
+        elif len(seq.output_ids) >= seq.params.max_tokens:
             reason = "length"
-        seq.text = seq.detok.text
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._forget_if_done(seq)
-        new_text = ""
-        # The detokenizer holds back a trailing partial UTF-8 character; never re-send text already streamed.
-        if len(seq.text) > len(seq.emitted):
-            new_text, seq.emitted = seq.text[len(seq.emitted) :], seq.text
-        out = RequestOutput(
-            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=reason is not None,
-            finish_reason=reason, prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids),
-            index=seq.index,
-        )
-        if new_ids and seq.params.logprobs:  # the model's distribution (before sampling filters), as OpenAI
-            out.logprobs = [sampled.logprob]
-            if seq.params.top_logprobs:
-                out.top_logprobs = [sampled.top_logprobs]
-        return out
+        return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), new_ids,
+                         finish_reason=reason, logprob=sampled.logprob, top_logprobs=sampled.top_logprobs)
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
@@ -333,7 +347,7 @@ class LLMEngine:
             running=len(sched.running), waiting=len(sched.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
             kv_written_bytes=sum(self.kv.written_bytes(s.pages) for s in sched.running),
-            swapped=len(sched.swapped), preemptions=sched.preemptions,
+            swapped=len(sched.swapped), swap_used_bytes=sched.swap.used_bytes, preemptions=sched.preemptions,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
         )

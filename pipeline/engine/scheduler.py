@@ -1,13 +1,14 @@
 """Admission and preemption over KV pages: running sequences get a page when their last one fills, preempting
 (swapping out) the most recently admitted one when none is free; preempted sequences resume before new ones;
-a waiting sequence is admitted, in arrival order, once its prompt and its kept visual tokens fit."""
+a waiting sequence is admitted, in arrival order, once its prompt and its kept visual tokens fit and the bounded
+swap space could take any preemption it may cause (swap.SwapSpace)."""
 
 from collections import deque
 
 from pipeline.config import EngineConfig
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.sequence import Sequence, Status
-from pipeline.engine.swap import swap_in, swap_out
+from pipeline.engine.swap import SwapSpace
 from pipeline.errors import InvalidRequest, Overloaded
 
 
@@ -20,6 +21,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.preemptions = 0
         self.watermark_pages = int(cfg.kv_watermark * kv.blocks.num_pages)
+        self.swap = SwapSpace(cfg.swap_budget_bytes, kv.blocks.page_bytes, kv.blocks.num_pages)
 
     def check(self, seq: Sequence) -> None:
         """Refuse at once what could never run: a sequence alone always fits, so no admitted one ever fails."""
@@ -65,7 +67,7 @@ class Scheduler:
         resumed, admitted = [], []
         while self.swapped and len(self.running) < self.cfg.max_running:
             seq = self.swapped[0]
-            pages = swap_in(self.kv, seq.swapped, seq.num_tokens)
+            pages = self.swap.swap_in(self.kv, seq.swapped, seq.num_tokens)
             if pages is None:
                 break
             self.swapped.popleft()
@@ -74,10 +76,13 @@ class Scheduler:
             resumed.append(seq)
         while not self.swapped and self.waiting and len(self.running) + self.waiting[0].params.n <= self.cfg.max_running:
             seq = self.waiting[0]
-            pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+            worst = self._worst_pages(seq)
+            pages = (self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+                     if self.swap.admits(worst, seq.params.n) else None)
             if pages is None:
                 break  # no skipping ahead: a large request is not starved by small ones
             self.waiting.popleft()
+            self.swap.commit(worst)  # its n - 1 siblings commit when forked
             seq.pages, seq.status = pages, Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
@@ -85,18 +90,21 @@ class Scheduler:
 
     def count_admissible(self) -> int:
         """Dry run: how many waiting sequences the next admission would take, with nothing allocated."""
-        free, n = self.kv.blocks.free_pages - self._watermark(), 0
+        free, n, committed = self.kv.blocks.free_pages - self._watermark(), 0, 0
         for seq in self.waiting:
             free -= self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens)
-            if free < 0 or len(self.running) + n + seq.params.n > self.cfg.max_running:
+            worst = self._worst_pages(seq)
+            if (free < 0 or len(self.running) + n + seq.params.n > self.cfg.max_running
+                    or not self.swap.admits(worst, seq.params.n, committed)):
                 break
-            n += 1
+            n, committed = n + 1, committed + seq.params.n * worst
         return n
 
     def fork(self, seq: Sequence, child: Sequence) -> None:
         """A sibling sharing `seq`'s pages joins the running batch right after it (admitted with it)."""
         child.pages, child.status = self.kv.fork(seq.pages), Status.RUNNING
         self.running.append(child)
+        self.swap.commit(self._worst_pages(child))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Free the sequence's KV at once, wherever it is."""
@@ -107,7 +115,10 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status == Status.SWAPPED:
             self.swapped.remove(seq)
+            self.swap.drop(seq.swapped)
             seq.swapped = None
+        if seq.status in (Status.RUNNING, Status.SWAPPED):
+            self.swap.release(self._worst_pages(seq))
         seq.pages = None
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
@@ -115,12 +126,16 @@ class Scheduler:
         """Self positions allocated at admission: the prompt, or the worst case in `reserved` mode."""
         return seq.max_self_tokens if self.cfg.kv_allocation == "reserved" else seq.prompt_len
 
+    def _worst_pages(self, seq: Sequence) -> int:
+        """Pages the sequence holds at its max_tokens (the swap space's admission rule counts these)."""
+        return self.kv.pages_needed(seq.max_self_tokens, seq.cross_tokens)
+
     def _watermark(self) -> int:
         return self.watermark_pages if self.running else 0  # an idle engine admits whatever fits alone
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        seq.swapped, seq.pages = swap_out(self.kv, seq.pages), None
+        seq.swapped, seq.pages = self.swap.swap_out(self.kv, seq.pages), None
         seq.status = Status.SWAPPED
         self.swapped.appendleft(seq)
         self.preemptions += 1

@@ -29,12 +29,10 @@ class Sequence:
         self.status = Status.WAITING
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
-        self.text = ""  # detokenized output, cut at a stop string
-        self.emitted = ""  # the prefix of `text` already streamed
+        self.text = ""  # detokenized output, cut at a stop string: LLMEngine.step() keeps it (streams carry theirs)
         self.finish_reason: str | None = None
         self.pages: PageTable | None = None  # while running: its KV pages
         self.swapped: SwappedKV | None = None  # while preempted: its K/V on the host
-        self.detok = None  # IncrementalDetokenizer, made by the engine
         self.index = 0  # which of the request's n completions; index 0 is the one prefilled
         self.siblings: list[Sequence] = []  # on index 0: the n - 1 forked after its prefill
         self.logit_mask: TokenMask | None = None  # a per-row constraint (structured output) the sampler applies

@@ -1,6 +1,8 @@
 """Preemption's copies: what a sequence wrote in its KV pages goes to host memory (its pages freed), and comes back
-into fresh pages when they free up."""
+into fresh pages when they free up; that host memory is bounded (SwapSpace), by an admission rule that keeps a
+preemption's copy always within it."""
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,10 @@ class SwappedKV:
     cross_parts: list[torch.Tensor]  # (cross_rows, 2, KVH, kept, hd)
     self_written: int
     cross_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.self_parts + self.cross_parts)
 
 
 def swap_out(cache: KVCache, table: PageTable) -> SwappedKV:
@@ -43,3 +49,54 @@ def swap_in(cache: KVCache, saved: SwappedKV, self_tokens: int, watermark: int =
         for chunk, part in zip(chunks, cross_part.split([c.shape[3] for c in chunks], dim=3)):
             chunk.copy_(part)
     return table
+
+
+class SwapSpace:
+    """Host memory for preempted sequences, at most `limit_bytes`, and the admission rule that keeps it so.
+
+    A sequence's worst case is the pages it holds at its max_tokens. The engine admits a sequence only while the
+    worst cases of every sequence it holds (running or swapped) fit the pool plus the swap space less the largest
+    worst case. Then whenever a running sequence finds no free page, the swapped ones hold at most the swap space
+    less the largest worst case less one page (the pool is full and the needing sequence is below its worst, or
+    shares the page it must copy), so any victim's copy fits. With less swap space than the largest worst case the
+    rule is "the worst cases fit the pool": nothing is ever preempted, admission holds instead."""
+
+    def __init__(self, limit_bytes: int, page_bytes: int, pool_pages: int):
+        self.limit_bytes, self.used_bytes = limit_bytes, 0
+        self.pool_pages, self.spare_pages = pool_pages, limit_bytes // page_bytes
+        self.committed = 0  # worst-case pages of every admitted sequence not finished
+        self.worst_cases: Counter[int] = Counter()  # worst-case pages -> how many admitted sequences have it
+
+    def admits(self, worst: int, n: int = 1, more: int = 0) -> bool:
+        """May n more sequences of `worst` pages (after `more` pages a dry run already counted) be admitted?"""
+        largest = max(worst, max(self.worst_cases, default=0))
+        return self.committed + more + n * worst <= self.pool_pages + max(0, self.spare_pages - largest)
+
+    def commit(self, worst: int) -> None:
+        self.committed += worst
+        self.worst_cases[worst] += 1
+
+    def release(self, worst: int) -> None:
+        """A committed sequence finished."""
+        self.committed -= worst
+        self.worst_cases[worst] -= 1
+        if not self.worst_cases[worst]:
+            del self.worst_cases[worst]
+
+    def swap_out(self, cache: KVCache, table: PageTable) -> SwappedKV:
+        need = cache.written_bytes(table)
+        if self.used_bytes + need > self.limit_bytes:  # the admission rule makes this impossible
+            raise RuntimeError(f"swap space full ({self.used_bytes} + {need} > {self.limit_bytes} bytes)")
+        saved = swap_out(cache, table)
+        self.used_bytes += saved.nbytes
+        return saved
+
+    def swap_in(self, cache: KVCache, saved: SwappedKV, self_tokens: int) -> PageTable | None:
+        table = swap_in(cache, saved, self_tokens)
+        if table is not None:
+            self.used_bytes -= saved.nbytes
+        return table
+
+    def drop(self, saved: SwappedKV) -> None:
+        """A swapped sequence finished (aborted) without coming back."""
+        self.used_bytes -= saved.nbytes

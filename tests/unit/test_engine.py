@@ -1,6 +1,7 @@
 """The continuous-batching engine: batched equals alone, seeded sampling, KV budget accounting, streaming."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -203,6 +204,45 @@ def test_streaming_deltas_and_cancel(tiny_pipeline, sources):
         asyncio.run(run())
     finally:
         aeng.shutdown()
+
+
+def test_text_is_made_off_the_step(tiny_pipeline, sources, monkeypatch):
+    """step_tokens() never detokenizes; the async engine detokenizes only off its step thread, and a stop string
+    found there ends the stream at the token and text the synchronous step() gives, and frees the KV."""
+    loaded = tiny_pipeline.loaded
+    full = LLMEngine(loaded).generate([sources[3]], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    stop_str = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    params = SamplingParams(max_tokens=16, stop=[stop_str], ignore_eos=True)
+    (sync,) = LLMEngine(loaded).generate([sources[3]], params)
+    assert sync.finish_reason == "stop" and len(sync.output_ids) < 16
+    tok, threads = loaded.processor.tokenizer, []
+    real_decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda *a, **k: threads.append(threading.current_thread().name)
+                        or real_decode(*a, **k))
+    raw = LLMEngine(loaded)
+    raw.add_request(sources[3], params)
+    tokens = []
+    while raw.has_work():
+        tokens += raw.step_tokens()
+    assert threads == [] and [t.token_ids[0] for t in tokens] == full.output_ids  # no text, so no stop string
+    aeng = AsyncLLMEngine(LLMEngine(loaded))
+
+    async def run():
+        outs = [o async for o in aeng.generate(sources[3], params)]
+        for _ in range(100):
+            if aeng.stats().kv_used_bytes == 0:
+                break
+            await asyncio.sleep(0.05)
+        return outs
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        aeng.shutdown()
+    assert [t for o in outs for t in o.new_token_ids] == sync.output_ids
+    assert "".join(o.new_text for o in outs) == sync.text and outs[-1].finish_reason == "stop"
+    assert threads and "crosstrim-engine" not in threads
+    assert aeng.stats().kv_used_bytes == 0 and aeng.engine.num_requests == 0
 
 
 def test_async_engine_fails_requests_not_the_replica(tiny_pipeline, sources, monkeypatch):

@@ -52,6 +52,24 @@ def _small_engine(loaded, sources, max_tokens, fraction=1.6):
     return LLMEngine(loaded, EngineConfig(kv_budget_bytes=int(need * fraction), block_size=4, kv_watermark=0.0))
 
 
+def _pages(loaded, sources, max_tokens) -> tuple[int, int, int, int]:
+    """(pages of every prompt, pages of their growth to max_tokens, the largest worst case, bytes a page)."""
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4)).kv
+    prompts = sum(probe.pages_needed(s.prompt_len, s.num_kept) for s in sources)
+    worst = [probe.pages_needed(s.prompt_len + max_tokens, s.num_kept) for s in sources]
+    return prompts, sum(worst) - prompts, max(worst), probe.blocks.page_bytes
+
+
+def _overcommitted_engine(loaded, sources, max_tokens, swap_pages=None):
+    """A pool that admits every prompt at once but holds only half of their growth: once they all run, growing
+    must preempt (a pool merely larger than the largest request may instead hold admission until others end).
+    swap_pages (default: the smallest swap space that still admits them all at once) bounds the swap space."""
+    prompts, growth, largest, page = _pages(loaded, sources, max_tokens)
+    swap_pages = largest + growth - growth // 2 if swap_pages is None else swap_pages
+    return LLMEngine(loaded, EngineConfig(kv_budget_bytes=(prompts + growth // 2) * page, block_size=4,
+                                          kv_watermark=0.0, swap_budget_bytes=swap_pages * page))
+
+
 def test_exact_with_preemption_mid_stream(tiny_pipeline, cases):
     """HF generate / reference tokens hold for every request while the pool is so small that they preempt."""
     loaded = tiny_pipeline.loaded
@@ -80,7 +98,7 @@ def test_stream_neither_loses_nor_repeats_tokens_when_preempted(tiny_pipeline, c
     sources = [c[0] for c in cases[:4]]
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     alone = [LLMEngine(loaded).generate([s], params)[0] for s in sources]
-    small = _small_engine(loaded, sources, 30, fraction=1.3)
+    small = _overcommitted_engine(loaded, sources, 30)
     engine = AsyncLLMEngine(small)
 
     async def one(src):
@@ -101,6 +119,34 @@ def test_stream_neither_loses_nor_repeats_tokens_when_preempted(tiny_pipeline, c
     assert [g[0] for g in got] == [a.output_ids for a in alone]
     assert [g[1] for g in got] == [a.text for a in alone]
     assert small.stats().kv_used_bytes == 0
+
+
+@pytest.mark.parametrize("room", ["all_at_once", "tight", "none"])
+def test_bounded_swap_never_overflows_and_tokens_stay_exact(tiny_pipeline, cases, room):
+    """The swap space's limit holds at every step and every request's tokens stay exact. all_at_once: the smallest
+    swap admitting every request at once (they preempt, as with unbounded swap); tight: less, so admission holds
+    some back; none: no swap at all, so nothing is ever preempted."""
+    loaded, sources = tiny_pipeline.loaded, [c[0] for c in cases]
+    _, growth, largest, page = _pages(loaded, sources, MAX_NEW)
+    swap_pages = {"all_at_once": None, "tight": largest + growth // 4, "none": 0}[room]
+    engine = _overcommitted_engine(loaded, sources, MAX_NEW, swap_pages)
+    limit = engine.cfg.swap_budget_bytes
+    seqs = [engine.add_request(s, p) for s, p, _ in cases]
+    peak_running = peak_swap = 0
+    while engine.has_work():
+        engine.step()
+        st = engine.stats()
+        assert st.swap_used_bytes == sum(s.swapped.nbytes for s in engine.scheduler.swapped) <= limit
+        peak_running, peak_swap = max(peak_running, st.running), max(peak_swap, st.swap_used_bytes)
+    assert [s.output_ids for s in seqs] == [c[2] for c in cases]
+    st = engine.stats()
+    assert st.kv_used_bytes == st.swap_used_bytes == 0 and engine.scheduler.swap.committed == 0
+    if room == "all_at_once":
+        assert peak_running == len(cases) and st.preemptions > 0 and peak_swap > 0
+    elif room == "tight":
+        assert peak_running < len(cases), "the swap space was meant to hold admission back"
+    else:
+        assert st.preemptions == 0 and peak_running < len(cases)
 
 
 def test_reserved_mode_holds_fewer_than_paged(tiny_pipeline, cases):
@@ -182,7 +228,7 @@ def test_incremental_detokenizer_equals_full_decode_in_constant_work(tiny_pipeli
 def test_engine_detokenizes_incrementally(tiny_pipeline, cases):
     engine = LLMEngine(tiny_pipeline.loaded)
     full_decode = engine.tokenizer
-    engine.tokenizer = counting = _CountingTokenizer(full_decode)
+    engine.output.tokenizer = counting = _CountingTokenizer(full_decode)
     (seq,) = engine.generate([cases[3][0]], SamplingParams(max_tokens=48, ignore_eos=True))
     assert seq.text == full_decode.decode(seq.output_ids, skip_special_tokens=True)
     assert 0 < counting.longest <= 16, f"decoded {counting.longest} tokens at once: the whole output every step"
