@@ -71,14 +71,35 @@ class VisionEncoder:
         self.projector = loaded.model.model.multi_modal_projector
         lighten(self.vision)
 
-    @torch.inference_mode()
     def encode(self, prompt: PreparedPrompt) -> VisualFeatures:
+        return self.encode_batch([prompt])[0]
+
+    @torch.inference_mode()
+    def encode_batch(self, prompts: list[PreparedPrompt]) -> list[VisualFeatures]:
+        """Every prompt's images through the tower in one call per tile shape. HF flattens (batch, images) into one
+        axis and treats each image alone (its own tiles, aspect ratio and padding-tile mask), so the prompts' images
+        are stacked on the images axis: no padding images, and each image's numbers are those of a batch of one
+        (the processor pads every image to max_num_tiles, so one shape is the rule)."""
+        out: list[VisualFeatures | None] = [None] * len(prompts)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_shape.setdefault(tuple(p.pixel_values.shape[2:]), []).append(i)
+        for group in by_shape.values():
+            for i, visual in zip(group, self._encode_stacked([prompts[i] for i in group])):
+                out[i] = visual
+        return out
+
+    def _encode_stacked(self, prompts: list[PreparedPrompt]) -> list[VisualFeatures]:
+        """Prompts whose images share one tile shape: one forward over all their images."""
         dev = self.loaded.device
-        out = self.vision(
-            pixel_values=prompt.pixel_values.to(dev),
-            aspect_ratio_ids=prompt.aspect_ratio_ids.to(dev),
-            aspect_ratio_mask=prompt.aspect_ratio_mask.to(dev),
-        ).last_hidden_state  # (1, images, tiles, patches, vision_output_dim)
+        stacked = {name: torch.cat([getattr(p, name) for p in prompts], dim=1).to(dev)  # (1, all images, ...)
+                   for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        out = self.vision(**stacked).last_hidden_state  # (1, images, tiles, patches, vision_output_dim)
         _, images, tiles, patches, _ = out.shape
         features = self.projector(out).reshape(images, tiles * patches, -1)
-        return VisualFeatures(features=features, token_valid=prompt.token_valid(patches).to(dev))
+        if len(prompts) == 1:
+            return [VisualFeatures(features=features, token_valid=prompts[0].token_valid(patches).to(dev))]
+        parts = features.split([p.num_images for p in prompts])
+        # Cloned: a view would pin (and Ray would ship) the whole batch's features with each prompt's.
+        return [VisualFeatures(features=f.clone(), token_valid=p.token_valid(patches).to(dev))
+                for p, f in zip(prompts, parts)]
