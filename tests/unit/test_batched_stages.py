@@ -119,3 +119,42 @@ def test_pipeline_trim_many_equals_trim_and_fails_a_bad_prompt_alone(tiny_pipeli
     assert out[5].prompt_token_ids == text_only.input_ids.tolist() and out[5].image is None
     for p, request in zip(prepared, out[:4] + out[6:]):
         _assert_same_request(pipe.trim(p, TrimConfig(k_ratio=0.1)), request)
+
+
+def test_batch_job_stages_batch_their_rows(tiny_pipeline, monkeypatch):
+    """EncodeStage runs one tower call for its rows and TrimStage one trim_batch; their states equal the
+    in-process trim of each row; a row that breaks the trimmer's batch fails alone."""
+    import pyarrow as pa
+
+    from pipeline.batch.config import BatchConfig
+    from pipeline.batch.stages import EncodeStage, TrimStage, pack, unpack, unpack_request
+    from pipeline.storage import S3Settings
+    from tests.helpers import png
+
+    cfg = BatchConfig()
+    images = [noise_image(w, h, 7 + i) for i, (w, h) in enumerate([(64, 64), (128, 128), (100, 40), (64, 64)])]
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[i], "image": png(im), "image_uri": None} for i, im in enumerate(images)]
+    rows.append({"id": "text", "prompt": "hello", "image": None, "image_uri": None})
+    rows.append({"id": "junk", "prompt": "what?", "image": b"not an image", "image_uri": None})
+    encode, trim = EncodeStage(cfg, S3Settings()), TrimStage(cfg)
+    calls = {"encode": [], "trim": []}
+    encode_batch, trim_batch = encode.encoder.encode_batch, trim.trimmer.trim_batch
+    monkeypatch.setattr(encode.encoder, "encode_batch", lambda ps: calls["encode"].append(len(ps)) or encode_batch(ps))
+    monkeypatch.setattr(trim.trimmer, "trim_batch",
+                        lambda ps, vs, *a, **k: calls["trim"].append(len(ps)) or trim_batch(ps, vs, *a, **k))
+    encoded = encode(pa.Table.from_pylist(rows))
+    assert calls["encode"] == [4]
+    states = encoded.column("state").to_pylist()
+    broken = unpack(states[2])  # a row whose features do not match its mask breaks the batch it is in
+    broken["trim_input"]["features"] = broken["trim_input"]["features"][:, :5]
+    states[2] = pack(broken)
+    encoded = encoded.set_column(2, "state", pa.array(states, pa.binary()))
+    out = trim(encoded).to_pylist()
+    assert calls["trim"] == [4, 1, 1, 1, 1]  # the batch, then each alone
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    assert "could not be decoded" in out[5]["error"] and out[2]["error"].startswith("trimmer failed")
+    for i in (0, 1, 3):
+        assert out[i]["error"] is None
+        want = tiny_pipeline.trim(tiny_pipeline.prepare(PROMPTS[i], [images[i]]), cfg.trim)
+        _assert_same_request(unpack_request(unpack(out[i]["state"])), want.to("cpu"))
+    assert out[4]["error"] is None and unpack_request(unpack(out[4]["state"])).image is None
