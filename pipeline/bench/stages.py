@@ -1,0 +1,93 @@
+"""Batched encode and trim: seconds a request for the VisionEncoder and the Trimmer at each batch size, on the bench
+model with 448x448 noise images (8 distinct, cycled) and the bench prompt; batch sizes interleaved round by round
+(a shared machine drifts), medians over rounds; each batch size's kept tokens checked equal to batch 1's.
+
+    python -m pipeline.bench.stages --requests 32 --batches 1 8 --threads 1 --json bench-results/stages.json
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.sources import PROMPT
+from pipeline.config import ModelConfig, TrimConfig
+from pipeline.model.encoder import VisionEncoder
+from pipeline.model.inputs import prepare_prompt, user_message
+from pipeline.model.presets import build_bench_model
+from pipeline.model.trimmer import Trimmer
+from pipeline.orchestration import trimmer_input
+from pipeline.quality.synthetic import noise_image
+
+
+def one_round(encoder: VisionEncoder, trimmer: Trimmer, prepared: list, batch: int) -> tuple[float, float, list]:
+    """Every request once, `batch` at a time: (encode s, trim s, kept positions per request)."""
+    encode_s = trim_s = 0.0
+    kept = []
+    for i in range(0, len(prepared), batch):
+        chunk = prepared[i : i + batch]
+        t0 = time.perf_counter()
+        visuals = encoder.encode_batch(chunk)
+        t1 = time.perf_counter()
+        requests = trimmer.trim_batch([trimmer_input(p) for p in chunk], visuals)
+        t2 = time.perf_counter()
+        encode_s, trim_s = encode_s + t1 - t0, trim_s + t2 - t1
+        kept += [r.image.kept_positions.tolist() for r in requests]
+    return encode_s, trim_s, kept
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    loaded = build_bench_model(ModelConfig(source="preset:bench", dtype="float32", device="cpu"))
+    encoder, trimmer = VisionEncoder(loaded), Trimmer(loaded, TrimConfig())
+    images = [noise_image(args.size, args.size, i) for i in range(8)]
+    prepared = [prepare_prompt(loaded.processor, user_message(PROMPT, 1), [images[i % 8]], 1, 4096)
+                for i in range(args.requests)]
+    one_round(encoder, trimmer, prepared[: max(args.batches)], max(args.batches))  # warm up
+    times: dict[int, list[tuple[float, float]]] = {b: [] for b in args.batches}
+    kept: dict[int, list] = {}
+    for _ in range(args.rounds):
+        for b in args.batches:
+            encode_s, trim_s, kept[b] = one_round(encoder, trimmer, prepared, b)
+            times[b].append((encode_s / args.requests, trim_s / args.requests))
+    first = args.batches[0]
+    rows = []
+    for b in args.batches:
+        assert kept[b] == kept[first], f"batch {b} kept other tokens than batch {first}"
+        enc = statistics.median(t[0] for t in times[b])
+        trim = statistics.median(t[1] for t in times[b])
+        rows.append({"batch": b, "encode_s_per_request": round(enc, 4), "trim_s_per_request": round(trim, 4),
+                     "encode_trim_s_per_request": round(statistics.median(sum(t) for t in times[b]), 4),
+                     "rounds": [[round(e, 4), round(t, 4)] for e, t in times[b]]})
+    base = rows[0]["encode_trim_s_per_request"]
+    for row in rows:
+        row["speedup_vs_first"] = round(base / row["encode_trim_s_per_request"], 3)
+    return {"model": "preset:bench", "dtype": "float32", "threads": args.threads, "requests": args.requests,
+            "image": f"{args.size}x{args.size}", "visual_tokens_per_request": len(prepared[0].input_ids) and
+            int(encoder.encode(prepared[0]).token_valid.sum()), "kept_equal_across_batches": True, "results": rows}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=int, default=448, help="image side in pixels")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    out = run(args)
+    for row in out["results"]:
+        print(f"batch {row['batch']:3d}: encode {row['encode_s_per_request']:.4f} s  trim {row['trim_s_per_request']:.4f}"
+              f" s  encode+trim {row['encode_trim_s_per_request']:.4f} s a request  ({row['speedup_vs_first']:.2f}x)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
