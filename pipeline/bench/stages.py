@@ -23,6 +23,11 @@ from pipeline.orchestration import trimmer_input
 from pipeline.quality.synthetic import noise_image
 
 
+def sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
 def one_round(encoder: VisionEncoder, trimmer: Trimmer, prepared: list, batch: int) -> tuple[float, float, list]:
     """Every request once, `batch` at a time: (encode s, trim s, kept positions per request)."""
     encode_s = trim_s = 0.0
@@ -31,8 +36,10 @@ def one_round(encoder: VisionEncoder, trimmer: Trimmer, prepared: list, batch: i
         chunk = prepared[i : i + batch]
         t0 = time.perf_counter()
         visuals = encoder.encode_batch(chunk)
+        sync(visuals[-1].features)
         t1 = time.perf_counter()
         requests = trimmer.trim_batch([trimmer_input(p) for p in chunk], visuals)
+        sync(requests[-1].resume.hidden)
         t2 = time.perf_counter()
         encode_s, trim_s = encode_s + t1 - t0, trim_s + t2 - t1
         kept += [r.image.kept_positions.tolist() for r in requests]
@@ -42,7 +49,7 @@ def one_round(encoder: VisionEncoder, trimmer: Trimmer, prepared: list, batch: i
 def run(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    loaded = build_bench_model(ModelConfig(source="preset:bench", dtype="float32", device="cpu"))
+    loaded = build_bench_model(ModelConfig(source="preset:bench", dtype=args.dtype, device=args.device))
     encoder, trimmer = VisionEncoder(loaded), Trimmer(loaded, TrimConfig())
     images = [noise_image(args.size, args.size, i) for i in range(8)]
     prepared = [prepare_prompt(loaded.processor, user_message(PROMPT, 1), [images[i % 8]], 1, 4096)
@@ -66,9 +73,10 @@ def run(args) -> dict:
     base = rows[0]["encode_trim_s_per_request"]
     for row in rows:
         row["speedup_vs_first"] = round(base / row["encode_trim_s_per_request"], 3)
-    return {"model": "preset:bench", "dtype": "float32", "threads": args.threads, "requests": args.requests,
-            "image": f"{args.size}x{args.size}", "visual_tokens_per_request": len(prepared[0].input_ids) and
-            int(encoder.encode(prepared[0]).token_valid.sum()), "kept_equal_across_batches": True, "results": rows}
+    return {"model": "preset:bench", "dtype": args.dtype, "device": args.device, "threads": args.threads, "requests": args.requests,
+            "image": f"{args.size}x{args.size}", "prompt_tokens": len(prepared[0].input_ids),
+            "visual_tokens_per_request": int(encoder.encode(prepared[0]).token_valid.sum()),
+            "kept_equal_across_batches": True, "results": rows}
 
 
 def main(argv=None) -> None:
@@ -78,6 +86,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=448, help="image side in pixels")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     out = run(args)
