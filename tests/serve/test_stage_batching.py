@@ -75,7 +75,7 @@ def test_stage_deployments_batch_and_fail_alone(serve_app, pipe):
     after = trimmer.batch_stats.remote().result()
     assert after["largest"] > 1 and after["calls"] - before["calls"] == len(calls) + 1
     # Each call again alone (a batch of one each): bitwise the same. Against this process's trimmer (other torch
-    # threads, so GEMMs may round differently): the same kept tokens, the resume state within 1e-5.
+    # threads, so GEMMs may round differently): the same kept tokens, the resume state within 1e-5 (relative).
     for p, v, c, handoff in zip(prepared, visuals, cfgs, handoffs):
         got = handoff.request().to_payload()
         alone = trimmer.trim.remote(trimmer_input(p), v, c).result().request().to_payload()
@@ -87,5 +87,5 @@ def test_stage_deployments_batch_and_fail_alone(serve_app, pipe):
             if k.startswith("image."):
                 assert torch.equal(got.tensors[k], t), k
             else:
-                torch.testing.assert_close(got.tensors[k], t, rtol=0, atol=1e-5)
+                torch.testing.assert_close(got.tensors[k], t, rtol=1e-5, atol=1e-5)
     assert trimmer.batch_stats.remote().result()["sizes"][1] >= len(handoffs)
