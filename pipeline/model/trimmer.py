@@ -37,7 +37,6 @@ class _Slot:
     sees what (as HF expands the processor's (S, images, tiles) mask)."""
 
     rows: slice  # its prompt rows among the batch's
-    tokens: slice  # its visual tokens (images * tokens_per_image, padding tiles included) among the batch's
     tokens_per_image: int
     token_visible: torch.Tensor  # (S, images * tokens_per_image) bool
     row_visibility: torch.Tensor  # (S, images) bool: which images each row sees
@@ -46,7 +45,7 @@ class _Slot:
 
 
 def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) -> list[_Slot]:
-    slots, row, token = [], 0, 0
+    slots, row = [], 0
     for prompt, visual in zip(prompts, visuals):
         images, tokens_per_image, _ = visual.features.shape
         tiles = prompt.cross_attention_mask.shape[-1]
@@ -54,10 +53,10 @@ def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) ->
         sees = row_visibility.any(dim=1)
         prefix = int(sees.long().argmax())  # rows after the first image token all see an image
         assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
-        s, n = len(prompt.input_ids), images * tokens_per_image
-        slots.append(_Slot(slice(row, row + s), slice(token, token + n), tokens_per_image,
-                           prompt.token_visible(tokens_per_image // tiles).to(dev), row_visibility, sees, prefix))
-        row, token = row + s, token + n
+        s = len(prompt.input_ids)
+        slots.append(_Slot(slice(row, row + s), tokens_per_image, prompt.token_visible(tokens_per_image // tiles).to(dev),
+                           row_visibility, sees, prefix))
+        row += s
     return slots
 
 
@@ -87,7 +86,7 @@ class Trimmer:
         dev = self.loaded.device
         ids = [p.input_ids.to(dev) for p in prompts]
         slots = _slots(prompts, visuals, dev)
-        feats = torch.cat([v.features.reshape(-1, v.features.shape[-1]).to(dev) for v in visuals])  # (all, hidden)
+        feats = [v.features.reshape(-1, v.features.shape[-1]).to(dev) for v in visuals]  # (images * tokens, hidden)
         h, self_kv = self._run_to_first_cross(ids, slots)
         h_in = h
         h, scores, k, v = self._first_cross_layer(h, feats, slots, [s.token_visible for s in slots])
@@ -108,14 +107,14 @@ class Trimmer:
         # batch's kept tokens at once: a GEMM of under 4 rows takes another kernel (a kept count can be that small),
         # and hundreds of rows already keep one busy, so this keeps every prompt's K/V bitwise its batch-1 value.
         later = [i for i in self.loaded.cross_layers if i != self.first]
-        kept_feats = [feats[s.tokens][kj] for s, kj in zip(slots, kept)]
+        kept_feats = [f[kj] for f, kj in zip(feats, kept)]
         alone = len(slots) == 1
         out = []
         for j, (slot, visual, kj) in enumerate(zip(slots, visuals, kept)):
             if ship == "kv":
                 later_kv = (project_cross_kv(self.text, later, kept_feats[j]) if later  # (later, 2, KVH, kept, hd)
-                            else k.new_zeros((0, 2, k.shape[0], len(kj), k.shape[2])))
-                first_kv = torch.stack([k[:, slot.tokens][:, kj], v[:, slot.tokens][:, kj]])[None]
+                            else k[j].new_zeros((0, 2, k[j].shape[0], len(kj), k[j].shape[2])))
+                first_kv = torch.stack([k[j][:, kj], v[j][:, kj]])[None]
                 cross = CrossKV(torch.cat([first_kv, later_kv]))
             else:
                 cross = KeptFeatures(kept_feats[j])
@@ -123,9 +122,9 @@ class Trimmer:
                 hidden=h[0, slot.rows] if alone else h[0, slot.rows].clone(),  # a batch's rows would pin all of h
                 self_kv=self_kv[..., slot.rows, :] if alone else self_kv[..., slot.rows, :].clone(),
                 cross=cross,
-                **self._padding(feats[slot.tokens], visual, slot),
+                **self._padding(feats[j], visual, slot),
             )
-            out.append(DecodeRequest(ids[j].tolist(), self._image_state(visual, slot, kj, k), resume))
+            out.append(DecodeRequest(ids[j].tolist(), self._image_state(visual, slot, kj, k[j]), resume))
         return out
 
     def _select(self, scores: torch.Tensor, visual: VisualFeatures, cfg: TrimConfig, slot: _Slot) -> torch.Tensor:
@@ -183,25 +182,28 @@ class Trimmer:
         return h.to(flat.device), torch.stack(self_kv)
 
     def _first_cross_layer(self, h, feats, slots: list[_Slot], token_visible: list[torch.Tensor]):
-        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring: projections
-        over the whole batch, attention and scores within each prompt's own rows and tokens, ROW_CHUNK rows at a
-        time (a long prompt never holds (heads x rows x visual tokens) probabilities). Returns (h, per prompt its
-        per-head scores (H, its tokens), k, v (KVH, all tokens, hd))."""
+        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring: the rows'
+        projections and MLP over the whole batch (their weights read once); each prompt's visual K/V, attention and
+        scores on its own (thousands of tokens already keep a GEMM busy, and the batch's K/V in one tensor only
+        grows the working set), ROW_CHUNK rows at a time (a long prompt never holds (heads x rows x visual tokens)
+        probabilities). Returns (h, and per prompt: per-head scores (H, its tokens), k, v (KVH, its tokens, hd))."""
         layer = self.text.layers[self.first]
         home, dev = h.device, module_device(layer)
-        h, feats = h.to(dev), feats.to(dev)
+        h = h.to(dev)
         attn = layer.cross_attn
         q = cross_q(layer, h)[0]  # (H, rows, hd)
-        k, v = cross_kv(layer, feats)  # (KVH, tokens, hd)
-        out, scores = torch.empty_like(q), []
-        for slot, visible in zip(slots, token_visible):
-            o, s = _attend_and_score(q[:, slot.rows], k[:, slot.tokens], v[:, slot.tokens], visible.to(dev),
-                                     slot.row_sees_image.to(dev), attn.num_key_value_groups, attn.scaling)
+        out, scores, ks, vs = torch.empty_like(q), [], [], []
+        for slot, f, visible in zip(slots, feats, token_visible):
+            k, v = cross_kv(layer, f.to(dev))  # (KVH, its tokens, hd)
+            o, s = _attend_and_score(q[:, slot.rows], k, v, visible.to(dev), slot.row_sees_image.to(dev),
+                                     attn.num_key_value_groups, attn.scaling)
             out[:, slot.rows] = o
             scores.append(s)
+            ks.append(k.to(home))
+            vs.append(v.to(home))
         sees = torch.cat([s.row_sees_image for s in slots]).to(dev)
         h = cross_finish(layer, h, out[None], sees[None])
-        return h.to(home), scores, k.to(home), v.to(home)
+        return h.to(home), scores, ks, vs
 
 
 def _attend_and_score(q, k, v, token_visible, row_sees_image, groups: int, scaling: float):
