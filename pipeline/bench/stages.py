@@ -50,7 +50,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     loaded = build_bench_model(ModelConfig(source="preset:bench", dtype=args.dtype, device=args.device))
-    encoder, trimmer = VisionEncoder(loaded), Trimmer(loaded, TrimConfig())
+    encoder, trimmer = VisionEncoder(loaded, args.images_per_forward), Trimmer(loaded, TrimConfig())
     images = [noise_image(args.size, args.size, i) for i in range(8)]
     prepared = [prepare_prompt(loaded.processor, user_message(PROMPT, 1), [images[i % 8]], 1, 4096)
                 for i in range(args.requests)]
@@ -73,7 +73,8 @@ def run(args) -> dict:
     base = rows[0]["encode_trim_s_per_request"]
     for row in rows:
         row["speedup_vs_first"] = round(base / row["encode_trim_s_per_request"], 3)
-    return {"model": "preset:bench", "dtype": args.dtype, "device": args.device, "threads": args.threads, "requests": args.requests,
+    return {"model": "preset:bench", "dtype": args.dtype, "device": args.device, "threads": args.threads,
+            "images_per_forward": encoder.images_per_forward, "requests": args.requests,
             "image": f"{args.size}x{args.size}", "prompt_tokens": len(prepared[0].input_ids),
             "visual_tokens_per_request": int(encoder.encode(prepared[0]).token_valid.sum()),
             "kept_equal_across_batches": True, "results": rows}
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=448, help="image side in pixels")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--images-per-forward", type=int, help="the encoder's stacking bound (default: its own)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", help="write the results here")

@@ -55,9 +55,19 @@ def _assert_same_request(a, b):
         assert torch.equal(ta.tensors[name], tb.tensors[name]), name
 
 
-def test_encode_batch_equals_one_at_a_time(tiny_pipeline, prepared):
-    encoder = tiny_pipeline.encoder
-    alone = [encoder.encode(p) for p in prepared]
+@pytest.mark.parametrize("images_per_forward", [1, 3, 64])
+def test_encode_batch_equals_one_at_a_time(tiny_pipeline, prepared, images_per_forward):
+    from pipeline.model.encoder import VisionEncoder
+
+    alone = [tiny_pipeline.encoder.encode(p) for p in prepared]
+    encoder = VisionEncoder(tiny_pipeline.loaded, images_per_forward)
+    forwards = []
+    vision = encoder.vision
+    encoder.vision = lambda **inputs: forwards.append(inputs["pixel_values"].shape[1]) or vision(**inputs)
+    encoder.encode_batch(prepared)
+    images, most = sum(p.num_images for p in prepared), max(p.num_images for p in prepared)
+    # Stacked up to the bound; a prompt's images never split over forwards.
+    assert sum(forwards) == images and max(forwards) == max(min(images_per_forward, images), most)
     for order in (range(len(prepared)), range(len(prepared))[::-1], range(2, 5)):
         together = encoder.encode_batch([prepared[i] for i in order])
         for i, visual in zip(order, together):
