@@ -33,8 +33,8 @@ from pipeline.types import (
 
 @dataclass
 class _Slot:
-    """One request of a batch: where its rows and visual tokens sit in the batch's concatenated tensors, and who
-    sees what (as HF expands the processor's (S, images, tiles) mask)."""
+    """One request of a batch: where its rows sit among the batch's concatenated rows, and who sees what (as HF
+    expands the processor's (S, images, tiles) mask)."""
 
     rows: slice  # its prompt rows among the batch's
     tokens_per_image: int
@@ -45,6 +45,7 @@ class _Slot:
 
 
 def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) -> list[_Slot]:
+    """Each prompt's slot, its rows following the previous prompt's."""
     slots, row = [], 0
     for prompt, visual in zip(prompts, visuals):
         images, tokens_per_image, _ = visual.features.shape
@@ -77,9 +78,10 @@ class Trimmer:
     def trim_batch(self, prompts: list[PreparedPrompt], visuals: list[VisualFeatures],
                    cfgs: list[TrimConfig | None] | None = None, ship: str = "kv") -> list[DecodeRequest]:
         """trim() of several prompts (each with its own config) in one pass: their rows run as one varlen sequence
-        (every row-wise op, the projections and MLPs, over all rows at once; attention within each prompt's own
-        rows), so no padding is computed and no mask differs from a batch of one. Each prompt's scores come from
-        its own slice, summed in the same chunks, so it keeps what it would keep alone."""
+        (the rows' projections and MLPs over all rows at once; attention within each prompt's own rows), so no
+        padding is computed and no mask differs from a batch of one; the per-visual-token work (K/V, attention,
+        scores, selection) runs per prompt, scores summed in the same chunks. Each prompt's result is bitwise its
+        batch-1 result (tests/unit/test_batched_stages.py)."""
         if ship not in CROSS_KINDS:
             raise ValueError(f"ship is one of {sorted(CROSS_KINDS)}, not {ship!r}")
         cfgs = [c or self.cfg for c in (cfgs or [None] * len(prompts))]
