@@ -7,6 +7,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 
 
+class StageBatching(BaseModel):
+    """A stage deployment's Serve batching (`@serve.batch`): up to max_batch_size concurrent calls run as one
+    forward, the first waiting at most batch_wait_timeout_s for the others. Results equal one call at a time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1)  # keep the deployment's max_ongoing_requests at least this
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # a lone request waits this long for company
+
+
 class AppConfig(BaseModel):
     """What `build_app(args)` accepts; per-deployment Ray options live in the YAML's `deployments:` section."""
 
@@ -27,6 +37,8 @@ class AppConfig(BaseModel):
     http_allowlist: list[str] = Field(default_factory=list)  # URL prefixes; empty refuses http(s) images
     image_fetch_timeout_s: float = Field(10.0, gt=0)
     feature_cache_mib: int = Field(256, ge=0)  # encoder features of recent images kept (LRU, MiB); 0 disables
+    encoder_batching: StageBatching = Field(default_factory=StageBatching)  # VisionEncoder calls per tower forward
+    trimmer_batching: StageBatching = Field(default_factory=StageBatching)  # Trimmer calls per forward
     retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 503 or 429
     # Hostile clients: checked before the body is parsed (see deployments/limits.py).
     max_body_bytes: int = Field(32 * 2**20, ge=1)  # 413 past it; leave room for max_images base64 images

@@ -12,8 +12,10 @@ from ray.serve.metrics import Counter
 from pipeline.config import ModelConfig
 from pipeline.model.encoder import VisionEncoder
 from pipeline.model.loader import load_model
+from pipeline.orchestration import each_or_error
 from pipeline.types import PreparedPrompt, VisualFeatures
 
+from .batching import BatchSizes, apply_batching, batching_of, raised
 from .settings import EncoderSettings
 
 
@@ -58,13 +60,13 @@ def item_bytes(item: tuple[torch.Tensor, ...]) -> int:
     return sum(t.nbytes for t in item)
 
 
-def select_images(prompt: PreparedPrompt, idx: list[int]) -> PreparedPrompt:
-    """The same prompt's pixel inputs restricted to images `idx` (the tower treats images independently)."""
+def one_image(prompt: PreparedPrompt, i: int) -> PreparedPrompt:
+    """Image i of a prompt's pixel inputs alone (the tower treats images independently)."""
     return PreparedPrompt(
         input_ids=prompt.input_ids,
-        pixel_values=prompt.pixel_values[:, idx],
-        aspect_ratio_ids=prompt.aspect_ratio_ids[:, idx],
-        aspect_ratio_mask=prompt.aspect_ratio_mask[:, idx],
+        pixel_values=prompt.pixel_values[:, [i]],
+        aspect_ratio_ids=prompt.aspect_ratio_ids[:, [i]],
+        aspect_ratio_mask=prompt.aspect_ratio_mask[:, [i]],
     )
 
 
@@ -77,33 +79,50 @@ class VisionEncoderDeployment:
         self.pool = ThreadPoolExecutor(max_workers=1)  # one forward at a time; the event loop stays free
         self.lookups = Counter("crosstrim_encoder_cache_lookups", description="Feature cache lookups by result",
                                tag_keys=("result",))
+        self.batches = BatchSizes("crosstrim_encoder_batch_size", "encode calls per batch (one tower forward)")
 
     async def reconfigure(self, user_config: dict) -> None:
-        """In place (deployments/settings.py): the cache's size; called by Serve before the first request too."""
-        max_bytes = EncoderSettings(**user_config).feature_cache_mib * 2**20
+        """In place (deployments/settings.py): the cache's size and the batching; called by Serve before the first
+        request too."""
+        settings = EncoderSettings(**user_config)
+        apply_batching(self._encode_batch, settings.batching)
+        max_bytes = settings.feature_cache_mib * 2**20
         await asyncio.get_running_loop().run_in_executor(self.pool, self.cache.resize, max_bytes)  # the cache's thread
 
     async def encode(self, prompt: PreparedPrompt, image_keys: list[str]) -> VisualFeatures:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, prompt, image_keys)
+        return raised(await self._encode_batch(prompt, image_keys))
 
-    def _encode(self, prompt: PreparedPrompt, keys: list[str]) -> VisualFeatures:
-        cached = [self.cache.get(k) for k in keys]
-        missing = [i for i, c in enumerate(cached) if c is None]
-        for result, n in (("hit", len(keys) - len(missing)), ("miss", len(missing))):
-            if n:  # Ray counters refuse 0
-                self.lookups.inc(n, tags={"result": result})
-        if missing:
-            fresh = self.stage.encode(select_images(prompt, missing) if len(missing) < len(keys) else prompt)
-            if len(keys) == 1:  # the common case: no copies (a view of one image would pin all of `fresh`)
-                self.cache.put(keys[0], (fresh.features[0], fresh.token_valid[0]))
-                return fresh
-            for j, i in enumerate(missing):
-                cached[i] = (fresh.features[j].clone(), fresh.token_valid[j].clone())  # own storage, not a view
-                self.cache.put(keys[i], cached[i])
-        if len(keys) == 1:
-            return VisualFeatures(features=cached[0][0][None], token_valid=cached[0][1][None])
-        return VisualFeatures(features=torch.stack([c[0] for c in cached]),
-                              token_valid=torch.stack([c[1] for c in cached]))
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # reconfigure sets both from the YAML
+    async def _encode_batch(self, prompts: list[PreparedPrompt], keys: list[list[str]]) -> list:
+        self.batches.observe(len(prompts))
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode_many, prompts, keys)
+
+    def _encode_many(self, prompts: list[PreparedPrompt], keys: list[list[str]]) -> list[VisualFeatures | Exception]:
+        """Per call its features or its error. Cached images skip the tower; the rest (an image repeated in the
+        batch once) run in one encode_batch, where a failure retries image by image so it fails its calls alone."""
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        todo: dict[str, PreparedPrompt] = {}  # image key -> that image alone
+        failed: dict[str, Exception] = {}
+        for prompt, ks in zip(prompts, keys):
+            for i, key in enumerate(ks):
+                if key in found or key in todo or key in failed:
+                    continue
+                item = self.cache.get(key)
+                self.lookups.inc(tags={"result": "miss" if item is None else "hit"})
+                if item is not None:
+                    found[key] = item
+                    continue
+                try:
+                    todo[key] = one_image(prompt, i)
+                except Exception as exc:
+                    failed[key] = exc
+        for key, visual in zip(todo, each_or_error(self.stage.encode_batch, list(todo.values()))):
+            if isinstance(visual, Exception):
+                failed[key] = visual
+                continue
+            found[key] = (visual.features[0], visual.token_valid[0])  # own storage: encode_batch cloned its part
+            self.cache.put(key, found[key])
+        return [assemble([found.get(k) for k in ks], [failed.get(k) for k in ks]) for ks in keys]
 
     def load_stats(self) -> dict:
         return self.stage.loaded.load_stats()
@@ -112,3 +131,16 @@ class VisionEncoderDeployment:
         c = self.cache
         return {"entries": len(c.entries), "bytes": c.bytes, "max_bytes": c.max_bytes, "hits": c.hits,
                 "misses": c.misses}
+
+    def batch_stats(self) -> dict:
+        return self.batches.stats() | batching_of(self._encode_batch)
+
+
+def assemble(items: list, errors: list[Exception | None]) -> VisualFeatures | Exception:
+    """One call's images from their cached or fresh (features, token_valid), or the first error among them."""
+    error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        return error
+    if len(items) == 1:  # the common case: no copies
+        return VisualFeatures(features=items[0][0][None], token_valid=items[0][1][None])
+    return VisualFeatures(features=torch.stack([f for f, _ in items]), token_valid=torch.stack([v for _, v in items]))

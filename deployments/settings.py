@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import TrimConfig
 
-from .config import AppConfig
+from .config import AppConfig, StageBatching
 
 
 class _Settings(BaseModel):
@@ -44,10 +44,12 @@ class DecoderSettings(_Settings):
 
 class EncoderSettings(_Settings):
     feature_cache_mib: int = Field(ge=0)  # shrinking evicts the least recent entries at once
+    batching: StageBatching  # the next batch formed uses it
 
 
 class TrimmerSettings(_Settings):
     ship: str = Field(pattern="^(kv|features)$")  # per request: the decoder takes either
+    batching: StageBatching  # the next batch formed uses it
 
 
 def ingress_settings(cfg: AppConfig) -> dict:
@@ -61,11 +63,11 @@ def decoder_settings(cfg: AppConfig) -> dict:
 
 
 def encoder_settings(cfg: AppConfig) -> dict:
-    return EncoderSettings(feature_cache_mib=cfg.feature_cache_mib).model_dump()
+    return EncoderSettings(feature_cache_mib=cfg.feature_cache_mib, batching=cfg.encoder_batching).model_dump()
 
 
 def trimmer_settings(cfg: AppConfig) -> dict:
-    return TrimmerSettings(ship=cfg.ship).model_dump()
+    return TrimmerSettings(ship=cfg.ship, batching=cfg.trimmer_batching).model_dump()
 
 
 def drain_options(cfg: AppConfig, streams: bool) -> dict:

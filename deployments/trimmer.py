@@ -11,8 +11,10 @@ from ray.serve.metrics import Counter
 from pipeline.config import ModelConfig, TrimConfig
 from pipeline.model.loader import load_model
 from pipeline.model.trimmer import Trimmer
-from pipeline.types import PreparedPrompt, VisualFeatures
+from pipeline.orchestration import each_or_error
+from pipeline.types import DecodeRequest, PreparedPrompt, VisualFeatures
 
+from .batching import BatchSizes, apply_batching, batching_of, raised
 from .handoff import Handoff
 from .settings import TrimmerSettings
 
@@ -28,10 +30,14 @@ class TrimmerDeployment:
         self.shipped_bytes = Counter("crosstrim_shipped_bytes", tag_keys=("part",),
                                      description="Bytes handed from trimmer to decoder (cross K/V or features, "
                                                  "and the resume state)")
+        self.batches = BatchSizes("crosstrim_trimmer_batch_size", "trim calls per batch (one forward)")
 
     def reconfigure(self, user_config: dict) -> None:
-        """In place (deployments/settings.py): what crosses to the decoder, from the next call on."""
-        self.ship = TrimmerSettings(**user_config).ship
+        """In place (deployments/settings.py): what crosses to the decoder, from the next call on, and the
+        batching, from the next batch on."""
+        settings = TrimmerSettings(**user_config)
+        self.ship = settings.ship
+        apply_batching(self._trim_batch, settings.batching)
 
     async def ping(self) -> bool:
         """For /health: the replica answers."""
@@ -40,13 +46,28 @@ class TrimmerDeployment:
     def load_stats(self) -> dict:
         return self.stage.loaded.load_stats()
 
+    def batch_stats(self) -> dict:
+        return self.batches.stats() | batching_of(self._trim_batch)
+
     async def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None) -> Handoff:
-        handoff = await asyncio.get_running_loop().run_in_executor(self.pool, self._trim, prompt, visual, cfg)
+        handoff = raised(await self._trim_batch(prompt, visual, cfg))
         handoff.sent_at = time.time()  # stamped last: the hop starts when the result leaves
         return handoff
 
-    def _trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None) -> Handoff:
-        request = self.stage.trim(prompt, visual, cfg, ship=self.ship)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # reconfigure sets both from the YAML
+    async def _trim_batch(self, prompts: list[PreparedPrompt], visuals: list[VisualFeatures],
+                          cfgs: list[TrimConfig | None]) -> list:
+        self.batches.observe(len(prompts))
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._trim_many, prompts, visuals, cfgs,
+                                                                self.ship)
+
+    def _trim_many(self, prompts, visuals, cfgs, ship: str) -> list[Handoff | Exception]:
+        """One trim_batch for the calls; if it fails, each alone, so a bad call fails alone."""
+        requests = each_or_error(lambda calls: self.stage.trim_batch(*map(list, zip(*calls)), ship=ship),
+                                 list(zip(prompts, visuals, cfgs)))
+        return [r if isinstance(r, Exception) else self._handoff(r) for r in requests]
+
+    def _handoff(self, request: DecodeRequest) -> Handoff:
         handoff = Handoff.of(request)
         self.visual_tokens.inc(sum(request.image.visual_tokens))
         self.kept_tokens.inc(sum(request.image.kept_tokens))

@@ -12,7 +12,7 @@ from pipeline.model.encoder import VisionEncoder
 from pipeline.model.inputs import prepare_prompt, user_message
 from pipeline.model.loader import LoadedModel, load_model
 from pipeline.model.trimmer import Trimmer
-from pipeline.orchestration import run_stages
+from pipeline.orchestration import run_stages, run_stages_batched
 from pipeline.types import DecodeRequest, Generation, PreparedPrompt
 
 
@@ -37,6 +37,13 @@ class Pipeline:
     def trim(self, prepared: PreparedPrompt, trim: TrimConfig | None = None, ship: str = "kv") -> DecodeRequest:
         """The decode request of a prepared prompt: encoded and trimmed when it has images."""
         return run_stages(prepared, self.encoder.encode, partial(self.trimmer.trim, cfg=trim, ship=ship))
+
+    def trim_many(self, prepared: list[PreparedPrompt], trim: TrimConfig | None = None,
+                  ship: str = "kv") -> list[DecodeRequest | Exception]:
+        """trim() of many prompts, each stage run once over all of them (results equal one at a time); a prompt
+        that fails gets its exception in its place, the others their decode requests."""
+        return run_stages_batched(prepared, self.encoder.encode_batch,
+                                  lambda prompts, visuals: self.trimmer.trim_batch(prompts, visuals, [trim] * len(prompts), ship))
 
     def generate(self, prompt: str, images: list[Image.Image], params: SamplingParams | None = None,
                  trim: TrimConfig | None = None) -> Generation:

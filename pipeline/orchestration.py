@@ -23,3 +23,42 @@ def run_stages(prepared: PreparedPrompt, encode: Callable, trim: Callable, text:
     if prepared.num_images == 0:
         return text(text_request(prepared))
     return trim(trimmer_input(prepared), encode(prepared))
+
+
+def each_or_error(batch_fn: Callable, items: list) -> list:
+    """batch_fn(items) -> one result per item; if the batch raises, each item runs alone, so a bad item fails alone:
+    its exception in its place, the others' results in theirs."""
+    if not items:
+        return []
+    try:
+        return list(batch_fn(items))
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc]
+        return [each_or_error(batch_fn, [item])[0] for item in items]
+
+
+def run_stages_batched(prepared: list[PreparedPrompt], encode_batch: Callable, trim_batch: Callable,
+                       text: Callable = lambda r: r) -> list:
+    """run_stages over many prompts, each stage called once for all the prompts with images (encode_batch(list of
+    prompts) -> visuals, trim_batch(trimmer inputs, visuals) -> results); text-only prompts skip both. Returns per
+    prompt its result or the exception that stopped it (each_or_error)."""
+    out: list = [None] * len(prepared)
+    with_images = []
+    for i, p in enumerate(prepared):
+        if p.num_images == 0:
+            out[i] = text(text_request(p))
+        else:
+            with_images.append(i)
+    visuals = each_or_error(encode_batch, [prepared[i] for i in with_images])
+    encoded = []
+    for i, visual in zip(with_images, visuals):
+        if isinstance(visual, Exception):
+            out[i] = visual
+        else:
+            encoded.append((i, visual))
+    trimmed = each_or_error(lambda pairs: trim_batch([trimmer_input(prepared[i]) for i, _ in pairs],
+                                                     [v for _, v in pairs]), encoded)
+    for (i, _), result in zip(encoded, trimmed):
+        out[i] = result
+    return out

@@ -18,7 +18,7 @@ from pipeline.model.encoder import VisionEncoder
 from pipeline.model.inputs import decode_image, prepare_prompt, user_message
 from pipeline.model.loader import load_model
 from pipeline.model.trimmer import Trimmer
-from pipeline.orchestration import run_stages
+from pipeline.orchestration import each_or_error, run_stages_batched
 from pipeline.storage import S3Settings
 from pipeline.types import DecodeRequest, Payload, PreparedPrompt, VisualFeatures
 
@@ -56,8 +56,13 @@ def row_error(exc: Exception, stage: str) -> str:
     """The message for the `error` column; unexpected failures are logged with their traceback too."""
     if isinstance(exc, InvalidRequest):
         return str(exc)
-    log.exception("%s failed on a row", stage)
+    log.error("%s failed on a row", stage, exc_info=exc)
     return f"{stage} failed: {type(exc).__name__}: {exc}"
+
+
+def result_row(rid, result: bytes | Exception, stage: str) -> tuple:
+    """A state row: the stage's packed output, or the error that stopped it."""
+    return (rid, row_error(result, stage), None) if isinstance(result, Exception) else (rid, None, result)
 
 
 def state_table(rows: list[tuple]) -> pa.Table:
@@ -85,7 +90,16 @@ class EncodeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         images = list(self.fetch_pool.map(self._image, rows))  # I/O overlaps across the batch
-        return state_table([self._encode(row, image) for row, image in zip(rows, images)])
+        prepared = [self._prepare(row, image) for row, image in zip(rows, images)]
+        ok = [i for i, p in enumerate(prepared) if isinstance(p, PreparedPrompt)]
+        # One tower call for the batch's images; the chain stops before the trimmer, which is the next actor pool.
+        states = run_stages_batched([prepared[i] for i in ok], self.encoder.encode_batch,
+                                    lambda prompts, visuals: list(map(pack_trim_input, prompts, visuals)),
+                                    pack_request)
+        for i, state in zip(ok, states):
+            prepared[i] = state
+        ids = [None if row["id"] is None else str(row["id"]) for row in rows]
+        return state_table([result_row(rid, out, "encoder") for rid, out in zip(ids, prepared)])
 
     def _image(self, row: dict):
         """The row's image, None for a text-only row, or the exception that explains why there is none."""
@@ -101,22 +115,19 @@ class EncodeStage:
         except Exception as exc:
             return exc
 
-    def _encode(self, row: dict, image) -> tuple:
-        rid = None if row["id"] is None else str(row["id"])
+    def _prepare(self, row: dict, image) -> PreparedPrompt | Exception:
         try:
             if isinstance(image, Exception):
                 raise image
-            if rid is None:
+            if row["id"] is None:
                 raise InvalidRequest("row has no id")
             if not isinstance(row["prompt"], str):
                 raise InvalidRequest("row has no prompt")
             images = [] if image is None else [image]
-            prepared = prepare_prompt(self.loaded.processor, user_message(row["prompt"], len(images)), images,
-                                      self.cfg.max_images, self.cfg.max_prompt_tokens)
-            # The chain stops before the trimmer, which is the next actor pool.
-            return rid, None, run_stages(prepared, self.encoder.encode, pack_trim_input, pack_request)
+            return prepare_prompt(self.loaded.processor, user_message(row["prompt"], len(images)), images,
+                                  self.cfg.max_images, self.cfg.max_prompt_tokens)
         except Exception as exc:
-            return rid, row_error(exc, "encoder"), None
+            return exc
 
 
 class TrimStage:
@@ -129,21 +140,28 @@ class TrimStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = [batch.column(c).to_pylist() for c in ("id", "error", "state")]
-        return state_table([self._trim(*row) for row in zip(*cols)])
-
-    def _trim(self, rid, error, blob) -> tuple:
-        if error is not None:
-            return rid, error, None
-        try:
-            state = unpack(blob)
-            if "request" in state:  # text-only: already a decode request
-                return rid, None, blob
-            state, dev = state["trim_input"], self.loaded.device
-            prepared = PreparedPrompt(input_ids=state["input_ids"], cross_attention_mask=state["cross_attention_mask"])
-            visual = VisualFeatures(state["features"].to(dev), state["token_valid"].to(dev))
-            return rid, None, pack_request(self.trimmer.trim(prepared, visual))
-        except Exception as exc:
-            return rid, row_error(exc, "trimmer"), None
+        out: list[bytes | Exception | None] = [None] * len(cols[0])
+        inputs = []  # (row, prompt, visual) of the rows to trim: one trim_batch for all of them
+        for i, (error, blob) in enumerate(zip(cols[1], cols[2])):
+            if error is not None:
+                continue
+            try:
+                state = unpack(blob)
+                if "request" in state:  # text-only: already a decode request
+                    out[i] = blob
+                    continue
+                state, dev = state["trim_input"], self.loaded.device
+                prepared = PreparedPrompt(input_ids=state["input_ids"],
+                                          cross_attention_mask=state["cross_attention_mask"])
+                inputs.append((i, prepared, VisualFeatures(state["features"].to(dev), state["token_valid"].to(dev))))
+            except Exception as exc:
+                out[i] = exc
+        trimmed = each_or_error(lambda batch: self.trimmer.trim_batch([p for _, p, _ in batch], [v for *_, v in batch]),
+                                inputs)
+        for (i, *_), request in zip(inputs, trimmed):
+            out[i] = request if isinstance(request, Exception) else pack_request(request)
+        return state_table([(rid, error, None) if error is not None else result_row(rid, result, "trimmer")
+                            for rid, error, result in zip(*cols[:2], out)])
 
 
 class DecodeStage:

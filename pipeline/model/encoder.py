@@ -65,20 +65,61 @@ def lighten(vision) -> None:
 
 
 class VisionEncoder:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, images_per_forward: int | None = None):
+        """images_per_forward: the most images one tower call stacks; default one on CPU, where a tower's cost is per
+        image and stacking more only grew the working set (HF builds a (tokens x tokens) mask per image, 67 MB at 4
+        tiles of 448 px): measured slower (BENCHMARKS.md, batched encode and trim); 16 on a GPU, where one call
+        over many images fills the device."""
         self.loaded = loaded
+        self.images_per_forward = images_per_forward or (16 if loaded.device.type == "cuda" else 1)
         self.vision = loaded.model.model.vision_model
         self.projector = loaded.model.model.multi_modal_projector
         lighten(self.vision)
 
-    @torch.inference_mode()
     def encode(self, prompt: PreparedPrompt) -> VisualFeatures:
+        return self.encode_batch([prompt])[0]
+
+    @torch.inference_mode()
+    def encode_batch(self, prompts: list[PreparedPrompt]) -> list[VisualFeatures]:
+        """Every prompt's images through the tower, stacked up to images_per_forward a call, per tile shape. HF
+        flattens (batch, images) into one axis and treats each image alone (its own tiles, aspect ratio and
+        padding-tile mask), so the prompts' images are stacked on the images axis: no padding images, and each
+        image's numbers are those of a batch of one (the processor pads every image to max_num_tiles, so one shape
+        is the rule)."""
+        out: list[VisualFeatures | None] = [None] * len(prompts)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_shape.setdefault(tuple(p.pixel_values.shape[2:]), []).append(i)
+        for group in by_shape.values():
+            for chunk in self._chunks(group, prompts):
+                for i, visual in zip(chunk, self._encode_stacked([prompts[i] for i in chunk])):
+                    out[i] = visual
+        return out
+
+    def _chunks(self, group: list[int], prompts: list[PreparedPrompt]) -> list[list[int]]:
+        """Consecutive prompts of `group` with at most images_per_forward images a chunk (a prompt with more than
+        that is a chunk of its own)."""
+        chunks, images = [[]], 0
+        for i in group:
+            n = prompts[i].num_images
+            if chunks[-1] and images + n > self.images_per_forward:
+                chunks.append([])
+                images = 0
+            chunks[-1].append(i)
+            images += n
+        return chunks
+
+    def _encode_stacked(self, prompts: list[PreparedPrompt]) -> list[VisualFeatures]:
+        """Prompts whose images share one tile shape: one forward over all their images."""
         dev = self.loaded.device
-        out = self.vision(
-            pixel_values=prompt.pixel_values.to(dev),
-            aspect_ratio_ids=prompt.aspect_ratio_ids.to(dev),
-            aspect_ratio_mask=prompt.aspect_ratio_mask.to(dev),
-        ).last_hidden_state  # (1, images, tiles, patches, vision_output_dim)
+        stacked = {name: torch.cat([getattr(p, name) for p in prompts], dim=1).to(dev)  # (1, all images, ...)
+                   for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        out = self.vision(**stacked).last_hidden_state  # (1, images, tiles, patches, vision_output_dim)
         _, images, tiles, patches, _ = out.shape
         features = self.projector(out).reshape(images, tiles * patches, -1)
-        return VisualFeatures(features=features, token_valid=prompt.token_valid(patches).to(dev))
+        if len(prompts) == 1:
+            return [VisualFeatures(features=features, token_valid=prompts[0].token_valid(patches).to(dev))]
+        parts = features.split([p.num_images for p in prompts])
+        # Cloned: a view would pin (and Ray would ship) the whole batch's features with each prompt's.
+        return [VisualFeatures(features=f.clone(), token_valid=p.token_valid(patches).to(dev))
+                for p, f in zip(prompts, parts)]

@@ -2,6 +2,8 @@
 and select tokens there, and compute every cross-attention layer's K/V from the kept tokens only."""
 
 
+from dataclasses import dataclass
+
 import torch
 
 from pipeline.config import TrimConfig
@@ -29,6 +31,36 @@ from pipeline.types import (
 )
 
 
+@dataclass
+class _Slot:
+    """One request of a batch: where its rows sit among the batch's concatenated rows, and who sees what (as HF
+    expands the processor's (S, images, tiles) mask)."""
+
+    rows: slice  # its prompt rows among the batch's
+    tokens_per_image: int
+    token_visible: torch.Tensor  # (S, images * tokens_per_image) bool
+    row_visibility: torch.Tensor  # (S, images) bool: which images each row sees
+    row_sees_image: torch.Tensor  # (S,) bool
+    prefix: int  # rows before the first image token (they see no image)
+
+
+def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) -> list[_Slot]:
+    """Each prompt's slot, its rows following the previous prompt's."""
+    slots, row = [], 0
+    for prompt, visual in zip(prompts, visuals):
+        images, tokens_per_image, _ = visual.features.shape
+        tiles = prompt.cross_attention_mask.shape[-1]
+        row_visibility = prompt.cross_attention_mask.to(dev).bool().any(dim=2)
+        sees = row_visibility.any(dim=1)
+        prefix = int(sees.long().argmax())  # rows after the first image token all see an image
+        assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
+        s = len(prompt.input_ids)
+        slots.append(_Slot(slice(row, row + s), tokens_per_image, prompt.token_visible(tokens_per_image // tiles).to(dev),
+                           row_visibility, sees, prefix))
+        row += s
+    return slots
+
+
 class Trimmer:
     def __init__(self, loaded: LoadedModel, cfg: TrimConfig | None = None):
         self.loaded = loaded
@@ -36,110 +68,159 @@ class Trimmer:
         self.text = loaded.text
         self.first = loaded.first_cross
 
-    @torch.inference_mode()
     def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None,
              ship: str = "kv") -> DecodeRequest:
         """Select tokens; the decode request carries their K/V in every cross-attention layer (ship "kv") or their
         features, from which the decoder projects that K/V (ship "features")."""
+        return self.trim_batch([prompt], [visual], [cfg], ship)[0]
+
+    @torch.inference_mode()
+    def trim_batch(self, prompts: list[PreparedPrompt], visuals: list[VisualFeatures],
+                   cfgs: list[TrimConfig | None] | None = None, ship: str = "kv") -> list[DecodeRequest]:
+        """trim() of several prompts (each with its own config) in one pass: their rows run as one varlen sequence
+        (the rows' projections and MLPs over all rows at once; attention within each prompt's own rows), so no
+        padding is computed and no mask differs from a batch of one; the per-visual-token work (K/V, attention,
+        scores, selection) runs per prompt, scores summed in the same chunks. Each prompt's result is bitwise its
+        batch-1 result (tests/unit/test_batched_stages.py)."""
         if ship not in CROSS_KINDS:
             raise ValueError(f"ship is one of {sorted(CROSS_KINDS)}, not {ship!r}")
-        cfg = cfg or self.cfg
+        cfgs = [c or self.cfg for c in (cfgs or [None] * len(prompts))]
         dev = self.loaded.device
-        ids = prompt.input_ids.to(dev)
-        h, self_kv = self._run_to_first_cross(ids)
-
-        # Which tokens each row sees, exactly as HF expands the processor's (S, images, tiles) mask.
-        images, tokens_per_image, _ = visual.features.shape
-        tiles = prompt.cross_attention_mask.shape[-1]
-        token_visible = prompt.token_visible(tokens_per_image // tiles).to(dev)
-        row_visibility = prompt.cross_attention_mask.to(dev).bool().any(dim=2)
-        feats = visual.features.reshape(images * tokens_per_image, -1)
-
-        sees = row_visibility.any(dim=1)
-        prefix = int(sees.long().argmax())  # rows after the first image token all see an image
-        assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
+        ids = [p.input_ids.to(dev) for p in prompts]
+        slots = _slots(prompts, visuals, dev)
+        feats = [v.features.reshape(-1, v.features.shape[-1]).to(dev) for v in visuals]  # (images * tokens, hidden)
+        h, self_kv = self._run_to_first_cross(ids, slots)
         h_in = h
-        h, scores, k, v = self._first_cross_layer(h, feats, token_visible, sees)  # scores (H, images * tokens)
+        h, scores, k, v = self._first_cross_layer(h, feats, slots, [s.token_visible for s in slots])
 
-        kept = []
-        for i in range(images):
-            valid = visual.token_valid[i].nonzero().squeeze(1)
-            local = select_tokens(scores[:, i * tokens_per_image + valid].cpu(), cfg).to(dev)
-            kept.append(i * tokens_per_image + valid[local])
-        kept = torch.cat(kept)
-        if cfg.trim_first_layer:  # ablation: the prompt rows that see an image read only the kept tokens there too
-            keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=dev)
-            keep[kept] = True
-            h = self._first_cross_layer(h_in, feats, token_visible & keep, sees)[0]
+        kept = [self._select(scores[j], visuals[j], cfgs[j], slots[j]) for j in range(len(slots))]  # local positions
+        if any(c.trim_first_layer for c in cfgs):
+            # Ablation: the prompt rows that see an image read only the kept tokens there too.
+            visible = []
+            for slot, cfg, keep_j in zip(slots, cfgs, kept):
+                keep = torch.zeros(slot.token_visible.shape[1], dtype=torch.bool, device=dev)
+                keep[keep_j] = True
+                visible.append(slot.token_visible & keep if cfg.trim_first_layer else slot.token_visible)
+            h = self._first_cross_layer(h_in, feats, slots, visible)[0]
 
         # Later layers project K/V of the kept tokens only (here, or in the decoder from the shipped features). The
         # blind prefix (if any) also reads the padding tiles' tokens there (HF shows them to it and trimming never
-        # drops them): the decoder projects those from their features, layer by layer.
-        if ship == "kv":
-            later = [i for i in self.loaded.cross_layers if i != self.first]
-            later_kv = (project_cross_kv(self.text, later, feats[kept]) if later  # (later, 2, KVH, kept, hd)
-                        else k.new_zeros((0, 2, k.shape[0], len(kept), k.shape[2])))
-            cross = CrossKV(torch.cat([torch.stack([k[:, kept], v[:, kept]])[None], later_kv]))
-        else:
-            cross = KeptFeatures(feats[kept])
-        padding = (~visual.token_valid.to(dev).reshape(-1)).nonzero().squeeze(1) if prefix else kept[:0]
-        kept_image = kept // tokens_per_image
-        image = ImageState(
+        # drops them): the decoder projects those from their features, layer by layer. Per prompt, not over the
+        # batch's kept tokens at once: a GEMM of under 4 rows takes another kernel (a kept count can be that small),
+        # and hundreds of rows already keep one busy, so this keeps every prompt's K/V bitwise its batch-1 value.
+        later = [i for i in self.loaded.cross_layers if i != self.first]
+        kept_feats = [f[kj] for f, kj in zip(feats, kept)]
+        alone = len(slots) == 1
+        out = []
+        for j, (slot, visual, kj) in enumerate(zip(slots, visuals, kept)):
+            if ship == "kv":
+                later_kv = (project_cross_kv(self.text, later, kept_feats[j]) if later  # (later, 2, KVH, kept, hd)
+                            else k[j].new_zeros((0, 2, k[j].shape[0], len(kj), k[j].shape[2])))
+                first_kv = torch.stack([k[j][:, kj], v[j][:, kj]])[None]
+                cross = CrossKV(torch.cat([first_kv, later_kv]))
+            else:
+                cross = KeptFeatures(kept_feats[j])
+            resume = ResumeState(
+                hidden=h[0, slot.rows] if alone else h[0, slot.rows].clone(),  # a batch's rows would pin all of h
+                self_kv=self_kv[..., slot.rows, :] if alone else self_kv[..., slot.rows, :].clone(),
+                cross=cross,
+                **self._padding(feats[j], visual, slot),
+            )
+            out.append(DecodeRequest(ids[j].tolist(), self._image_state(visual, slot, kj, k[j]), resume))
+        return out
+
+    def _select(self, scores: torch.Tensor, visual: VisualFeatures, cfg: TrimConfig, slot: _Slot) -> torch.Tensor:
+        """One prompt's kept tokens (positions among its images' tokens), chosen per image among the valid ones;
+        scores (H, its images * tokens_per_image)."""
+        n, dev = slot.tokens_per_image, scores.device
+        kept = []
+        for i in range(visual.features.shape[0]):
+            valid = visual.token_valid[i].to(dev).nonzero().squeeze(1)
+            local = select_tokens(scores[:, i * n + valid].cpu(), cfg).to(dev)
+            kept.append(i * n + valid[local])
+        return torch.cat(kept)
+
+    def _padding(self, feats: torch.Tensor, visual: VisualFeatures, slot: _Slot) -> dict:
+        dev = feats.device
+        padding = ((~visual.token_valid.to(dev).reshape(-1)).nonzero().squeeze(1) if slot.prefix
+                   else torch.zeros(0, dtype=torch.long, device=dev))
+        return {"padding_features": feats[padding], "padding_positions": padding}
+
+    def _image_state(self, visual: VisualFeatures, slot: _Slot, kept: torch.Tensor, k: torch.Tensor) -> ImageState:
+        images = visual.features.shape[0]
+        kept_image = kept // slot.tokens_per_image
+        return ImageState(
             kept_image=kept_image,
-            kept_index=kept % tokens_per_image,
-            row_visibility=row_visibility,
+            kept_index=kept % slot.tokens_per_image,
+            row_visibility=slot.row_visibility,
             visual_tokens=visual.token_valid.sum(dim=1).tolist(),
             kept_tokens=torch.bincount(kept_image, minlength=images).tolist(),
             # one token's K and V in every cross-attention layer
             kv_bytes_per_visual_token=len(self.loaded.cross_layers) * 2 * k.shape[0] * k.shape[2] * k.element_size(),
-            tokens_per_image=tokens_per_image,
-            prefix_len=prefix,
+            tokens_per_image=slot.tokens_per_image,
+            prefix_len=slot.prefix,
         )
-        resume = ResumeState(
-            hidden=h[0],
-            # (first, 2, KVH, S, hd); empty but shaped when the first cross-attention layer is layer 0
-            self_kv=torch.stack(self_kv) if self_kv else h.new_zeros((0, 2, k.shape[0], len(ids), k.shape[2])),
-            cross=cross,
-            padding_features=feats[padding],
-            padding_positions=padding,
-        )
-        return DecodeRequest(ids.tolist(), image, resume)
 
-    def _run_to_first_cross(self, ids: torch.Tensor):
-        h = self.text.embed_tokens(ids)[None]
-        cos, sin = self.text.rotary_emb(h, torch.arange(len(ids), device=ids.device)[None])
+    def _run_to_first_cross(self, ids: list[torch.Tensor], slots: list[_Slot]):
+        """The layers before the first cross-attention layer over the batch's rows (1, rows, hidden); causal
+        attention within each prompt. Returns (h, self K/V (first, 2, KVH, rows, hd))."""
+        flat = torch.cat(ids)
+        h = self.text.embed_tokens(flat)[None]
+        positions = torch.cat([torch.arange(len(i), device=flat.device) for i in ids])[None]
+        cos, sin = self.text.rotary_emb(h, positions)
         self_kv, on = [], {}
         for layer in self.text.layers[: self.first]:
             dev = module_device(layer)  # layers split over devices: run each where its weights are
             h = h.to(dev)
             q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
-            self_kv.append(torch.stack([k[0], v[0]]).to(ids.device))
-            h = self_finish(layer, h, attend(q, k, v, layer.self_attn.scaling, causal=True))
-        return h.to(ids.device), self_kv
+            scale = layer.self_attn.scaling
+            out = torch.cat([attend(q[:, :, s.rows], k[:, :, s.rows], v[:, :, s.rows], scale, causal=True)
+                             for s in slots], dim=2) if len(slots) > 1 else attend(q, k, v, scale, causal=True)
+            self_kv.append(torch.stack([k[0], v[0]]).to(flat.device))
+            h = self_finish(layer, h, out)
+        if not self_kv:  # the first cross-attention layer is layer 0: empty but shaped
+            attn = self.text.layers[self.first].cross_attn
+            return h, h.new_zeros((0, 2, attn.num_key_value_heads, len(flat), attn.head_dim))
+        return h.to(flat.device), torch.stack(self_kv)
 
-    def _first_cross_layer(self, h, feats, token_visible, row_sees_image):
-        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring; ROW_CHUNK
-        prompt rows at a time, so a long prompt never holds (heads x rows x visual tokens) probabilities.
-        Returns (h, per-head scores (H, V), k, v)."""
+    def _first_cross_layer(self, h, feats, slots: list[_Slot], token_visible: list[torch.Tensor]):
+        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring: the rows'
+        projections and MLP over the whole batch (their weights read once); each prompt's visual K/V, attention and
+        scores on its own (thousands of tokens already keep a GEMM busy, and the batch's K/V in one tensor only
+        grows the working set), ROW_CHUNK rows at a time (a long prompt never holds (heads x rows x visual tokens)
+        probabilities). Returns (h, and per prompt: per-head scores (H, its tokens), k, v (KVH, its tokens, hd))."""
         layer = self.text.layers[self.first]
         home, dev = h.device, module_device(layer)
-        h, feats, token_visible, row_sees_image = (t.to(dev) for t in (h, feats, token_visible, row_sees_image))
+        h = h.to(dev)
         attn = layer.cross_attn
-        q = cross_q(layer, h)[0]  # (H, S, hd)
-        k, v = cross_kv(layer, feats)  # (KVH, V, hd)
-        groups = attn.num_key_value_groups
-        kt, vg = k.repeat_interleave(groups, dim=0).transpose(1, 2), v.repeat_interleave(groups, dim=0)
-        # Rows that see no image get an all-zero mask (a uniform average), as HF's mask preparation gives them.
-        allowed = token_visible | ~row_sees_image[:, None]
-        out, scores = torch.empty_like(q), None
-        for r in range(0, q.shape[1], ROW_CHUNK):
-            rows = slice(r, r + ROW_CHUNK)
-            bias = torch.zeros(allowed[rows].shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~allowed[rows], torch.finfo(q.dtype).min)
-            logits = q[:, rows] @ kt * attn.scaling + bias  # (H, rows, V)
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
-            out[:, rows] = probs @ vg
-            part = chunk_scores(probs, token_visible[rows])
-            scores = part if scores is None else scores + part
-        h = cross_finish(layer, h, out[None], row_sees_image[None])
-        return h.to(home), scores, k.to(home), v.to(home)
+        q = cross_q(layer, h)[0]  # (H, rows, hd)
+        out, scores, ks, vs = torch.empty_like(q), [], [], []
+        for slot, f, visible in zip(slots, feats, token_visible):
+            k, v = cross_kv(layer, f.to(dev))  # (KVH, its tokens, hd)
+            o, s = _attend_and_score(q[:, slot.rows], k, v, visible.to(dev), slot.row_sees_image.to(dev),
+                                     attn.num_key_value_groups, attn.scaling)
+            out[:, slot.rows] = o
+            scores.append(s)
+            ks.append(k.to(home))
+            vs.append(v.to(home))
+        sees = torch.cat([s.row_sees_image for s in slots]).to(dev)
+        h = cross_finish(layer, h, out[None], sees[None])
+        return h.to(home), scores, ks, vs
+
+
+def _attend_and_score(q, k, v, token_visible, row_sees_image, groups: int, scaling: float):
+    """One prompt: q (H, S, hd) over k, v (KVH, V, hd) -> (attention output (H, S, hd), scores (H, V) float32)."""
+    kt, vg = k.repeat_interleave(groups, dim=0).transpose(1, 2), v.repeat_interleave(groups, dim=0)
+    # Rows that see no image get an all-zero mask (a uniform average), as HF's mask preparation gives them.
+    allowed = token_visible | ~row_sees_image[:, None]
+    out, scores = torch.empty_like(q), None
+    for r in range(0, q.shape[1], ROW_CHUNK):
+        rows = slice(r, r + ROW_CHUNK)
+        bias = torch.zeros(allowed[rows].shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~allowed[rows], torch.finfo(q.dtype).min)
+        logits = q[:, rows] @ kt * scaling + bias  # (H, rows, V)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+        out[:, rows] = probs @ vg
+        part = chunk_scores(probs, token_visible[rows])
+        scores = part if scores is None else scores + part
+    return out, scores
