@@ -1,0 +1,108 @@
+"""A long prompt admitted into running streams: the streams' inter-token gaps (median, p99, max) and the long
+prompt's time to first token, chunked prefill (a per-step token budget) vs the whole prompt in one step, in one
+run. Prints a table and writes JSON.
+
+    python -m pipeline.bench.long_prompt --threads 1 --json bench-results/long-prompt.json
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import EngineConfig, ModelConfig
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.sampling import SamplingParams
+from pipeline.model.loader import load_model
+from pipeline.types import DecodeRequest
+
+WHOLE = 1 << 30  # a step budget no prompt reaches: each prompt prefilled in one step (chunking off)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, nearest rank (no interpolation: a p99 of 100 gaps is the largest but one)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def run_mode(loaded, args, budget: int) -> dict:
+    """Streams decoding, `--before` steps timed, the long prompt added, stepped to its first token and
+    `--after` steps more; every stream's gaps between consecutive tokens in that window."""
+    gen = torch.Generator().manual_seed(args.seed)
+    vocab = loaded.model.lm_head.out_features
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=args.kv_mib * 2**20, max_running=args.streams + 1,
+                                            max_model_len=args.prompt_tokens + 256, step_token_budget=budget))
+    stream_params = SamplingParams(max_tokens=250, ignore_eos=True)
+    streams = [engine.add_request(DecodeRequest(torch.randint(0, vocab, (args.stream_prompt,), generator=gen).tolist()),
+                                  stream_params) for _ in range(args.streams)]
+    while any(not s.output_ids for s in streams):
+        engine.step()
+    stamps = {id(s): [] for s in streams}  # each stream's token times
+
+    def step():
+        engine.step()
+        now = time.perf_counter()
+        for s in streams:
+            if len(stamps[id(s)]) < len(s.output_ids):
+                stamps[id(s)].append(now)
+
+    for _ in range(args.before):
+        step()
+    long_ids = torch.randint(0, vocab, (args.prompt_tokens,), generator=gen).tolist()
+    t0 = time.perf_counter()
+    long = engine.add_request(DecodeRequest(long_ids), SamplingParams(max_tokens=8, ignore_eos=True))
+    prefill_steps = 0
+    while not long.output_ids:
+        step()
+        prefill_steps += 1
+    ttft = time.perf_counter() - t0
+    for _ in range(args.after):
+        step()
+    assert all(not s.finished for s in streams), "streams must outlast the window (raise max_tokens)"
+    gaps = [(b - a) * 1e3 for times in stamps.values() for a, b in zip(times, times[1:])]
+    median = statistics.median(gaps)
+    p99 = percentile(gaps, 99)
+    return {"step_token_budget": budget if budget != WHOLE else "whole prompt", "gaps": len(gaps),
+            "median_gap_ms": round(median, 2), "p99_gap_ms": round(p99, 2), "max_gap_ms": round(max(gaps), 2),
+            "p99_over_median": round(p99 / median, 3), "long_prompt_steps": prefill_steps,
+            "long_prompt_ttft_s": round(ttft, 3)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="preset:bench", help="a model source (preset:bench, bundled:tiny-mllama, ...)")
+    p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--stream-prompt", type=int, default=16, help="tokens in each stream's prompt")
+    p.add_argument("--prompt-tokens", type=int, default=2000, help="the long prompt's tokens")
+    p.add_argument("--budget", type=int, default=64, help="the chunked run's step_token_budget")
+    p.add_argument("--before", type=int, default=20, help="timed steps before the long prompt arrives")
+    p.add_argument("--after", type=int, default=20, help="timed steps after its first token")
+    p.add_argument("--kv-mib", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", default="bench-results/long-prompt.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = load_model(ModelConfig(source=args.model, device="cpu", dtype="float32"))
+    runs = {"chunked": run_mode(loaded, args, args.budget), "whole": run_mode(loaded, args, WHOLE)}
+    result = {"model": args.model, "streams": args.streams, "prompt_tokens": args.prompt_tokens,
+              "threads": args.threads, "date": time.strftime("%Y-%m-%d"), **runs,
+              "p99_over_median_target": 2.0,
+              "ttft_chunked_over_whole": round(runs["chunked"]["long_prompt_ttft_s"] / runs["whole"]["long_prompt_ttft_s"], 3)}
+    keys = [k for k in runs["chunked"]]
+    print(f"{args.streams} streams, a {args.prompt_tokens}-token prompt admitted ({args.model}, {args.threads} thread)")
+    print(f"{'':24}{'chunked':>16}{'whole':>16}")
+    for k in keys:
+        print(f"{k:24}{runs['chunked'][k]!s:>16}{runs['whole'][k]!s:>16}")
+    print(f"long prompt TTFT chunked / whole: {result['ttft_chunked_over_whole']}")
+    path = Path(args.json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
