@@ -7,8 +7,9 @@ cross layers. The two start at different layers, so a step runs in two phases: t
 layers 0 .. first_cross (the image rows have nothing to compute there, their K/V is copied from the resume
 state), then every row together from first_cross + 1 on. Rows are laid out text-only chunks first, so the image
 rows a cross layer reads are one slice. Projections and MLPs run on all rows at once; attention runs per chunk
-(SDPA over the sequence's own pages), which measured faster on CPU than one block-diagonal SDPA over every chunk's
-keys (that computes and masks T x sum(K) scores: 3.4x slower at 4 chunks of 128 rows on the tiny model)."""
+(SDPA over the sequence's own pages): on CPU one block-diagonal SDPA over every chunk's keys measured 3.3x
+slower at 4 prompts of 128 rows and 8x at 8 chunks of 32 over histories to 2,000 (it computes and masks T x sum(K)
+scores; `python -m pipeline.bench.prefill`)."""
 
 from dataclasses import dataclass
 from functools import partial

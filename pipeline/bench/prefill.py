@@ -1,8 +1,9 @@
-"""A long prompt admitted into running streams: the streams' inter-token gaps (median, p99, max) and the long
-prompt's time to first token, chunked prefill (a per-step token budget) vs the whole prompt in one step, in one
-run. Prints a table and writes JSON.
+"""Prefill benchmarks. A long prompt admitted into running streams: the streams' inter-token gaps (median, p99,
+max) and the long prompt's time to first token, chunked prefill (a per-step token budget) vs the whole prompt in
+one step, in one run. And the prefill's attention layout on CPU: one SDPA per chunk vs one block-diagonal SDPA over
+every chunk's keys. Prints tables and writes JSON.
 
-    python -m pipeline.bench.long_prompt --threads 1 --json bench-results/long-prompt.json
+    python -m pipeline.bench.prefill --threads 1 --json bench-results/prefill.json
 """
 
 import argparse
@@ -16,6 +17,7 @@ import torch
 from pipeline.config import EngineConfig, ModelConfig
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
+from pipeline.model.layers import attend
 from pipeline.model.loader import load_model
 from pipeline.types import DecodeRequest
 
@@ -71,6 +73,42 @@ def run_mode(loaded, args, budget: int) -> dict:
             "long_prompt_ttft_s": round(ttft, 3)}
 
 
+# (rows of each chunk, keys it attends: its earlier chunks' and its own)
+ATTENTION_MIXES = {"4 prompts x 128": ([128] * 4, [128] * 4),
+                   "8 chunks x 32, histories to 2000": ([32] * 8, [32, 64, 128, 256, 512, 1024, 1536, 2000]),
+                   "a 64-row chunk at 2000 + 3 short": ([64, 1, 1, 1], [2000, 40, 40, 40])}
+
+
+def attention_layouts(heads: int, kv_heads: int, head_dim: int, repeats: int = 7) -> dict:
+    """Median ms of a layer's prefill attention, per chunk vs one block-diagonal call, for each mix."""
+    out = {}
+    for name, (rows, keys) in ATTENTION_MIXES.items():
+        qs = [torch.randn(1, heads, n, head_dim) for n in rows]
+        ks = [torch.randn(1, kv_heads, t, head_dim) for t in keys]
+        vs = [torch.randn(1, kv_heads, t, head_dim) for t in keys]
+        masks = [torch.arange(t - n, t)[:, None] >= torch.arange(t)[None] for n, t in zip(rows, keys)]
+        block = torch.zeros(sum(rows), sum(keys), dtype=torch.bool)
+        a = b = 0
+        for n, t, m in zip(rows, keys, masks):
+            block[a : a + n, b : b + t] = m
+            a, b = a + n, b + t
+        q, k, v = torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2)
+        chunks = list(zip(qs, ks, vs, masks))
+        layouts = {"per_chunk": lambda chunks=chunks: [attend(*x, 0.1, mask=m) for *x, m in chunks],
+                   "block_diagonal": lambda qkv=(q, k, v), block=block: attend(*qkv, 0.1, mask=block)}
+        ms = {}
+        for layout, fn in layouts.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            ms[layout] = round(statistics.median(times), 3)
+        out[name] = {**ms, "block_diagonal_over_per_chunk": round(ms["block_diagonal"] / ms["per_chunk"], 2)}
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="preset:bench", help="a model source (preset:bench, bundled:tiny-mllama, ...)")
@@ -83,13 +121,16 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-mib", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", default="bench-results/long-prompt.json")
+    p.add_argument("--json", dest="json_path", default="bench-results/prefill.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = load_model(ModelConfig(source=args.model, device="cpu", dtype="float32"))
+    tc = loaded.text_config
+    attention = attention_layouts(tc.num_attention_heads, tc.num_key_value_heads,
+                                  tc.hidden_size // tc.num_attention_heads)
     runs = {"chunked": run_mode(loaded, args, args.budget), "whole": run_mode(loaded, args, WHOLE)}
     result = {"model": args.model, "streams": args.streams, "prompt_tokens": args.prompt_tokens,
-              "threads": args.threads, "date": time.strftime("%Y-%m-%d"), **runs,
+              "threads": args.threads, "date": time.strftime("%Y-%m-%d"), **runs, "attention_ms": attention,
               "p99_over_median_target": 2.0,
               "ttft_chunked_over_whole": round(runs["chunked"]["long_prompt_ttft_s"] / runs["whole"]["long_prompt_ttft_s"], 3)}
     keys = [k for k in runs["chunked"]]
@@ -98,6 +139,9 @@ def main(argv=None) -> dict:
     for k in keys:
         print(f"{k:24}{runs['chunked'][k]!s:>16}{runs['whole'][k]!s:>16}")
     print(f"long prompt TTFT chunked / whole: {result['ttft_chunked_over_whole']}")
+    print("prefill attention, one layer (ms): per chunk vs one block-diagonal SDPA")
+    for name, r in attention.items():
+        print(f"  {name:36}{r['per_chunk']:>10}{r['block_diagonal']:>10}  x{r['block_diagonal_over_per_chunk']}")
     path = Path(args.json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
