@@ -87,6 +87,8 @@ class CrossRows:
 
 
 class Prefiller:
+    """Runs a step's prefill chunks over the text decoder's layers, on the devices the layers are placed on."""
+
     def __init__(self, loaded: LoadedModel, kv: KVCache):
         self.loaded, self.kv = loaded, kv
         self.text = loaded.text
