@@ -99,6 +99,20 @@ def test_chunked_prefill_equals_unchunked(tiny_pipeline, sources, alone, monkeyp
     _assert_same(rec, seqs, alone)
 
 
+def test_chunks_over_fragmented_pages(tiny_pipeline, sources, alone, monkeypatch):
+    """Pages forced apart (another holder between every page): each chunk gathers its earlier chunks' K/V."""
+    engine = LLMEngine(tiny_pipeline.loaded, EngineConfig(block_size=4, kv_watermark=0.0, step_token_budget=10))
+    blocks = engine.kv.blocks
+    holes = blocks.allocate(blocks.num_pages)
+    blocks.free(holes[::2])  # every other page free: nothing contiguous is left
+    rec = Recorder(engine, monkeypatch)
+    seqs = [engine.add_request(s, GREEDY, f"r{i}") for i, s in enumerate(sources)]
+    while engine.has_work():
+        engine.step()
+        assert all(s.pages.self_base is None for s in seqs if s.pages is not None and len(s.pages.self_pages) > 1)
+    _assert_same(rec, seqs, alone)
+
+
 def test_running_streams_get_a_token_every_step_while_a_long_prompt_prefills(tiny_pipeline, sources, alone,
                                                                              monkeypatch):
     budget = 16
