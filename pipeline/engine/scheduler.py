@@ -93,7 +93,7 @@ class Scheduler:
         return PrefillChunk(seq, seq.prefilled, min(seq.prompt_len, seq.prefilled + budget))
 
     def resume_swapped(self) -> list[Sequence]:
-        """Preempted sequences back into fresh pages, first preempted first, while they fit."""
+        """Preempted sequences back into fresh pages, in the swapped queue's order, while they fit."""
         resumed = []
         while self.swapped and len(self.running) < self.cfg.max_running:
             seq = self.swapped[0]
