@@ -47,6 +47,11 @@ class EngineConfig(_Strict):
     max_running: int = Field(64, ge=1)  # sequences decoded together at most
     max_waiting: int = Field(256, ge=0)  # bounded queue; beyond it requests are refused as overloaded
     max_model_len: int = Field(2048, ge=2)  # prompt + generated tokens of one sequence
+    # Rows one step runs through the model (vLLM's max_num_batched_tokens): each decoding sequence's one row
+    # first, then chunks of prompts being prefilled fill the rest, so a long prompt is prefilled over several
+    # steps while the running streams keep getting a token every step. Smaller: steadier streams, a long prompt's
+    # first token later; at least max_running + a chunk (with none left, prompts still get one row a step).
+    step_token_budget: int = Field(512, ge=1)
     # "paged": self-attention K/V pages allocated as tokens come, preemption when none is free; "reserved": the
     # prompt + max_tokens allocated at admission (the pre-paging behaviour, kept for comparison in benchmarks)
     kv_allocation: Literal["paged", "reserved"] = "paged"

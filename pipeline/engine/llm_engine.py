@@ -9,7 +9,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -19,12 +18,12 @@ from pipeline.engine.model_runner import ModelRunner
 from pipeline.engine.output_processor import OutputProcessor, StepToken, stopped_by_text
 from pipeline.engine.sampler import Sampled, Sampler, SampleRow
 from pipeline.engine.sampling import SamplingParams
-from pipeline.engine.scheduler import Scheduler
+from pipeline.engine.scheduler import PrefillChunk, Scheduler
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.structured import GrammarCache, apply_bitmask
 from pipeline.engine.token_mask import allocate_bitmask
 from pipeline.model.loaded import LoadedModel
-from pipeline.types import DecodeRequest, RequestOutput, map_tensors
+from pipeline.types import DecodeRequest, RequestOutput
 
 # Flash attention 2's paged path (what varlen_attn calls with a block table) takes pages of a multiple of 256
 # tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
@@ -194,20 +193,16 @@ class LLMEngine:
         return [token for _, token in self._step()]
 
     def _step(self) -> list[tuple[Sequence, StepToken]]:
-        """Admit what fits and prefill it, then decode every other running sequence by one token; every row of the
-        step (each prefilled completion and each decoded sequence) is sampled in one batch. A failure while
-        processing one sequence fails that sequence alone (a token with finish_reason "error")."""
+        """Prefill chunks of admitted prompts (within the step's token budget) and decode every other running
+        sequence by one token; every row of the step (each completion whose prompt ended and each decoded sequence)
+        is sampled in one batch. A failure while processing one sequence fails that sequence alone (a token with
+        finish_reason "error")."""
         t0 = time.perf_counter()
         outputs, rows, logits = [], [], []  # rows to sample, and their logits in parts (rows_i, V)
-        admitted, batch = self.scheduler.schedule()
-        for seq in admitted:
-            try:
-                prompt_logits = self._prefill_one(seq)
-            except Exception as exc:  # noqa: BLE001 - any failure of one request fails that request alone
-                outputs += [(s, self.fail(s, exc)) for s in [seq] + seq.siblings]
-                continue
-            rows += [seq] + seq.siblings  # the n completions' first tokens from the one prompt's logits
-            logits.append(prompt_logits.expand(1 + len(seq.siblings), -1))
+        plan = self.scheduler.schedule()
+        if plan.prefill:
+            outputs += self._prefill(plan.prefill, rows, logits)
+        batch = plan.decode
         if batch:
             self.decode_steps += 1
             self.decode_rows += len(batch)
@@ -219,36 +214,51 @@ class LLMEngine:
         self.last_step_ms = (time.perf_counter() - t0) * 1e3
         return outputs
 
-    def _prefill_one(self, seq: Sequence) -> torch.Tensor:
-        """The prompt's forward and its n - 1 sibling completions forked; the next token's logits (V,)."""
-        logits = self._prefill_logits(seq)
+    def _prefill(self, chunks: list[PrefillChunk], rows: list[Sequence],
+                 logits: list[torch.Tensor]) -> list[tuple[Sequence, StepToken]]:
+        """The chunks in one forward; each prompt it ends joins the step's rows with its n completions (the prompt's
+        logits for each). If the forward fails, each chunk runs alone so the fault stays with its sequence."""
+        try:
+            parts, failed = [self.runner.prefill(chunks)], []
+        except Exception:
+            log.warning("batched prefill of %d chunks failed; retrying each alone", len(chunks), exc_info=True)
+            parts, failed = [], []
+            for c in chunks:
+                try:
+                    parts.append(self.runner.prefill([c]))
+                except Exception as exc:  # noqa: BLE001 - the offender fails alone
+                    failed += [(s, self.fail(s, exc)) for s in [c.seq] + c.seq.siblings]
+        for done, prompt_logits in parts:
+            for seq, row in zip(done, prompt_logits):
+                try:
+                    self._start_completions(seq)
+                except Exception as exc:  # noqa: BLE001 - any failure of one request fails that request alone
+                    failed += [(s, self.fail(s, exc)) for s in [seq] + seq.siblings]
+                    continue
+                rows += [seq] + seq.siblings  # the n completions' first tokens from the one prompt's logits
+                logits.append(row[None].expand(1 + len(seq.siblings), -1))
+        return failed
+
+    def _start_completions(self, seq: Sequence) -> None:
+        """After the prompt's prefill: its n - 1 sibling completions forked, each one's detokenizer and mask."""
         for i in range(1, seq.params.n):  # n > 1: siblings share the prompt's and image's pages
             child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, seq.image)
-            child.index, child.arrival = i, seq.arrival
+            child.index, child.arrival, child.prefilled = i, seq.arrival, seq.prefilled
             self.scheduler.fork(seq, child)
             seq.siblings.append(child)
         for s in [seq] + seq.siblings:
             if s.params.structured is not None:  # each completion walks its own copy of the grammar
                 s.logit_mask = self.grammars.matcher(s.params.structured)
-        return logits
-
-    def _prefill_logits(self, seq: Sequence) -> torch.Tensor:
-        """The prompt's forward for an admitted sequence; it hands over its resume state, which goes after."""
-        resume = seq.take_resume()
-        if seq.image is not None and seq.image.kept_image.device != torch.device(self.loaded.device):
-            seq.image, resume = (map_tensors(x, partial(torch.Tensor.to, device=self.loaded.device))
-                                 for x in (seq.image, resume))
-        return self.runner.prefill(seq, resume)
 
     def prefill_logits(self, request: DecodeRequest) -> torch.Tensor:
-        """The next-token logits (V,) after a request's prompt, from its prefill alone, on an idle engine (the
-        exactness tests' first step); nothing stays in the engine after."""
+        """The next-token logits (V,) after a request's prompt, from its prefill alone in one chunk, on an idle
+        engine (the exactness tests' first step); nothing stays in the engine after."""
         assert not self.has_work(), "prefill_logits runs on an idle engine"
         seq = self.add_request(request, SamplingParams(max_tokens=1))
         try:
-            _, admitted = self.scheduler.admit()
-            assert admitted == [seq], "the request does not fit the KV budget"
-            return self._prefill_logits(seq)
+            assert self.scheduler.admit_next() is seq, "the request does not fit the KV budget"
+            _, prompt_logits = self.runner.prefill([PrefillChunk(seq, 0, seq.prompt_len)])
+            return prompt_logits[0]
         finally:
             self.abort(seq.request_id)
 

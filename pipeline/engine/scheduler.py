@@ -1,15 +1,33 @@
-"""Admission and preemption over KV pages: running sequences get a page when their last one fills, preempting
-(swapping out) the most recently admitted one when none is free; preempted sequences resume before new ones;
-a waiting sequence is admitted, in arrival order, once its prompt and its kept visual tokens fit and the bounded
-swap space could take any preemption it may cause (swap.SwapSpace)."""
+"""Admission, preemption and the step's token budget over KV pages: running sequences get a page when their last
+one fills, preempting (swapping out) the most recently admitted one when none is free; preempted sequences resume
+before new ones; a waiting sequence is admitted, in arrival order, once its prompt and its kept visual tokens fit and
+the bounded swap space could take any preemption it may cause (swap.SwapSpace). Each step's rows are bounded by
+`step_token_budget`: decoding sequences take one row each first, prompts being prefilled fill the rest in chunks,
+the earliest admitted first."""
 
 from collections import deque
+from dataclasses import dataclass
 
 from pipeline.config import EngineConfig
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.sequence import Sequence, Status
 from pipeline.engine.swap import SwapSpace
 from pipeline.errors import InvalidRequest, Overloaded
+
+
+@dataclass
+class PrefillChunk:
+    """Prompt rows [start, end) of a sequence to prefill this step; the rows before `start` are in its pages."""
+
+    seq: Sequence
+    start: int
+    end: int  # end == prompt_len: the prompt's last chunk, whose last row gives the first token's logits
+
+
+@dataclass
+class StepPlan:
+    prefill: list[PrefillChunk]
+    decode: list[Sequence]  # each fed its last token
 
 
 class Scheduler:
@@ -46,12 +64,12 @@ class Scheduler:
             raise Overloaded(f"{len(self.waiting)} requests already waiting; try again later")
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        """(sequences to prefill, sequences to decode by one token) for this step."""
+    def schedule(self) -> StepPlan:
+        """This step's work: every decoding sequence by one token, then prefill chunks within the token budget."""
         decode = []
         for seq in list(self.running):
-            if seq.status != Status.RUNNING:
-                continue  # preempted just now for an earlier-admitted sequence
+            if seq.status != Status.RUNNING or seq.prefilling:
+                continue  # preempted just now for an earlier-admitted sequence, or still prefilling (pages held)
             while not self.kv.grow(seq.pages, seq.num_tokens):  # room for the token fed this step
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -59,12 +77,26 @@ class Scheduler:
                     break
             else:
                 decode.append(seq)
-        resumed, admitted = self.admit()
-        return admitted, decode + resumed
+        decode += [s for s in self.resume_swapped() if not s.prefilling]
+        # Decode rows never wait; with none of the budget left, the earliest prompt still gets a row a step.
+        budget = max(self.cfg.step_token_budget - len(decode), 1)
+        chunks = []
+        for seq in self.running:  # prompts mid-prefill (a resumed one too), the earliest admitted first
+            if budget and seq.prefilling:
+                chunks.append(self._chunk(seq, budget))
+                budget -= chunks[-1].end - chunks[-1].start
+        while budget and (seq := self.admit_next()) is not None:
+            chunks.append(self._chunk(seq, budget))
+            budget -= chunks[-1].end - chunks[-1].start
+        return StepPlan(chunks, decode)
 
-    def admit(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Resume preempted sequences, then admit waiting ones, while they fit: (resumed, admitted)."""
-        resumed, admitted = [], []
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> PrefillChunk:
+        return PrefillChunk(seq, seq.prefilled, min(seq.prompt_len, seq.prefilled + budget))
+
+    def resume_swapped(self) -> list[Sequence]:
+        """Preempted sequences back into fresh pages, in the swapped queue's order, while they fit."""
+        resumed = []
         while self.swapped and len(self.running) < self.cfg.max_running:
             seq = self.swapped[0]
             pages = self.swap.swap_in(self.kv, seq.swapped, seq.num_tokens)
@@ -74,19 +106,24 @@ class Scheduler:
             seq.pages, seq.swapped, seq.status = pages, None, Status.RUNNING
             self.running.append(seq)
             resumed.append(seq)
-        while not self.swapped and self.waiting and len(self.running) + self.waiting[0].params.n <= self.cfg.max_running:
-            seq = self.waiting[0]
-            worst = self._worst_pages(seq)
-            pages = (self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
-                     if self.swap.admits(worst, seq.params.n) else None)
-            if pages is None:
-                break  # no skipping ahead: a large request is not starved by small ones
-            self.waiting.popleft()
-            self.swap.commit(worst)  # its n - 1 siblings commit when forked
-            seq.pages, seq.status = pages, Status.RUNNING
-            self.running.append(seq)
-            admitted.append(seq)
-        return resumed, admitted
+        return resumed
+
+    def admit_next(self) -> Sequence | None:
+        """The first waiting sequence, running with pages for its prompt, if it fits (and none is preempted)."""
+        if self.swapped or not self.waiting or len(self.running) + self.waiting[0].params.n > self.cfg.max_running:
+            return None
+        seq = self.waiting[0]
+        worst = self._worst_pages(seq)
+        if not self.swap.admits(worst, seq.params.n):
+            return None
+        pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+        if pages is None:
+            return None  # no skipping ahead: a large request is not starved by small ones
+        self.waiting.popleft()
+        self.swap.commit(worst)  # its n - 1 siblings commit when forked
+        seq.pages, seq.status = pages, Status.RUNNING
+        self.running.append(seq)
+        return seq
 
     def count_admissible(self) -> int:
         """Dry run: how many waiting sequences the next admission would take, with nothing allocated."""

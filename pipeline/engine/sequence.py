@@ -25,7 +25,8 @@ class Sequence:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.image = image  # None for a text-only prompt: the decoder prefills it from the first layer
-        self.resume: ResumeState | None = None  # the prefill's input, taken by it (see take_resume)
+        self.resume: ResumeState | None = None  # the prefill's input, read chunk by chunk, dropped after the last
+        self.prefilled = 0  # prompt rows whose K/V is in its pages: the (chunked) prefill's progress
         self.status = Status.WAITING
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -45,14 +46,14 @@ class Sequence:
         seq.resume = request.resume
         return seq
 
-    def take_resume(self) -> ResumeState | None:
-        """The resume state, once: the prefill consumes it and the sequence holds only its image state after."""
-        resume, self.resume = self.resume, None
-        return resume
-
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of its prompt is not yet in its pages (it samples its first token after the last chunk)."""
+        return self.prefilled < self.prompt_len
 
     @property
     def num_tokens(self) -> int:
