@@ -53,3 +53,6 @@ class EngineConfig(_Strict):
     block_size: int = Field(16, ge=1)  # self-attention tokens a KV page (cross pages hold n_self/n_cross as many)
     kv_watermark: float = Field(0.01, ge=0.0, lt=1.0)  # pages kept free at admission, for running sequences
     grammar_cache_size: int = Field(64, ge=1)  # compiled structured-output grammars kept (least recently used out)
+    # decode steps replayed from CUDA graphs captured at bucketed batch sizes; None: on when the model is on CUDA.
+    # Never on CPU (there is nothing to capture).
+    cuda_graphs: bool | None = None

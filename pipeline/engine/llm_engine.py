@@ -12,6 +12,7 @@ from functools import partial
 import torch
 
 from pipeline.config import EngineConfig
+from pipeline.engine.cuda_graphs import DecodeGraphs, image_tokens
 from pipeline.engine.detokenizer import IncrementalDetokenizer
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.model_runner import ModelRunner
@@ -66,6 +67,10 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)
+        if torch.device(loaded.device).type == "cuda" and self.cfg.cuda_graphs is not False:
+            with torch.inference_mode():
+                self.runner.graphs = DecodeGraphs(self.runner, self.cfg.max_running, self.cfg.max_model_len,
+                                                  image_tokens(loaded))
         # Structured output's bitmask through xgrammar's kernels (CPU, CUDA): ~6x the torch hook at 128k x 32 rows.
         self.sampler = Sampler(loaded.model.lm_head.out_features, loaded.device, loaded.eos_token_ids,
                                apply_bitmask=apply_bitmask)
