@@ -67,7 +67,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)
-        if torch.device(loaded.device).type == "cuda" and self.cfg.cuda_graphs is not False:
+        # one device only: a graph captures one device's stream
+        if torch.device(loaded.device).type == "cuda" and len(loaded.devices) == 1 and self.cfg.cuda_graphs is not False:
             with torch.inference_mode():
                 self.runner.graphs = DecodeGraphs(self.runner, self.cfg.max_running, self.cfg.max_model_len,
                                                   image_tokens(loaded))
