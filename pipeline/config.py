@@ -62,3 +62,6 @@ class EngineConfig(_Strict):
     # below one sequence's worst case nothing is ever preempted and admission holds instead (docs/architecture.md).
     swap_budget_bytes: int = Field(4 * 2**30, ge=0)
     grammar_cache_size: int = Field(64, ge=1)  # compiled structured-output grammars kept (least recently used out)
+    # decode steps replayed from CUDA graphs captured at bucketed batch sizes; None: on when the model is on CUDA.
+    # Never on CPU (there is nothing to capture).
+    cuda_graphs: bool | None = None

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command: the gpu-marked tests (CUDA varlen paged attention vs the
-# per-sequence path, the engine on CUDA vs CPU, layers split over cuda:0/cuda:1 vs one GPU when there are 2) and
-# `crosstrim bench decoder` on CUDA in bf16 (static and realistic workloads). Writes OUT/gpu_check.json (default
+# per-sequence path, the engine on CUDA vs CPU, CUDA graphs vs eager over the page pools, layers split over
+# cuda:0/cuda:1 vs one GPU when there are 2), `crosstrim bench decoder` on CUDA in bf16 (static and realistic
+# workloads) and the decode step vs batch (1, 16, 64, 128) at the 11B text layout in bf16, graphs and eager, with
+# its ratio to the HBM bound (scripts/decode_step_gpu.py; HBM_GBPS, default 4800, sets the bandwidth). Writes OUT/gpu_check.json (default
 # OUT: bench-results/gpu-check) and exits non-zero when a test fails. Usage: scripts/gpu_check.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,8 @@ crosstrim bench decoder --device cuda --dtype bfloat16 --requests 32 --max-token
     --json "$OUT/decoder.json"
 crosstrim bench decoder --workload realistic --device cuda --dtype bfloat16 --requests 96 --k-ratio 0.08 \
     --json "$OUT/decoder-realistic.json"
+python scripts/decode_step_gpu.py --batches 1,16,64,128 --hbm-gbps "${HBM_GBPS:-4800}" \
+    --json "$OUT/decode-step-11b.json"
 
 python - "$OUT" "$tests_rc" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
@@ -29,6 +33,7 @@ summary = {
     "tests": {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}, "pytest_exit": rc,
     "bench_decoder": json.loads((out / "decoder.json").read_text()),
     "bench_decoder_realistic": json.loads((out / "decoder-realistic.json").read_text()),
+    "decode_step_11b_layout": json.loads((out / "decode-step-11b.json").read_text()),
 }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(f"wrote {out / 'gpu_check.json'}: {summary['tests']}")

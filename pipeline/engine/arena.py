@@ -104,6 +104,22 @@ class ArenaLayout:
         chunks = [self.cross_chunks(table, arena) for arena in self.arenas]
         return [c[0] for c in chunks] if all(len(c) == 1 for c in chunks) else None
 
+    def cross_rows(self, table: PageTable) -> list[torch.Tensor]:
+        """Per arena, where each kept token's K/V rows are, in units of head_dim elements of the arena's data:
+        (kept, 4) int64 = (token's row-0 K of head 0, +per cross row, +V, +per head). A batched read gathers any
+        sequence's cross K/V of any row with one index_select, whatever its layout and fragmentation."""
+        out, hd = [], self.head_dim
+        for arena in self.arenas:
+            parts = []
+            for chunk in self.cross_chunks(table, arena):  # (rows, 2, KVH, tokens, hd)
+                s_row, s_kv, s_head, s_tok, _ = chunk.stride()
+                t = torch.arange(chunk.shape[3])
+                parts.append(torch.stack([chunk.storage_offset() + t * s_tok, *(torch.full_like(t, s) for s in
+                                                                               (s_row, s_kv, s_head))], 1) // hd)
+            out.append(torch.cat(parts).to(arena.data.device) if parts else
+                       torch.zeros(0, 4, dtype=torch.long, device=arena.data.device))
+        return out
+
     def read_arena(self, table: PageTable, a: int) -> torch.Tensor:
         """(rows, 2, KVH, kept, hd) of one arena: a view when the pages are one run, else a copy."""
         if table.cross_dense is not None:

@@ -67,6 +67,7 @@ class KVCache:
         table.self_pages = self.blocks.allocate(n_self)
         table.reindex()
         table.cross_dense = self.layout.dense_cross(table)
+        table.cross_rows = self.layout.cross_rows(table)
         return table
 
     def grow(self, table: PageTable, self_tokens: int) -> bool:
@@ -101,7 +102,7 @@ class KVCache:
     def release(self, table: PageTable) -> None:
         self.blocks.free(table.self_pages)
         self.blocks.free(table.cross_pages)
-        table.self_pages, table.cross_pages, table.cross_dense = [], [], None
+        table.self_pages, table.cross_pages, table.cross_dense, table.cross_rows = [], [], None, []
 
     # --- reads and writes ---------------------------------------------------------------------------------
     def self_kv(self, table: PageTable, kv_layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

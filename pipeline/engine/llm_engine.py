@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import EngineConfig
+from pipeline.engine.cuda_graphs import DecodeGraphs, image_tokens
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.model_runner import ModelRunner
 from pipeline.engine.output_processor import OutputProcessor, StepToken, stopped_by_text
@@ -68,6 +69,11 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)
+        # one device only: a graph captures one device's stream
+        if torch.device(loaded.device).type == "cuda" and len(loaded.devices) == 1 and self.cfg.cuda_graphs is not False:
+            with torch.inference_mode():
+                self.runner.graphs = DecodeGraphs(self.runner, self.cfg.max_running, self.cfg.max_model_len,
+                                                  image_tokens(loaded))
         # Structured output's bitmask through xgrammar's kernels (CPU, CUDA): ~6x the torch hook at 128k x 32 rows.
         self.sampler = Sampler(loaded.model.lm_head.out_features, loaded.device, loaded.eos_token_ids,
                                apply_bitmask=apply_bitmask)

@@ -5,10 +5,12 @@ the device's backend."""
 import torch
 
 from pipeline.engine.attention import attention_backend
+from pipeline.engine.cuda_graphs import DecodeGraphs
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.prefill import Prefiller
 from pipeline.engine.scheduler import PrefillChunk
 from pipeline.engine.sequence import Sequence
+from pipeline.engine.step_batch import DecodeBatch, decode_batch
 from pipeline.model.layers import cross_finish, cross_q, self_finish, self_qkv
 from pipeline.model.loaded import LoadedModel
 from pipeline.model.placement import moved
@@ -25,6 +27,7 @@ class ModelRunner:
         self.device = loaded.device
         self.attn = attention_backend(kv, loaded.device)
         self.prefiller = Prefiller(loaded, kv)
+        self.graphs: DecodeGraphs | None = None  # captured decode steps, when the engine turns CUDA graphs on
         # Layers split over devices: each layer runs where its weights are (hidden state moved at the boundary).
         self.layer_devices = [loaded.devices[p] for p in loaded.placement]
         self.last = loaded.devices[-1]
@@ -41,40 +44,43 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for every sequence in one batched forward; returns logits (B, V)."""
-        tokens = torch.tensor([s.last_token for s in seqs], device=self.device)
-        pos = [s.num_tokens - 1 for s in seqs]  # position of the token being fed
-        tables = [s.pages for s in seqs]
-        slots = torch.tensor([t.self_slot(p) for t, p in zip(tables, pos)], device=self.device)
-        lengths = [p + 1 for p in pos]
-        h = self.text.embed_tokens(tokens)[:, None]
-        cos, sin = self.text.rotary_emb(h, torch.tensor(pos, device=self.device)[:, None])
-        with_image = [i for i, s in enumerate(seqs) if s.image is not None]
+        if self.graphs is not None and self.graphs.fits(seqs):
+            return self.graphs.run(seqs)
+        batch = decode_batch(seqs, self.device)
+        logits = self.forward_decode(batch, self.attn.prepare(batch))
+        for table, n in zip(batch.tables, batch.lengths):
+            table.self_written = n
+        return logits
+
+    def forward_decode(self, batch: DecodeBatch, step) -> torch.Tensor:
+        """The decode forward over a step's batch and its backend's prepared reads (`step`); no host read of a
+        device tensor in here (a CUDA graph captures exactly this)."""
+        h = self.text.embed_tokens(batch.tokens)[:, None]  # (B, 1, hidden)
+        cos, sin = self.text.rotary_emb(h, batch.positions[:, None])
         on = {}  # device -> (cos, sin) there
         for idx, layer in enumerate(self.text.layers):
             kv_layer, dev = self.kv.kv_layer[idx], self.layer_devices[idx]
             h = h.to(dev)
             if idx in self.cross:
-                if with_image:
-                    h = self._cross_decode(layer, h, [seqs[i] for i in with_image], with_image, kv_layer)
+                if batch.cross is not None:
+                    h = self._cross_decode(layer, h, batch, step, kv_layer)
                 continue
             q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
-            self.attn.write_self(kv_layer, k, v, slots)
-            h = self_finish(layer, h, self.attn.self_attn(q, tables, lengths, kv_layer, layer.self_attn.scaling))
-        for table, n in zip(tables, lengths):
-            table.self_written = n
+            self.attn.write_self(kv_layer, k, v, batch)
+            h = self_finish(layer, h, self.attn.self_attn(q, step, kv_layer, layer.self_attn.scaling))
         return self._logits(h)
 
-    def _cross_decode(self, layer, h, seqs, rows, kv_layer):
+    def _cross_decode(self, layer, h, batch: DecodeBatch, step, kv_layer: int) -> torch.Tensor:
         """Rows of text-only sequences pass through unchanged (HF skips the layer for them)."""
-        x = h[rows]
+        cross = batch.cross
+        x = h if cross.every_row else h[cross.rows.to(h.device)]
         q = cross_q(layer, x)
-        masks = []
-        for s in seqs:
-            # A generated token sees what the prompt's last row sees (HF repeats that mask row).
-            mask = s.image.row_visibility[-1][s.image.kept_image]
-            masks.append(None if bool(mask.all()) else mask.to(x.device))
-        out = self.attn.cross_attn(q, [s.pages for s in seqs], masks, kv_layer, layer.cross_attn.scaling)
+        out = self.attn.cross_attn(q, step, kv_layer, layer.cross_attn.scaling)
+        sees = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        x = cross_finish(layer, x, out, sees)
+        if cross.every_row:
+            return x
         h = h.clone()
-        h[rows] = cross_finish(layer, x, out, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        h[cross.rows.to(h.device)] = x
         return h
 

@@ -19,6 +19,7 @@ class PageTable:
     self_base: int | None = None  # slot of position 0 when the self pages are one run
     self_index: torch.Tensor | None = None  # slots of every held position, for a gather when fragmented
     cross_dense: list[torch.Tensor] | None = None  # per arena (rows, 2, KVH, kept, hd) when the pages are one chunk
+    cross_rows: list[torch.Tensor] = field(default_factory=list)  # per arena (kept, 4): see ArenaLayout.cross_rows
 
     def reindex(self) -> None:
         """Recompute the slots after the self pages changed."""

@@ -25,6 +25,10 @@ class Sequence:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.image = image  # None for a text-only prompt: the decoder prefills it from the first layer
+        # A generated token sees what the prompt's last row sees (HF repeats that mask row): computed once, here,
+        # and whether it is every kept token known on the host, so no decode step reads it back.
+        self.cross_mask = None if image is None else image.row_visibility[-1][image.kept_image]  # (kept,) bool
+        self.cross_sees_all = image is None or bool(self.cross_mask.all())
         self.resume: ResumeState | None = None  # the prefill's input, read chunk by chunk, dropped after the last
         self.prefilled = 0  # prompt rows whose K/V is in its pages: the (chunked) prefill's progress
         self.status = Status.WAITING

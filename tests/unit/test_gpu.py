@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
-from pipeline.engine.attention import PerSequenceAttention, VarlenPagedAttention
+from pipeline.engine.attention import CpuAttention, VarlenPagedAttention
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.step_batch import build_decode_batch
 from tests.helpers import PROMPTS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -31,16 +32,18 @@ def test_varlen_paged_attention_equals_per_sequence(dtype, atol):
     kv.blocks.free(holes)
     lengths = [n + 40 for n in lengths]
     q = torch.randn(len(seqs), heads, 1, hd, dtype=dtype, device="cuda")
-    loop, varlen = PerSequenceAttention(kv), VarlenPagedAttention(kv)
-    for kv_layer in (0, 31):
-        want = loop.self_attn(q, seqs, lengths, kv_layer, hd**-0.5)
-        got = varlen.self_attn(q, seqs, lengths, kv_layer, hd**-0.5)
-        torch.testing.assert_close(got, want, atol=atol, rtol=0)
-    masks = [None, None, torch.rand(kept[2], device="cuda") > 0.5, None]
-    for kv_layer in (0, 7):
-        want = loop.cross_attn(q, seqs, masks, kv_layer, hd**-0.5)
-        got = varlen.cross_attn(q, seqs, masks, kv_layer, hd**-0.5)
-        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    loop, varlen = CpuAttention(kv, padded_elems=0), VarlenPagedAttention(kv)
+    for masks in ([None] * 4, [None, None, torch.rand(kept[2], device="cuda") > 0.5, None]):
+        batch = build_decode_batch([0] * len(seqs), lengths, seqs, masks, "cuda")
+        want_step, got_step = loop.prepare(batch), varlen.prepare(batch)
+        for kv_layer in (0, 31):
+            want = loop.self_attn(q, want_step, kv_layer, hd**-0.5)
+            got = varlen.self_attn(q, got_step, kv_layer, hd**-0.5)
+            torch.testing.assert_close(got, want, atol=atol, rtol=0)
+        for kv_layer in (0, 7):
+            want = loop.cross_attn(q, want_step, kv_layer, hd**-0.5)
+            got = varlen.cross_attn(q, got_step, kv_layer, hd**-0.5)
+            torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
 def test_engine_on_cuda_equals_cpu_with_preemption(tiny_pipeline, imgs):
@@ -63,3 +66,26 @@ def test_engine_on_cuda_equals_cpu_with_preemption(tiny_pipeline, imgs):
         assert got == want
         assert engine.stats().kv_used_bytes == 0
     assert engine.stats().preemptions > 0
+
+
+def test_cuda_graphs_equal_eager_on_the_page_pools(tiny_pipeline, imgs):
+    """Decode steps replayed from CUDA graphs (varlen over the page pools, batches padded to their bucket) give
+    the eager engine's tokens, for image batches and text-only ones; the graphs were replayed."""
+    from pipeline.inprocess import Pipeline
+    from pipeline.types import DecodeRequest
+
+    gpu = Pipeline(ModelConfig(source="bundled:tiny-mllama", device="cuda", dtype="float32"))
+    images = [tiny_pipeline.trim(tiny_pipeline.prepare(PROMPTS[i % 2], [imgs[n]]), TrimConfig(k_ratio=0.15))
+              for i, n in enumerate(["1tile", "4tile", "2tile"])]
+    text = [tiny_pipeline.prepare(PROMPTS[3], []).input_ids.tolist()] * 3
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    for rows in (images, [DecodeRequest(ids) for ids in text]):
+        eager = LLMEngine(gpu.loaded, EngineConfig(max_running=8, max_model_len=512, cuda_graphs=False))
+        graphed = LLMEngine(gpu.loaded, EngineConfig(max_running=8, max_model_len=512))
+        assert eager.runner.graphs is None and graphed.runner.graphs is not None
+        replays = []
+        run = graphed.runner.graphs.run
+        graphed.runner.graphs.run = lambda seqs, run=run, replays=replays: replays.append(len(seqs)) or run(seqs)
+        want = [s.output_ids for s in eager.generate(rows, params)]
+        assert [s.output_ids for s in graphed.generate(rows, params)] == want
+        assert replays and set(replays) == {3}
