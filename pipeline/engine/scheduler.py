@@ -78,6 +78,11 @@ class Scheduler:
             else:
                 decode.append(seq)
         decode += [s for s in self.resume_swapped() if not s.prefilling]
+        # Admission is not gated by the budget: an admitted prompt holds its pages (and leaves the bounded waiting
+        # queue) at once, and is prefilled as the budget allows. Gating it made a burst of 48 requests overflow a
+        # 32-deep queue that had held them all before chunking.
+        while self.admit_next() is not None:
+            pass
         # Decode rows never wait; with none of the budget left, the earliest prompt still gets a row a step.
         budget = max(self.cfg.step_token_budget - len(decode), 1)
         chunks = []
@@ -85,9 +90,6 @@ class Scheduler:
             if budget and seq.prefilling:
                 chunks.append(self._chunk(seq, budget))
                 budget -= chunks[-1].end - chunks[-1].start
-        while budget and (seq := self.admit_next()) is not None:
-            chunks.append(self._chunk(seq, budget))
-            budget -= chunks[-1].end - chunks[-1].start
         return StepPlan(chunks, decode)
 
     @staticmethod
