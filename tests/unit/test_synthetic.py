@@ -92,7 +92,7 @@ from pipeline.quality.synthetic import chat_messages, generate_samples
 torch.set_num_threads(1)
 processor = AutoProcessor.from_pretrained(sys.argv[1])
 model = MllamaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
-tap_layer_inputs(model.model.vision_model)  # the vision tap it was trained under (Meta's reference; README)
+tap_layer_inputs(model.model.vision_model)  # the vision tap crosstrim serves it under (Meta's reference; README)
 hits = []
 for s in generate_samples(8, seed=424242):
     text = processor.apply_chat_template(chat_messages(s.prompt), add_generation_prompt=True)
