@@ -324,7 +324,8 @@ def evaluate_saved(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--threads", type=int, default=1, help="1 makes a run reproducible (the bundled checkpoint predates the reference tap and held gates)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1 makes a run reproducible (the bundled checkpoint predates the reference tap and held gates)")
     ap.add_argument("--max-steps", type=int, default=HP["max_steps"])
     ap.add_argument("--first-layer-blind", type=float, default=HP["first_layer_blind"])
     ap.add_argument("--eval-only", action="store_true", help="recompute the metrics of the checkpoint in --out")
