@@ -62,8 +62,10 @@ class Timed:
 
 def engine_steps(pipe: Pipeline, batch: int, steps: int, structured: StructuredOutput | None) -> dict:
     """Mean decode-step ms with `batch` text-only sequences in steady state, and the mask's ms a step."""
-    engine = LLMEngine(pipe.loaded, EngineConfig(max_running=batch, kv_budget_bytes=256 * 2**20))
     prompt = DecodeRequest(pipe.prepare("describe the picture in detail", []).input_ids.tolist())
+    # Every prompt prefilled in the first step (the step's token budget holds them all), then steady decode steps.
+    engine = LLMEngine(pipe.loaded, EngineConfig(max_running=batch, kv_budget_bytes=256 * 2**20,
+                                                 step_token_budget=batch * (prompt.prompt_len + 1)))
     params = [SamplingParams(max_tokens=steps + 2, temperature=1.0, seed=i, ignore_eos=True, structured=structured)
               for i in range(batch)]
     for p in params:
