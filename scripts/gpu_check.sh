@@ -3,7 +3,8 @@
 # per-sequence path, the engine on CUDA vs CPU, CUDA graphs vs eager over the page pools, layers split over
 # cuda:0/cuda:1 vs one GPU when there are 2), `crosstrim bench decoder` on CUDA in bf16 (static and realistic
 # workloads) and the decode step vs batch (1, 16, 64, 128) at the 11B text layout in bf16, graphs and eager, with
-# its ratio to the HBM bound (scripts/decode_step_gpu.py; HBM_GBPS, default 4800, sets the bandwidth). Writes OUT/gpu_check.json (default
+# its ratio to the HBM bound (scripts/decode_step_gpu.py; HBM_GBPS, default 4800, sets the bandwidth), and batched
+# encode + trim at batch 1 vs 8 (pipeline/bench/stages.py). Writes OUT/gpu_check.json (default
 # OUT: bench-results/gpu-check) and exits non-zero when a test fails. Usage: scripts/gpu_check.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ crosstrim bench decoder --workload realistic --device cuda --dtype bfloat16 --re
     --json "$OUT/decoder-realistic.json"
 python scripts/decode_step_gpu.py --batches 1,16,64,128 --hbm-gbps "${HBM_GBPS:-4800}" \
     --json "$OUT/decode-step-11b.json"
+python -m pipeline.bench.stages --device cuda --dtype bfloat16 --batches 1 8 --json "$OUT/stages.json"
 
 python - "$OUT" "$tests_rc" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
@@ -34,6 +36,7 @@ summary = {
     "bench_decoder": json.loads((out / "decoder.json").read_text()),
     "bench_decoder_realistic": json.loads((out / "decoder-realistic.json").read_text()),
     "decode_step_11b_layout": json.loads((out / "decode-step-11b.json").read_text()),
+    "batched_encode_trim": json.loads((out / "stages.json").read_text()),
 }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(f"wrote {out / 'gpu_check.json'}: {summary['tests']}")
