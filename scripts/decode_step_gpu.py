@@ -5,7 +5,7 @@ bound (weights + the K/V a step reads, over the bandwidth). scripts/gpu_check.sh
 
 Run: python scripts/decode_step_gpu.py --json OUT.json [--batches 1,16,64,128] [--hbm-gbps 4800]
 Smoke test of the script itself on CPU: --device cpu --dtype float32 --hidden 256 --heads 4 --kv-heads 2
---intermediate 512 --layers 4 --cross 1,3 --batches 1,2 --max-tokens 6 --kept 40 (no graphs on CPU)."""
+--intermediate 512 --layers 4 --cross 1,3 --batches 1,2 --max-tokens 6 --kv-gib 1 (no graphs on CPU)."""
 
 import argparse
 import json
@@ -62,8 +62,7 @@ def step_ms(loaded, request, b: int, args, graphs: bool) -> tuple[float, float]:
     """Median decode-step ms with b sequences running, and their mean context length over those steps."""
     engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=args.kv_gib * 2**30, max_running=max(b, 1),
                                             max_model_len=args.max_len, cuda_graphs=graphs))
-    for _ in range(b):
-        engine.add_request(request, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
+    seqs = [engine.add_request(request, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)) for _ in range(b)]
     steps, lengths = [], []
     while engine.has_work():
         if loaded.device.type == "cuda":
@@ -75,8 +74,7 @@ def step_ms(loaded, request, b: int, args, graphs: bool) -> tuple[float, float]:
         ms = (time.perf_counter() - t0) * 1e3
         if engine.stats().last_batch_size == b:
             steps.append(ms)
-            lengths.append(statistics.mean(s.num_tokens for s in engine.scheduler.running) if
-                           engine.scheduler.running else 0)
+            lengths.append(statistics.mean(s.num_tokens for s in seqs))  # all b decoded this step
     return statistics.median(steps[2:] or steps), statistics.mean(lengths)
 
 
