@@ -233,7 +233,7 @@ class LLMEngine:
                 try:
                     parts.append(self.runner.prefill([c]))
                 except Exception as exc:  # noqa: BLE001 - the offender fails alone
-                    failed += [(s, self.fail(s, exc)) for s in [c.seq] + c.seq.siblings]
+                    failed.append((c.seq, self.fail(c.seq, exc)))  # siblings fork after the last chunk
         for done, prompt_logits in parts:
             for seq, row in zip(done, prompt_logits):
                 try:
