@@ -135,6 +135,10 @@ class VisionEncoderDeployment:
     def batch_stats(self) -> dict:
         return self.batches.stats() | batching_of(self._encode_batch)
 
+    async def record_routing_stats(self) -> dict:
+        """What /stats reads from every replica (Serve's per-replica hook, as the decoder pool uses it)."""
+        return {"batches": self.batch_stats()}
+
 
 def assemble(items: list, errors: list[Exception | None]) -> VisualFeatures | Exception:
     """One call's images from their cached or fresh (features, token_valid), or the first error among them."""

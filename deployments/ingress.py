@@ -95,11 +95,15 @@ class Ingress:
     @app.get("/stats")
     async def stats(self) -> dict:
         """Internal view for operators and tests: the decoder pool's engine stats summed over its replicas (each
-        replica's too), the encoder cache."""
+        replica's too), the encoder cache, and the batches each encoder and trimmer replica formed."""
         app = serve.get_replica_context().app_name
-        pool, encoder = await asyncio.gather(routing_stats(app, "DecoderPool"), self.encoder.cache_stats.remote())
+        pool, encoder, encoders, trimmers = await asyncio.gather(
+            routing_stats(app, "DecoderPool"), self.encoder.cache_stats.remote(),
+            routing_stats(app, "VisionEncoder"), routing_stats(app, "Trimmer"))
         replicas = [s["engine"] for s in pool]
-        return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder}
+        return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder,
+                "stage_batches": {"encoder": [s["batches"] for s in encoders],
+                                  "trimmer": [s["batches"] for s in trimmers]}}
 
     @app.get("/v1/models/{model_id}", responses=api.error_responses(401, 404))
     async def model(self, model_id: str) -> dict:

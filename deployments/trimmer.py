@@ -49,6 +49,10 @@ class TrimmerDeployment:
     def batch_stats(self) -> dict:
         return self.batches.stats() | batching_of(self._trim_batch)
 
+    async def record_routing_stats(self) -> dict:
+        """What /stats reads from every replica (Serve's per-replica hook, as the decoder pool uses it)."""
+        return {"batches": self.batch_stats()}
+
     async def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None) -> Handoff:
         handoff = raised(await self._trim_batch(prompt, visual, cfg))
         handoff.sent_at = time.time()  # stamped last: the hop starts when the result leaves

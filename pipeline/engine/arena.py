@@ -99,11 +99,6 @@ class ArenaLayout:
             i = j
         return chunks
 
-    def dense_cross(self, table: PageTable) -> list[torch.Tensor] | None:
-        """Per arena, the one view of the sequence's cross pages when they are one chunk everywhere."""
-        chunks = [self.cross_chunks(table, arena) for arena in self.arenas]
-        return [c[0] for c in chunks] if all(len(c) == 1 for c in chunks) else None
-
     def cross_rows(self, table: PageTable) -> list[torch.Tensor]:
         """Per arena, where each kept token's K/V rows are, in units of head_dim elements of the arena's data:
         (kept, 4) int64 = (token's row-0 K of head 0, +per cross row, +V, +per head). A batched read gathers any
@@ -122,10 +117,8 @@ class ArenaLayout:
 
     def read_arena(self, table: PageTable, a: int) -> torch.Tensor:
         """(rows, 2, KVH, kept, hd) of one arena: a view when the pages are one run, else a copy."""
-        if table.cross_dense is not None:
-            return table.cross_dense[a]
         arena = self.arenas[a]
-        chunks = self.cross_chunks(table, arena)
+        chunks = table.cross_views[a]
         if len(chunks) == 1:
             return chunks[0]
         if not chunks:

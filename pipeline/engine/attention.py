@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.step_batch import DecodeBatch
-from pipeline.model.layers import attend_one
+from pipeline.model.layers import attend_chunks, attend_one
 
 # CPU rule, measured with scripts/attention_rule.py (1 thread, fp32, one self layer, tiny 2x16 and bench 4x128
 # KV heads x head dim, batch 1-128, history 16-1024; BENCHMARKS.md "Decode step"): the loop costs a fixed ~30-60 us
@@ -19,6 +19,10 @@ from pipeline.model.layers import attend_one
 # padded / loop was 0.003-0.8 up to 32k elements (e.g. bench 64 x 64 tokens: 0.43, tiny 64 x 256: 0.19) and
 # 1.0-7.7 from 64k on (bench 64 x 256: 2.2, tiny 128 x 1024: 2.1). Batch 1 is a draw below the bound.
 PADDED_ELEMS = 32768
+# Cross K/V never change once written, so the padded path keeps each cross layer's gathered K/V while the batch's
+# rows with an image stay the same sequences in the same order (most steps); up to this many bytes, else it gathers
+# every step. On this CPU the gather was most of a small model's step at batch 64 (pages spread over the arena).
+GATHERED_CROSS_BYTES = 64 * 2**20
 
 
 class PagedAttention:
@@ -47,9 +51,9 @@ class PagedAttention:
         cross = batch.cross
         out = torch.empty_like(q)
         for r in rows:
-            keys, values = self.kv.cross_kv(cross.tables[r], kv_layer)
-            mask = cross.mask[r, : cross.lengths[r]].to(keys.device) if r in cross.partial else None
-            out[r, :, 0] = attend_one(q[r, :, 0], keys, values, scale, mask=mask)
+            chunks = self.kv.cross_kv_chunks(cross.tables[r], kv_layer)
+            mask = cross.mask[r, : cross.lengths[r]].to(q.device) if r in cross.partial else None
+            out[r, :, 0] = attend_chunks(q[r, :, 0], chunks, scale, mask=mask)
         return out
 
 
@@ -59,11 +63,12 @@ class PaddedStep:
     gather index into the arena's rows of head_dim elements and the padding mask."""
 
     batch: DecodeBatch
-    self_index: torch.Tensor | None  # (2, B, KVH, L): K and V of self row 0; + row * 2 * KVH per row
+    self_index: torch.Tensor | None  # (B, L): the (2, KVH, hd) blocks of self row 0; + row per row
     self_valid: torch.Tensor | None  # (B, 1, 1, L)
     cross_index: torch.Tensor | None  # (2, R, KVH, T): K and V of cross row 0
     cross_row: torch.Tensor | None  # (R, 1, T): + row * this per cross row
     cross_valid: torch.Tensor | None  # (R, 1, 1, T): visible and not padding
+    gathered_cross: dict[int, torch.Tensor]  # kv_layer -> its (2, R, KVH, T, hd) K/V, kept across steps
 
 
 class CpuAttention(PagedAttention):
@@ -71,9 +76,11 @@ class CpuAttention(PagedAttention):
     whole batch when max_len x KVH x hd <= padded_elems, else the in-place per-sequence loop (padded_elems=0: always the
     loop; layers over several devices, i.e. several arenas, keep the loop too)."""
 
-    def __init__(self, kv: KVCache, padded_elems: int = PADDED_ELEMS):
+    def __init__(self, kv: KVCache, padded_elems: int = PADDED_ELEMS, gathered_cross_bytes: int = GATHERED_CROSS_BYTES):
         super().__init__(kv)
-        self.padded_elems = padded_elems
+        self.padded_elems, self.gathered_cross_bytes = padded_elems, gathered_cross_bytes
+        self._cross_rows_of: tuple[int, ...] = ()  # the allocations whose gathered cross K/V are kept
+        self._gathered_cross: dict[int, torch.Tensor] = {}
 
     def prepare(self, batch: DecodeBatch) -> PaddedStep:
         """The step's gather indices, once (Python here is constant per layer: the layers only add an offset)."""
@@ -87,9 +94,8 @@ class CpuAttention(PagedAttention):
             pages = batch.block_table.gather(1, (pos // size).clamp(max=batch.block_table.shape[1] - 1)
                                              .expand(batch.size, -1)).long()
             slots = pages * size + pos % size  # (B, L); padding reads a held slot, masked below
-            row_units = arena.self_rows * 2 * kvh  # one slot's K/V of every self row, in head_dim units
-            k_index = slots[:, None, :] * row_units + heads[None, :, None]
-            s_index = torch.stack([k_index, k_index + kvh])  # V is KVH head rows after K
+            # a slot's K and V of one self row are contiguous: gather whole (2, KVH, hd) blocks, one index each
+            s_index = slots * arena.self_rows
             s_valid = (pos[None, :] < batch.context_lens[:, None])[:, None, None, :]
         cross = batch.cross
         if single and cross is not None and cross.max_kept * kvh * self.kv.layout.head_dim <= self.padded_elems:
@@ -99,27 +105,43 @@ class CpuAttention(PagedAttention):
             c_index = torch.stack([k_index, k_index + c_v[:, None]])
             c_row = c_row[:, None]
             c_valid = cross.mask[:, None, None, :]
-        return PaddedStep(batch, s_index, s_valid, c_index, c_row, c_valid)
+        rows_of = tuple(t.allocation for t in cross.tables) if c_index is not None else ()
+        if rows_of != self._cross_rows_of:
+            self._cross_rows_of, self._gathered_cross = rows_of, {}
+        return PaddedStep(batch, s_index, s_valid, c_index, c_row, c_valid, self._gathered_cross)
 
     def self_attn(self, q, step: PaddedStep, kv_layer: int, scale: float) -> torch.Tensor:
         if step.self_index is None:
             return self._loop_self(q, step.batch, kv_layer, scale)
         _, row = self.kv.layout.where[False, kv_layer]
-        kvh = self.kv.layout.kv_heads
-        return self._padded(q, step.self_index + row * 2 * kvh, step.self_valid, scale)
+        layout = self.kv.layout
+        blocks = self.kv.arenas[0].data.view(-1, 2 * layout.kv_heads * layout.head_dim)  # a slot's K/V of one row
+        b, n = step.self_index.shape
+        kv = blocks.index_select(0, (step.self_index + row).flatten()).view(b, n, 2, layout.kv_heads, -1)
+        keys, values = kv.permute(2, 0, 3, 1, 4)  # (B, KVH, L, hd) each
+        # K contiguous for its matmul (a strided one took 2.4x as long, measured); V reads fine strided
+        return self._padded(q, (keys.contiguous(), values), step.self_valid, scale)
 
     def cross_attn(self, q, step: PaddedStep, kv_layer: int, scale: float) -> torch.Tensor:
         if step.cross_index is None:
             return self._loop_cross(q, step.batch, range(q.shape[0]), kv_layer, scale)
-        _, row = self.kv.layout.where[True, kv_layer]
-        return self._padded(q, step.cross_index + row * step.cross_row, step.cross_valid, scale)
+        kv = step.gathered_cross.get(kv_layer)
+        if kv is None:
+            _, row = self.kv.layout.where[True, kv_layer]
+            kv = self._gather(step.cross_index + row * step.cross_row, q.shape[-1])
+            if kv.nbytes * self.kv.num_cross <= self.gathered_cross_bytes:
+                step.gathered_cross[kv_layer] = kv
+        return self._padded(q, kv, step.cross_valid, scale)
 
-    def _padded(self, q, index, valid, scale: float) -> torch.Tensor:
-        """q (B, H, 1, hd) over the K and V rows at index (2, B, KVH, L) (one gather), valid (B, 1, 1, L)."""
-        hd = q.shape[-1]
+    def _gather(self, index, hd: int) -> torch.Tensor:
+        """The K and V rows at index (2, B, KVH, L), one index_select: (2, B, KVH, L, hd)."""
         rows = self.kv.arenas[0].data.view(-1, hd)  # the arena as rows of head_dim elements
-        _, b, kvh, n = index.shape
-        keys, values = rows.index_select(0, index.flatten()).view(2, b, kvh, n, hd)
+        return rows.index_select(0, index.flatten()).view(*index.shape, hd)
+
+    def _padded(self, q, kv, valid, scale: float) -> torch.Tensor:
+        """q (B, H, 1, hd) over gathered K and V, (B, KVH, L, hd) each, valid (B, 1, 1, L)."""
+        keys, values = kv
+        b, kvh, _, hd = keys.shape
         qg = q.view(b, kvh, -1, hd)  # (B, KVH, groups, hd): each KV head's query group, no K/V repeat
         scores = (qg @ keys.transpose(-1, -2)) * scale  # (B, KVH, groups, L)
         scores = scores.masked_fill(~valid, float("-inf"))

@@ -2,6 +2,8 @@
 sequences' page tables (page_table.py), and the reads and writes of K/V through a table. A layer is addressed by
 its kv_layer (its ordinal among the self or the cross layers), a token position by its slot."""
 
+import itertools
+
 import torch
 
 from pipeline.engine.arena import ArenaLayout
@@ -22,6 +24,7 @@ class KVCache:
         self.kv_layer = self.layout.kv_layer  # layer index -> kv_layer
         self.block_size, self.cross_block_size = self.layout.block_size, self.layout.cross_block_size
         self.num_self, self.num_cross = self.layout.num_self, self.layout.num_cross
+        self._allocations = itertools.count()  # PageTable.allocation: tells apart cross K/V written at different times
 
     @property
     def arenas(self):
@@ -62,11 +65,11 @@ class KVCache:
         n_cross = -(-cross_tokens // self.cross_block_size)
         if not self.blocks.can_allocate(n_self + n_cross, watermark):
             return None
-        table = PageTable(self.block_size, self.device, cross_pages=self.blocks.allocate(n_cross),
-                          cross_tokens=cross_tokens)
+        table = PageTable(self.block_size, self.device, next(self._allocations),
+                          cross_pages=self.blocks.allocate(n_cross), cross_tokens=cross_tokens)
         table.self_pages = self.blocks.allocate(n_self)
         table.reindex()
-        table.cross_dense = self.layout.dense_cross(table)
+        table.cross_views = [self.layout.cross_chunks(table, arena) for arena in self.arenas]
         table.cross_rows = self.layout.cross_rows(table)
         return table
 
@@ -102,7 +105,7 @@ class KVCache:
     def release(self, table: PageTable) -> None:
         self.blocks.free(table.self_pages)
         self.blocks.free(table.cross_pages)
-        table.self_pages, table.cross_pages, table.cross_dense, table.cross_rows = [], [], None, []
+        table.self_pages, table.cross_pages, table.cross_views, table.cross_rows = [], [], [], []
 
     # --- reads and writes ---------------------------------------------------------------------------------
     def self_kv(self, table: PageTable, kv_layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +119,9 @@ class KVCache:
 
     def write_cross(self, table: PageTable, cross: torch.Tensor) -> None:
         """cross: (cross layers, 2, KVH, kept, hd); each arena takes its layers' rows."""
-        for arena in self.arenas:
+        for arena, chunks in zip(self.arenas, table.cross_views):
             rows, start = len(arena.cross_layers), 0
-            for chunk in self.layout.cross_chunks(table, arena):
+            for chunk in chunks:
                 chunk[:rows].copy_(cross[arena.cross_layers, :, :, start : start + chunk.shape[3]])
                 start += chunk.shape[3]
 
@@ -134,5 +137,12 @@ class KVCache:
     def cross_kv(self, table: PageTable, kv_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one cross-attention layer: (KVH, kept, hd) each, on the layer's device."""
         a, row = self.layout.where[True, kv_layer]
-        x = self.layout.read_arena(table, a)[row]
+        chunks = table.cross_views[a]
+        # Fragmented pages: copy this layer's row only, not the arena's every row.
+        x = chunks[0][row] if len(chunks) == 1 else torch.cat([c[row] for c in chunks], dim=2)
         return x[0], x[1]
+
+    def cross_kv_chunks(self, table: PageTable, kv_layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cross_kv as views, one (K, V) pair per contiguous run of the sequence's pages: no copy however fragmented."""
+        a, row = self.layout.where[True, kv_layer]
+        return [(c[row, 0], c[row, 1]) for c in table.cross_views[a]]

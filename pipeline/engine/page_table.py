@@ -12,13 +12,14 @@ from pipeline.engine.block_manager import runs
 class PageTable:
     block_size: int  # self tokens a page: slot s of page p is p * block_size + s
     device: torch.device  # where the slot index lives
+    allocation: int  # its KV cache's serial of the allocation: the same cross K/V (forks share it) iff the same serial
     self_pages: list[int] = field(default_factory=list)
     cross_pages: list[int] = field(default_factory=list)
     cross_tokens: int = 0
     self_written: int = 0  # self-attention positions holding K/V (bytes written, for utilisation)
     self_base: int | None = None  # slot of position 0 when the self pages are one run
     self_index: torch.Tensor | None = None  # slots of every held position, for a gather when fragmented
-    cross_dense: list[torch.Tensor] | None = None  # per arena (rows, 2, KVH, kept, hd) when the pages are one chunk
+    cross_views: list[list[torch.Tensor]] = field(default_factory=list)  # per arena, its chunks (rows, 2, KVH, n, hd)
     cross_rows: list[torch.Tensor] = field(default_factory=list)  # per arena (kept, 4): see ArenaLayout.cross_rows
 
     def reindex(self) -> None:

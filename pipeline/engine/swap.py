@@ -43,9 +43,9 @@ def swap_in(cache: KVCache, saved: SwappedKV, self_tokens: int, watermark: int =
         return None
     table.self_written = saved.self_written
     slots = table.self_slots(0, table.self_written)
-    for arena, self_part, cross_part in zip(cache.arenas, saved.self_parts, saved.cross_parts):
+    for arena, chunks, self_part, cross_part in zip(cache.arenas, table.cross_views, saved.self_parts,
+                                                    saved.cross_parts):
         arena.self_view[slots.to(arena.data.device)] = self_part.to(arena.data.device)
-        chunks = cache.layout.cross_chunks(table, arena)
         for chunk, part in zip(chunks, cross_part.split([c.shape[3] for c in chunks], dim=3)):
             chunk.copy_(part)
     return table

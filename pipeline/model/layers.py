@@ -82,3 +82,20 @@ def attend_one(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.einsum("gqt,gtd->gqd", probs, v).reshape(-1, hd)
+
+
+def attend_chunks(q, chunks: list[tuple[torch.Tensor, torch.Tensor]], scale: float,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """attend_one over K/V held in pieces, [(k, v) (KVH, T_i, hd)] in token order, each read in place: the scores
+    (KVH x groups x T, small) are joined instead of the K/V (KVH x T x hd), so fragmented pages cost no copy."""
+    if len(chunks) == 1:
+        return attend_one(q, *chunks[0], scale, mask=mask)
+    kvh, _, hd = chunks[0][0].shape
+    qg = q.view(kvh, -1, hd)
+    scores = torch.cat([torch.einsum("gtd,gqd->gqt", k, qg) for k, _ in chunks], dim=-1) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(chunks[0][1].dtype)
+    parts = probs.split([v.shape[1] for _, v in chunks], dim=-1)
+    out = sum(torch.einsum("gqt,gtd->gqd", p, v) for p, (_, v) in zip(parts, chunks))
+    return out.reshape(-1, hd)

@@ -1,7 +1,10 @@
 """The VisionEncoder and Trimmer deployments batch concurrent calls (`@serve.batch`, size and wait from their
 user_config, changed in place): a batch of more than one forms, each call gets what it gets alone, the feature cache
-still serves repeated images, and a bad call in a batch fails alone."""
+still serves repeated images, a bad call in a batch fails alone, and /stats shows the batches that formed."""
 
+import json
+
+import httpx
 import pytest
 import torch
 
@@ -89,3 +92,9 @@ def test_stage_deployments_batch_and_fail_alone(serve_app, pipe):
             else:
                 torch.testing.assert_close(got.tensors[k], t, rtol=1e-5, atol=1e-5)
     assert trimmer.batch_stats.remote().result()["sizes"][1] >= len(handoffs)
+    # /stats shows every replica's batches (one replica each here), as each stage counts them
+    shown = httpx.get(f"{serve_app.url}/stats", timeout=30).json()["stage_batches"]
+    for stage, handle in (("encoder", encoder), ("trimmer", trimmer)):
+        (replica,) = shown[stage]
+        direct = handle.batch_stats.remote().result()
+        assert replica == json.loads(json.dumps(direct)) and replica["largest"] > 1, stage  # JSON: str size keys

@@ -17,6 +17,7 @@ from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.step_batch import build_decode_batch, decode_batch
 from pipeline.engine.varlen_ref import varlen_reference
+from pipeline.model.layers import attend_chunks, attend_one
 from tests.helpers import PROMPTS
 
 HEADS, KVH, HD = 8, 2, 16
@@ -68,6 +69,47 @@ def test_backends_equal_the_per_sequence_path(layout):
         dense = torch.nn.functional.scaled_dot_product_attention(q[i : i + 1], k[None], v[None], scale=HD**-0.5,
                                                                  enable_gqa=True)
         torch.testing.assert_close(loop.self_attn(q, steps[loop], 0, HD**-0.5)[i], dense[0], atol=1e-5, rtol=0)
+
+
+def test_gathered_cross_kv_is_kept_while_the_rows_stay_the_same():
+    """The padded path gathers a cross layer's K/V once while the rows with an image are the same allocations in
+    the same order; a change of rows (or order) gathers afresh, and the kept gather equals a fresh one."""
+    torch.manual_seed(2)
+    kv = KVCache(2**21, 6, [1, 4], KVH, HD, torch.float32, "cpu", block_size=4)
+    kv.arenas[0].data.normal_()
+    tables = [kv.allocate(n, c) for n, c in [(3, 5), (6, 9), (2, 4)]]
+    keeping, fresh = CpuAttention(kv, padded_elems=10**9), CpuAttention(kv, padded_elems=10**9, gathered_cross_bytes=0)
+    q = torch.randn(3, HEADS, 1, HD)
+
+    def step(order):
+        batch = build_decode_batch([1] * 3, [3, 6, 2], [tables[i] for i in order], [None] * 3, "cpu")
+        a, b = keeping.prepare(batch), fresh.prepare(batch)
+        for kv_layer in range(kv.num_cross):
+            torch.testing.assert_close(keeping.cross_attn(q, a, kv_layer, HD**-0.5),
+                                       fresh.cross_attn(q, b, kv_layer, HD**-0.5), atol=0, rtol=0)
+        assert not b.gathered_cross
+        return a.gathered_cross
+
+    first = step([0, 1, 2])
+    kept = dict(first)
+    assert step([0, 1, 2]) is first and all(first[k] is kept[k] for k in kept) and len(kept) == kv.num_cross
+    assert step([2, 1, 0]) is not first
+    kv.release(tables[0])
+    tables[0] = kv.allocate(3, 5)  # a new allocation, possibly the same pages: gathered afresh
+    assert tables[0].allocation not in (t.allocation for t in tables[1:])
+    assert step([2, 1, 0]) is not first
+
+
+def test_attention_over_page_runs_equals_attention_over_their_concatenation():
+    """The loop reads fragmented cross pages run by run (no copy): the same as one attention over the joined K/V."""
+    torch.manual_seed(1)
+    q = torch.randn(HEADS, HD)
+    runs = [(torch.randn(KVH, n, HD), torch.randn(KVH, n, HD)) for n in (8, 3, 16)]
+    keys, values = (torch.cat([r[i] for r in runs], dim=1) for i in (0, 1))
+    mask = torch.rand(27) > 0.3
+    for m in (None, mask):
+        torch.testing.assert_close(attend_chunks(q, runs, HD**-0.5, mask=m), attend_one(q, keys, values, HD**-0.5,
+                                                                                       mask=m), atol=1e-6, rtol=0)
 
 
 def test_new_tokens_land_in_their_slots():
