@@ -60,7 +60,8 @@ class PagedAttention:
 @dataclass
 class PaddedStep:
     """The CPU backend's per-step reads: for each attention kind, either None (per sequence this step) or the
-    gather index into the arena's rows of head_dim elements and the padding mask."""
+    gather index into the arena (self: blocks of one slot's K/V of one row; cross: rows of head_dim elements)
+    and the padding mask."""
 
     batch: DecodeBatch
     self_index: torch.Tensor | None  # (B, L): the (2, KVH, hd) blocks of self row 0; + row per row

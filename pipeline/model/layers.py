@@ -74,28 +74,23 @@ def attend_one(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch
 
     Each KV head's query group becomes one small matmul (HF's pack_gqa idea): SDPA's CPU kernel is slow
     for a single row, and repeating K/V per head would copy them every step."""
-    kvh, _, hd = k.shape
-    qg = q.view(kvh, -1, hd)  # (KVH, groups, hd)
-    # einsum picks a layout that streams K and V once; a plain (groups x T) matmul was 10x slower here.
-    scores = torch.einsum("gtd,gqd->gqt", k, qg) * scale  # (KVH, groups, T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.einsum("gqt,gtd->gqd", probs, v).reshape(-1, hd)
+    return attend_chunks(q, [(k, v)], scale, mask=mask)
 
 
 def attend_chunks(q, chunks: list[tuple[torch.Tensor, torch.Tensor]], scale: float,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """attend_one over K/V held in pieces, [(k, v) (KVH, T_i, hd)] in token order, each read in place: the scores
     (KVH x groups x T, small) are joined instead of the K/V (KVH x T x hd), so fragmented pages cost no copy."""
-    if len(chunks) == 1:
-        return attend_one(q, *chunks[0], scale, mask=mask)
     kvh, _, hd = chunks[0][0].shape
-    qg = q.view(kvh, -1, hd)
-    scores = torch.cat([torch.einsum("gtd,gqd->gqt", k, qg) for k, _ in chunks], dim=-1) * scale
+    qg = q.view(kvh, -1, hd)  # (KVH, groups, hd)
+    # einsum picks a layout that streams K and V once; a plain (groups x T) matmul was 10x slower here.
+    scores = [torch.einsum("gtd,gqd->gqt", k, qg) for k, _ in chunks]  # (KVH, groups, T_i) each
+    scores = (scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(chunks[0][1].dtype)
     parts = probs.split([v.shape[1] for _, v in chunks], dim=-1)
-    out = sum(torch.einsum("gqt,gtd->gqd", p, v) for p, (_, v) in zip(parts, chunks))
+    out = torch.einsum("gqt,gtd->gqd", parts[0], chunks[0][1])
+    for p, (_, v) in zip(parts[1:], chunks[1:]):
+        out = out + torch.einsum("gqt,gtd->gqd", p, v)
     return out.reshape(-1, hd)
