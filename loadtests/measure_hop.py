@@ -121,8 +121,7 @@ def synthetic_request(kept: int, prompt: int, prefix: int, dtype, ship: str, m: 
     resume = ResumeState(
         hidden=torch.randn(prompt, m["hidden"]).to(dtype),
         self_kv=torch.randn(m["first_cross"], *kv, prompt, m["head_dim"]).to(dtype),
-        cross=cross, padding_features=torch.zeros(0, m["hidden"], dtype=dtype),
-        padding_positions=torch.zeros(0, dtype=torch.long),
+        cross=cross,
     )
     return DecodeRequest(list(range(prompt)), image, resume)
 

@@ -95,8 +95,7 @@ class ImageState:
     kept_tokens: list[int]  # kept tokens per image
     kv_bytes_per_visual_token: int  # K and V of one visual token across all cross-attention layers
     tokens_per_image: int  # tiles * patches: global position = image * tokens_per_image + index
-    # Rows before the first image token see no image (HF lets them attend to every visual token, padding tiles'
-    # included: see ResumeState.padding_features).
+    # Rows before the first image token see no image: they get no cross-attention output (Meta's reference).
     prefix_len: int = 0
 
     @property
@@ -166,11 +165,6 @@ class ResumeState:
     hidden: torch.Tensor  # (S, hidden): the first cross-attention layer's output, every prompt row
     self_kv: torch.Tensor  # (first_cross, 2, KVH, S, hd): self-attention K/V of the layers before it
     cross: CrossKV | KeptFeatures  # the kept tokens, as K/V or as features
-    # The blind prefix's extra keys: HF lets rows before the first image token attend to every visual token,
-    # padding tiles' tokens included, which trimming never drops. The decoder projects their K/V in each later
-    # cross-attention layer from these features; empty when no row is blind or no image has padding tiles.
-    padding_features: torch.Tensor  # (P, hidden)
-    padding_positions: torch.Tensor  # (P,) their global positions, ascending
 
     @property
     def ship(self) -> str:
@@ -178,7 +172,7 @@ class ResumeState:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes([self.hidden, self.self_kv, self.padding_features, self.padding_positions]) + self.cross.nbytes
+        return _nbytes([self.hidden, self.self_kv]) + self.cross.nbytes
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Train a tiny mllama on the synthetic shapes VQA task (pipeline/synthetic.py) and save it in HF format.
 
-The vision tower taps its intermediate layers at their input (Meta's reference; pipeline/model/encoder.py). The
+The model follows Meta's reference where HF departs (pipeline/quality/reference.follow_reference): the vision tower
+taps its intermediate layers at their input, and rows that see no image get no cross-attention output. The
 first cross-attention layer's gates are held open and its visual input is randomly blinded or subsampled during
 training, so it must learn where to look while the later cross-attention layers must read the image themselves:
 the model is a real test of visual-token trimming.
@@ -34,8 +35,8 @@ from transformers import (  # noqa: E402
     MllamaProcessor,
 )
 
-from pipeline.model.encoder import tap_layer_inputs  # noqa: E402
 from pipeline.quality.evaluate import blind, cross_layers  # noqa: E402
+from pipeline.quality.reference import follow_reference  # noqa: E402
 from pipeline.quality.synthetic import (  # noqa: E402
     CELL,
     LAYOUTS,
@@ -296,10 +297,11 @@ def hold_first_layer_open(model) -> None:
 
 
 def load(out: Path):
-    """A saved checkpoint with the vision tap it was trained under (Meta's reference: each tapped layer's input)."""
+    """A saved checkpoint under Meta's reference, as it is trained (each tapped layer's input; no cross-attention
+    output for rows that see no image)."""
     processor = MllamaProcessor.from_pretrained(out)
     model = MllamaForConditionalGeneration.from_pretrained(out)
-    tap_layer_inputs(model.model.vision_model)
+    follow_reference(model)
     return model, processor
 
 
@@ -338,7 +340,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     processor = build_processor()
     model = MllamaForConditionalGeneration(build_config(processor.tokenizer, VOCAB, VISION, TEXT))
-    tap_layer_inputs(model.model.vision_model)
+    follow_reference(model)
     init_weights(model)
     init_vision(model)
     init_positions(model, processor)

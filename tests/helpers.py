@@ -1,5 +1,5 @@
 """Shared test inputs (generated images of 1, 2 and 4 tiles, a few prompts), the repo's scripts, waits bounded by
-progress, the oracle's vision tap, and checks on a running Serve app."""
+progress, the oracle's departures from HF (Meta's vision tap and blind rows), and checks on a running Serve app."""
 
 import asyncio
 import base64
@@ -7,14 +7,14 @@ import importlib.util
 import io
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import MethodType
 
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.mllama.modeling_mllama import MllamaVisionEncoder
+from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer, MllamaVisionEncoder
 
 from pipeline.quality.synthetic import noise_image
 
@@ -132,6 +132,63 @@ def reference_vision_tap(model):
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(inputs))
 
     return _local_encoder_forward(model, forward)
+
+
+@contextmanager
+def reference_blind_rows(model):
+    """HF's model with rows that see no image given no cross-attention output, as Meta's reference does
+    (llama-models' CrossAttentionTransformerBlock multiplies the attention branch by full_text_row_masked_out_mask;
+    transformers 5.24 only the MLP branch), while the context lasts. Written here, independently of
+    pipeline/model/blind_rows.py, as an instance forward over HF's own submodules."""
+    layers = [la for la in model.model.language_model.layers if isinstance(la, MllamaCrossAttentionDecoderLayer)]
+
+    def forward(layer, hidden_states, cross_attention_states=None, cross_attention_mask=None,
+                full_text_row_masked_out_mask=None, cache=None, **kwargs):
+        for unused in ("attention_mask", "position_ids", "use_cache", "position_embeddings"):
+            kwargs.pop(unused, None)
+        out, _ = layer.cross_attn(hidden_states=layer.input_layernorm(hidden_states),
+                                  attention_mask=cross_attention_mask,
+                                  cross_attention_states=cross_attention_states, cache=cache, **kwargs)
+        row = full_text_row_masked_out_mask[:, 0] if full_text_row_masked_out_mask is not None else 1.0
+        hidden_states = hidden_states + layer.cross_attn_attn_gate.tanh() * (out * row)
+        mlp = layer.mlp(layer.post_attention_layernorm(hidden_states)) * row
+        return hidden_states + layer.cross_attn_mlp_gate.tanh() * mlp
+
+    for layer in layers:
+        layer.forward = MethodType(forward, layer)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def hf_blind_rows(model):
+    """HF's model running transformers' own cross-attention decoder layer forward (blind rows attend), even on a
+    model whose layer class crosstrim swapped."""
+    layers = [la for la in model.model.language_model.layers if isinstance(la, MllamaCrossAttentionDecoderLayer)]
+
+    @contextmanager
+    def context():
+        for layer in layers:
+            layer.forward = MethodType(MllamaCrossAttentionDecoderLayer.forward, layer)
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                del layer.forward
+
+    return context()
+
+
+@contextmanager
+def meta_reference(model):
+    """The oracle: HF's model where it departs from Meta's reference made to follow it (the vision tap, blind
+    rows), each by this file's own implementation."""
+    with ExitStack() as stack:
+        stack.enter_context(reference_vision_tap(model))
+        stack.enter_context(reference_blind_rows(model))
+        yield model
 
 
 def transformers_vision_tap(model):

@@ -19,10 +19,10 @@ import torch
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.scheduler import PrefillChunk
 from pipeline.engine.sequence import Sequence
-from pipeline.model.layers import attend, cross_finish, cross_kv, cross_q, project_cross_kv, self_finish, self_qkv
+from pipeline.model.layers import attend, cross_finish, cross_q, project_cross_kv, self_finish, self_qkv
 from pipeline.model.loaded import LoadedModel
 from pipeline.model.placement import moved
-from pipeline.types import CrossKV, ImageState, ResumeState, map_tensors
+from pipeline.types import CrossKV, map_tensors
 
 
 @dataclass
@@ -53,34 +53,31 @@ class RowBatch:
 
 
 class CrossRows:
-    """The image chunks' rows in a cross-attention layer: which kept tokens each row sees, and the blind prefix
-    (rows before the first image token) of each chunk."""
+    """The image chunks' rows in a cross-attention layer: which kept tokens each row sees; the rows before the
+    first image token (the blind prefix) see none and get no cross-attention output (Meta's reference)."""
 
     def __init__(self, chunks: list[PrefillChunk], device):
         self.chunks = chunks
         self.spans = RowBatch.spans_of(chunks)  # [a, b) of each chunk among the image rows
         self.blind = []  # per chunk: how many of its rows are in the blind prefix
         self.visible = []  # per chunk (seeing rows, kept) bool: the row sees the token's image
-        self.prefixes = []  # per chunk: its BlindPrefix when it has blind rows
         sees = []
         for c in chunks:
             image = c.seq.image
             nb = min(max(image.prefix_len - c.start, 0), c.end - c.start)
             self.blind.append(nb)
             self.visible.append(image.row_visibility[c.start + nb : c.end][:, image.kept_image])
-            self.prefixes.append(BlindPrefix(image, c.seq.resume) if nb else None)
             sees.append(torch.arange(c.start, c.end, device=device) >= image.prefix_len)
-        self.sees = torch.cat(sees)  # (rows,) the row sees an image: the MLP branch runs for it
+        self.sees = torch.cat(sees)  # (rows,) the row sees an image: both branches run for it
 
     def attend(self, layer, kv: KVCache, kv_layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q (1, H, rows, hd) of the image rows -> out (1, H, rows, hd), one chunk at a time."""
+        """q (1, H, rows, hd) of the image rows -> out (1, H, rows, hd), one chunk at a time; blind rows' out is
+        left unset (cross_finish never reads it)."""
         out = torch.empty_like(q)
         scale = layer.cross_attn.scaling
-        for c, (a, b), nb, visible, prefix in zip(self.chunks, self.spans, self.blind, self.visible, self.prefixes):
-            keys, values = kv.cross_kv(c.seq.pages, kv_layer)
-            if nb:
-                out[:, :, a : a + nb] = prefix.attend(layer, q[:, :, a : a + nb], keys, values)
+        for c, (a, b), nb, visible in zip(self.chunks, self.spans, self.blind, self.visible):
             if a + nb < b:
+                keys, values = kv.cross_kv(c.seq.pages, kv_layer)
                 mask = visible.to(q.device)[None, None]
                 out[:, :, a + nb : b] = attend(q[:, :, a + nb : b], keys[None], values[None], scale, mask=mask)
         return out
@@ -182,27 +179,3 @@ class Prefiller:
                 out[:, :, a:b] = attend(q[:, :, a:b], keys[None], values[None], layer.self_attn.scaling, mask=mask)
             h = self_finish(layer, h, out)
         return h
-
-
-class BlindPrefix:
-    """The rows before the first image token in the later cross-attention layers: HF's all-zero mask row lets
-    them attend, unmasked, to every visual token there, i.e. the kept tokens and the padding tiles' tokens (which
-    trimming never drops), in the visual tokens' original order. The padding tokens' K/V are projected per layer
-    from the shipped features and never enter the KV pages."""
-
-    def __init__(self, image: ImageState, resume: ResumeState):
-        self.features = resume.padding_features if resume.padding_features.numel() else None
-        if self.features is not None:
-            # the sorted union of kept and padding positions, as indices into cat([kept, padding])
-            positions = resume.padding_positions.to(image.kept_image.device)
-            self.order = torch.cat([image.kept_positions, positions]).argsort()
-
-    def attend(self, layer, q, keys, values):
-        """q (1, H, prefix, hd) over the kept tokens' keys, values (KVH, kept, hd) and this layer's padding K/V."""
-        if self.features is not None:
-            weight = layer.cross_attn.k_proj.weight
-            pad_k, pad_v = cross_kv(layer, self.features.to(weight.device, weight.dtype))
-            order = self.order.to(keys.device)
-            keys = torch.cat([keys, pad_k.to(keys.dtype)], dim=1)[:, order]
-            values = torch.cat([values, pad_v.to(values.dtype)], dim=1)[:, order]
-        return attend(q, keys[None], values[None], layer.cross_attn.scaling)

@@ -57,10 +57,13 @@ def project_cross_kv(text_model, cross_layers: list[int], features: torch.Tensor
 
 
 def cross_finish(layer, h: torch.Tensor, attn_out: torch.Tensor, row_sees_image: torch.Tensor) -> torch.Tensor:
-    """attn_out (B, H, S, hd) -> output; rows that see no image skip the MLP branch, as in HF."""
+    """attn_out (B, H, S, hd) -> output; rows that see no image get neither branch, as in Meta's reference (HF
+    keeps their attention branch: pipeline/model/blind_rows.py). Their attn_out is never read (it may be unset)."""
     b, _, s, _ = attn_out.shape
-    h = h + layer.cross_attn_attn_gate.tanh() * layer.cross_attn.o_proj(attn_out.transpose(1, 2).reshape(b, s, -1))
-    mlp = layer.mlp(layer.post_attention_layernorm(h)) * row_sees_image[..., None].to(h.dtype)
+    sees = row_sees_image[..., None]
+    attn = layer.cross_attn.o_proj(attn_out.transpose(1, 2).reshape(b, s, -1))
+    h = h + layer.cross_attn_attn_gate.tanh() * torch.where(sees, attn, 0.0)
+    mlp = layer.mlp(layer.post_attention_layernorm(h)) * sees.to(h.dtype)
     return h + layer.cross_attn_mlp_gate.tanh() * mlp
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from pipeline.config import ModelConfig
+from pipeline.model.blind_rows import zero_blind_rows
 
 
 def pick_device_dtype(cfg: ModelConfig) -> tuple[torch.device, torch.dtype]:
@@ -32,9 +33,11 @@ def peak_rss() -> int:
 
 
 def prepare_for_inference(model: MllamaForConditionalGeneration) -> MllamaForConditionalGeneration:
-    """eval, no grads, and cross-attention never causal: HF's SDPA path treats a maskless multi-row query as
-    causal, which truncates cross-attention K/V."""
+    """eval, no grads, cross-attention never causal (HF's SDPA path treats a maskless multi-row query as causal,
+    which truncates cross-attention K/V), and rows that see no image get no cross-attention output (Meta's
+    reference; blind_rows.py), so HF's own generate on a loaded model is the reference the stages must match."""
     model = model.eval().requires_grad_(False)
+    zero_blind_rows(model)
     layers = model.model.language_model.layers
     for idx in model.config.text_config.cross_attention_layers:
         layers[idx].cross_attn.is_causal = False

@@ -41,7 +41,8 @@ class _Slot:
     token_visible: torch.Tensor  # (S, images * tokens_per_image) bool
     row_visibility: torch.Tensor  # (S, images) bool: which images each row sees
     row_sees_image: torch.Tensor  # (S,) bool
-    prefix: int  # rows before the first image token (they see no image)
+    prefix: int  # rows before the first image token (they see no image, so they get no cross-attention output)
+    valid: torch.Tensor  # (valid,) positions of its non-padding visual tokens, ascending: the only ones anyone reads
 
 
 def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) -> list[_Slot]:
@@ -55,8 +56,9 @@ def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) ->
         prefix = int(sees.long().argmax())  # rows after the first image token all see an image
         assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
         s = len(prompt.input_ids)
+        valid = visual.token_valid.to(dev).reshape(-1).nonzero().squeeze(1)
         slots.append(_Slot(slice(row, row + s), tokens_per_image, prompt.token_visible(tokens_per_image // tiles).to(dev),
-                           row_visibility, sees, prefix))
+                           row_visibility, sees, prefix, valid))
         row += s
     return slots
 
@@ -103,11 +105,9 @@ class Trimmer:
                 visible.append(slot.token_visible & keep if cfg.trim_first_layer else slot.token_visible)
             h = self._first_cross_layer(h_in, feats, slots, visible)[0]
 
-        # Later layers project K/V of the kept tokens only (here, or in the decoder from the shipped features). The
-        # blind prefix (if any) also reads the padding tiles' tokens there (HF shows them to it and trimming never
-        # drops them): the decoder projects those from their features, layer by layer. Per prompt, not over the
-        # batch's kept tokens at once: a GEMM of under 4 rows takes another kernel (a kept count can be that small),
-        # and hundreds of rows already keep one busy, so this keeps every prompt's K/V bitwise its batch-1 value.
+        # Later layers project K/V of the kept tokens only (here, or in the decoder from the shipped features). Per
+        # prompt, not over the batch's kept tokens at once: a GEMM of under 4 rows takes another kernel (a kept count
+        # can be that small), and hundreds of rows already keep one busy, so every prompt's K/V is its batch-1 value.
         later = [i for i in self.loaded.cross_layers if i != self.first]
         kept_feats = [f[kj] for f, kj in zip(feats, kept)]
         alone = len(slots) == 1
@@ -116,7 +116,8 @@ class Trimmer:
             if ship == "kv":
                 later_kv = (project_cross_kv(self.text, later, kept_feats[j]) if later  # (later, 2, KVH, kept, hd)
                             else k[j].new_zeros((0, 2, k[j].shape[0], len(kj), k[j].shape[2])))
-                first_kv = torch.stack([k[j][:, kj], v[j][:, kj]])[None]
+                local = torch.searchsorted(slot.valid, kj)  # k and v hold the valid tokens only
+                first_kv = torch.stack([k[j][:, local], v[j][:, local]])[None]
                 cross = CrossKV(torch.cat([first_kv, later_kv]))
             else:
                 cross = KeptFeatures(kept_feats[j])
@@ -124,7 +125,6 @@ class Trimmer:
                 hidden=h[0, slot.rows] if alone else h[0, slot.rows].clone(),  # a batch's rows would pin all of h
                 self_kv=self_kv[..., slot.rows, :] if alone else self_kv[..., slot.rows, :].clone(),
                 cross=cross,
-                **self._padding(feats[j], visual, slot),
             )
             out.append(DecodeRequest(ids[j].tolist(), self._image_state(visual, slot, kj, k[j]), resume))
         return out
@@ -139,12 +139,6 @@ class Trimmer:
             local = select_tokens(scores[:, i * n + valid].cpu(), cfg).to(dev)
             kept.append(i * n + valid[local])
         return torch.cat(kept)
-
-    def _padding(self, feats: torch.Tensor, visual: VisualFeatures, slot: _Slot) -> dict:
-        dev = feats.device
-        padding = ((~visual.token_valid.to(dev).reshape(-1)).nonzero().squeeze(1) if slot.prefix
-                   else torch.zeros(0, dtype=torch.long, device=dev))
-        return {"padding_features": feats[padding], "padding_positions": padding}
 
     def _image_state(self, visual: VisualFeatures, slot: _Slot, kept: torch.Tensor, k: torch.Tensor) -> ImageState:
         images = visual.features.shape[0]
@@ -188,7 +182,9 @@ class Trimmer:
         projections and MLP over the whole batch (their weights read once); each prompt's visual K/V, attention and
         scores on its own (thousands of tokens already keep a GEMM busy, and the batch's K/V in one tensor only
         grows the working set), ROW_CHUNK rows at a time (a long prompt never holds (heads x rows x visual tokens)
-        probabilities). Returns (h, and per prompt: per-head scores (H, its tokens), k, v (KVH, its tokens, hd))."""
+        probabilities). Padding tiles' tokens are left out: every row that sees an image masks them and a row that
+        sees none gets no output (Meta's reference), so they change nothing. Returns (h, and per prompt: per-head
+        scores (H, its tokens; 0 at padding), k, v (KVH, its valid tokens, hd))."""
         layer = self.text.layers[self.first]
         home, dev = h.device, module_device(layer)
         h = h.to(dev)
@@ -196,11 +192,14 @@ class Trimmer:
         q = cross_q(layer, h)[0]  # (H, rows, hd)
         out, scores, ks, vs = torch.empty_like(q), [], [], []
         for slot, f, visible in zip(slots, feats, token_visible):
-            k, v = cross_kv(layer, f.to(dev))  # (KVH, its tokens, hd)
-            o, s = _attend_and_score(q[:, slot.rows], k, v, visible.to(dev), slot.row_sees_image.to(dev),
+            valid = slot.valid.to(f.device)
+            k, v = cross_kv(layer, f[valid].to(dev))  # (KVH, its valid tokens, hd)
+            o, s = _attend_and_score(q[:, slot.rows], k, v, visible[:, valid].to(dev), slot.row_sees_image.to(dev),
                                      attn.num_key_value_groups, attn.scaling)
             out[:, slot.rows] = o
-            scores.append(s)
+            full = s.new_zeros((s.shape[0], visible.shape[1]))
+            full[:, valid.to(s.device)] = s
+            scores.append(full)
             ks.append(k.to(home))
             vs.append(v.to(home))
         sees = torch.cat([s.row_sees_image for s in slots]).to(dev)
@@ -211,7 +210,7 @@ class Trimmer:
 def _attend_and_score(q, k, v, token_visible, row_sees_image, groups: int, scaling: float):
     """One prompt: q (H, S, hd) over k, v (KVH, V, hd) -> (attention output (H, S, hd), scores (H, V) float32)."""
     kt, vg = k.repeat_interleave(groups, dim=0).transpose(1, 2), v.repeat_interleave(groups, dim=0)
-    # Rows that see no image get an all-zero mask (a uniform average), as HF's mask preparation gives them.
+    # Rows that see no image attend to everything (their output is zeroed after: cross_finish), as in HF.
     allowed = token_visible | ~row_sees_image[:, None]
     out, scores = torch.empty_like(q), None
     for r in range(0, q.shape[1], ROW_CHUNK):

@@ -4,29 +4,37 @@ Pass 1 runs HF's forward with hooks that capture the first cross-attention layer
 tokens with the same policy code. Pass 2 runs HF's own `generate` with forward pre-hooks that mask the
 dropped tokens, for every row, in every later cross-attention layer and, during decoding, in the first one
 too (masking a token is mathematically the same as removing it). A dropped token is a non-padding token
-not selected; padding tiles' tokens keep HF's treatment (only rows that see no image attend to them).
+not selected; padding tiles' tokens are masked for every row that sees an image, and a row that sees none gets
+no cross-attention output, so nobody reads them.
 
-HF's model, with one change: its vision encoders tap per Meta's reference (each intermediate layer at its input;
-transformers 5.24 reads its output), by the same class swap the pipeline makes at load (tap_layer_inputs: HF's
-modules and weights, only which tensors the encoder keeps differs). The reference stands for the model as it was
-trained, so it must see the features the model was trained on; swapping the class, rather than hooking or
-copying HF's forward, leaves one implementation of the tap to test against an independent one (tests), and
-after it every HF entry point on that model (forward, generate) agrees.
+HF's model, with two changes where transformers 5.24 departs from Meta's reference, each by the same class swap
+the pipeline makes at load (HF's modules and weights): its vision encoders tap each intermediate layer at its
+input (tap_layer_inputs; HF reads its output), and rows that see no image get no cross-attention output
+(zero_blind_rows; HF adds an unmasked average over every visual token). The reference stands for the model as
+Meta defines it; swapping the class, rather than hooking or copying HF's forward, leaves one implementation of
+each to test against an independent one (tests), and after it every HF entry point on that model agrees.
 """
 
 import torch
 from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
 from pipeline.config import TrimConfig
+from pipeline.model.blind_rows import zero_blind_rows
 from pipeline.model.encoder import tap_layer_inputs
 from pipeline.model.selection import head_scores, select_tokens
 from pipeline.types import PreparedPrompt
 
 
+def follow_reference(model) -> None:
+    """HF's model (MllamaForConditionalGeneration) switched, in place, to Meta's reference where HF departs."""
+    tap_layer_inputs(model.model.vision_model)
+    zero_blind_rows(model)
+
+
 def capture_cross_probs(model, inputs: dict, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
     """The softmax of cross-attention `layers` (default: all) on HF's untrimmed forward, recomputed from HF's
-    own q and cached k: {layer index: (H, S, V)}. Switches `model` to the reference vision tap (in place)."""
-    tap_layer_inputs(model.model.vision_model)
+    own q and cached k: {layer index: (H, S, V)}. Switches `model` to Meta's reference (in place)."""
+    follow_reference(model)
     text = model.model.language_model
     captured, handles = {}, []
     for idx in layers if layers is not None else text.cross_attention_layers:
@@ -71,8 +79,8 @@ def reference_select(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Te
 @torch.inference_mode()
 def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_tokens: int) -> list[int]:
     """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked. Switches `model`
-    to the reference vision tap (in place)."""
-    tap_layer_inputs(model.model.vision_model)
+    to Meta's reference (in place)."""
+    follow_reference(model)
     inputs = prompt.hf_inputs()
     handles = []
     if prompt.num_images and cfg.enabled:

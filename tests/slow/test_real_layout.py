@@ -13,7 +13,14 @@ import pytest
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate
-from tests.helpers import hf_visual_features, image, reference_vision_tap, script, transformers_vision_tap
+from tests.helpers import (
+    hf_visual_features,
+    image,
+    meta_reference,
+    reference_vision_tap,
+    script,
+    transformers_vision_tap,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 find_tokenizer = script("build_real_layout").find_tokenizer
@@ -55,7 +62,7 @@ def test_keep_all_equals_hf_generate(real_ckpt, dtype, name):
     pipe = pipeline(real_ckpt, dtype)
     ours = pipe.generate(PROMPT, [IMAGES[name]], SamplingParams(max_tokens=6), TrimConfig(policy="none"))
     assert ours.visual_tokens == {"1tile": 1601, "4tile": 6404}[name]
-    with reference_vision_tap(pipe.loaded.model):
+    with meta_reference(pipe.loaded.model):
         hf = reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES[name]]), TrimConfig(policy="none"), 6)
     assert ours.token_ids == hf
     assert len(set(ours.token_ids)) > 1
@@ -67,7 +74,7 @@ def test_trimmed_equals_reference_and_target_is_predictable(real_ckpt):
     ours = pipe.generate(PROMPT, [IMAGES["4tile"]], SamplingParams(max_tokens=6), cfg)
     assert ours.kept_tokens == 2562  # ceil(0.4 * 6404), whatever the heads agree on
     assert ours.cross_kv_bytes / ours.cross_kv_bytes_full == pytest.approx(2562 / 6404)
-    with reference_vision_tap(pipe.loaded.model):
+    with meta_reference(pipe.loaded.model):
         assert ours.token_ids == reference_generate(pipe.loaded.model, pipe.prepare(PROMPT, [IMAGES["4tile"]]), cfg, 6)
 
 
@@ -78,7 +85,7 @@ def test_long_prompt_trims_as_the_reference(real_ckpt):
     assert prepared.input_ids.numel() >= 2000
     cfg = TrimConfig(policy="target", target_fraction=0.3)
     ours = pipe.generate(prompt, [IMAGES["1tile"]], SamplingParams(max_tokens=4), cfg)
-    with reference_vision_tap(pipe.loaded.model):
+    with meta_reference(pipe.loaded.model):
         assert ours.token_ids == reference_generate(pipe.loaded.model, prepared, cfg, 4)
 
 

@@ -17,7 +17,7 @@ from pipeline.quality.reference import (
     trim_generated,
 )
 from pipeline.types import CrossKV, DecodeRequest, KeptFeatures
-from tests.helpers import PROMPTS, reference_vision_tap
+from tests.helpers import PROMPTS, meta_reference
 
 MAX_NEW = 12
 CASES = [
@@ -31,8 +31,8 @@ CASES = [
 
 
 def _hf_tokens(model, prepared):
-    """HF generate with the reference vision tap (never active while the pipeline, which shares `model`, runs)."""
-    with reference_vision_tap(model):
+    """HF generate with the oracle's corrections (never active while the pipeline, which shares `model`, runs)."""
+    with meta_reference(model):
         out = model.generate(**prepared.hf_inputs(), max_new_tokens=MAX_NEW, do_sample=False)
     return trim_generated(out[0, prepared.input_ids.numel() :].tolist(), model)
 
@@ -50,7 +50,7 @@ def test_untrimmed_equals_hf_generate(tiny_pipeline, imgs, name, prompt, image_n
     ours = pipe.generate(prompt, images, SamplingParams(max_tokens=MAX_NEW), TrimConfig(policy="none"))
     assert ours.token_ids == _hf_tokens(model, prepared)
     assert ours.kept_tokens == ours.visual_tokens
-    with torch.no_grad(), reference_vision_tap(model):
+    with torch.no_grad(), meta_reference(model):
         hf_logits = model(**prepared.hf_inputs()).logits[0, -1]
     ours_logits = _first_logits(pipe, pipe.trim(prepared, TrimConfig(policy="none")))
     assert torch.allclose(ours_logits, hf_logits, atol=1e-4, rtol=0)
@@ -74,11 +74,11 @@ def test_trimmed_equals_reference(tiny_pipeline, imgs, cfg, image_names):
     prepared = pipe.prepare(PROMPTS[1], images)
     ours = pipe.generate(PROMPTS[1], images, SamplingParams(max_tokens=MAX_NEW), cfg)
     assert ours.kept_tokens < ours.visual_tokens or cfg.k_ratio == 1
-    with reference_vision_tap(model):
+    with meta_reference(model):
         assert ours.token_ids == reference_generate(model, prepared, cfg, MAX_NEW)
     # The same tokens are kept as the reference selects on HF's own forward.
     trim = pipe.trim(prepared, cfg)
-    with reference_vision_tap(model):
+    with meta_reference(model):
         keep = reference_select(model, prepared, cfg)
     ours_kept = set((trim.image.kept_image * (keep.numel() // len(images)) + trim.image.kept_index).tolist())
     assert ours_kept == set(keep.nonzero().squeeze(1).tolist())
@@ -153,7 +153,7 @@ def test_lightened_vision_tower_changes_no_number(tiny_pipeline, imgs):
             e.__class__ = MllamaVisionEncoder
         for m in mlps:
             m.__class__ = MllamaVisionMLP
-        with reference_vision_tap(pipe.loaded.model):
+        with meta_reference(pipe.loaded.model):
             theirs = pipe.encoder.encode(prepared).features
             full = vision.transformer(x).hidden_states
     finally:

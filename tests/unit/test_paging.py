@@ -15,7 +15,7 @@ from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
 from pipeline.quality.reference import reference_generate, trim_generated
 from pipeline.types import DecodeRequest
-from tests.helpers import PROMPTS, reference_vision_tap
+from tests.helpers import PROMPTS, meta_reference
 
 MAX_NEW = 12
 
@@ -28,14 +28,14 @@ def cases(tiny_pipeline, imgs):
     out = []
     for prompt, names in ((PROMPTS[0], ["1tile"]), (PROMPTS[1], ["4tile"]), (PROMPTS[1], ["1tile", "4tile"])):
         prepared = pipe.prepare(prompt, [imgs[n] for n in names])
-        with reference_vision_tap(model):
+        with meta_reference(model):
             hf = model.generate(**prepared.hf_inputs(), max_new_tokens=MAX_NEW, do_sample=False)
         hf = trim_generated(hf[0, prepared.input_ids.numel():].tolist(), model)
         out.append((pipe.trim(prepared, TrimConfig(policy="none")), greedy, hf))
     for cfg, names in ((TrimConfig(k_ratio=0.15), ["4tile"]), (TrimConfig(policy="mass", mass=0.5), ["2tile", "4tile"])):
         prepared = pipe.prepare(PROMPTS[1], [imgs[n] for n in names])
         trim = pipe.trim(prepared, cfg)
-        with reference_vision_tap(model):
+        with meta_reference(model):
             out.append((trim, greedy, reference_generate(model, prepared, cfg, MAX_NEW)))
     ids = pipe.prepare(PROMPTS[3] + " and then tell me a story", []).input_ids.tolist()
     text = torch.tensor(ids)

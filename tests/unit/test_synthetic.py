@@ -87,12 +87,12 @@ CHECK = """
 import json, sys, torch
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 sys.path.insert(0, sys.argv[2])
-from pipeline.model.encoder import tap_layer_inputs
+from pipeline.quality.reference import follow_reference
 from pipeline.quality.synthetic import chat_messages, generate_samples
 torch.set_num_threads(1)
 processor = AutoProcessor.from_pretrained(sys.argv[1])
 model = MllamaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
-tap_layer_inputs(model.model.vision_model)  # the vision tap crosstrim serves it under (Meta's reference; README)
+follow_reference(model)  # as crosstrim serves it: Meta's reference where HF departs (README)
 hits = []
 for s in generate_samples(8, seed=424242):
     text = processor.apply_chat_template(chat_messages(s.prompt), add_generation_prompt=True)

@@ -18,6 +18,7 @@ from pipeline.quality.reference import (
 from tests.helpers import (
     PROMPTS,
     hf_visual_features,
+    meta_reference,
     reference_vision_tap,
     transformers_vision_tap,
 )
@@ -73,7 +74,7 @@ def test_trimming_reference_follows_the_reference_tap(tiny_pipeline, imgs, fresh
     prepared = tiny_pipeline.prepare(PROMPTS[1], [imgs["2tile"], imgs["4tile"]])
     other = MllamaForConditionalGeneration.from_pretrained(ASSETS / "tiny-mllama", dtype=torch.float32).eval()
     first = tiny_pipeline.loaded.first_cross
-    with reference_vision_tap(other), torch.inference_mode():
+    with meta_reference(other), torch.inference_mode():
         want_probs = capture_cross_probs(other, prepared.hf_inputs(), [first])[first]
         out = other.generate(**prepared.hf_inputs(), max_new_tokens=12, do_sample=False)
         want = trim_generated(out[0, prepared.input_ids.numel():].tolist(), other)
@@ -81,6 +82,6 @@ def test_trimming_reference_follows_the_reference_tap(tiny_pipeline, imgs, fresh
     assert torch.allclose(got_probs, want_probs, atol=1e-6, rtol=0)
     assert reference_generate(fresh_hf, prepared, TrimConfig(policy="none"), 12) == want
     cfg = TrimConfig(k_ratio=0.1)
-    with reference_vision_tap(other):
+    with meta_reference(other):
         want_trimmed = reference_generate(other, prepared, cfg, 12)
     assert reference_generate(fresh_hf, prepared, cfg, 12) == want_trimmed
