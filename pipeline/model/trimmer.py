@@ -50,6 +50,9 @@ def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) ->
     slots, row = [], 0
     for prompt, visual in zip(prompts, visuals):
         images, tokens_per_image, _ = visual.features.shape
+        if tuple(visual.token_valid.shape) != (images, tokens_per_image):
+            raise ValueError(f"visual features {tuple(visual.features.shape)} do not match token_valid "
+                             f"{tuple(visual.token_valid.shape)}: (images, tokens) must be the same")
         tiles = prompt.cross_attention_mask.shape[-1]
         row_visibility = prompt.cross_attention_mask.to(dev).bool().any(dim=2)
         sees = row_visibility.any(dim=1)

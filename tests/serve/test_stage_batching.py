@@ -73,7 +73,7 @@ def test_stage_deployments_batch_and_fail_alone(serve_app, pipe):
     calls = [trimmer.trim.remote(trimmer_input(p), v, c) for p, v, c in zip(prepared, visuals, cfgs)]
     bad_call = trimmer.trim.remote(trimmer_input(prepared[1]), broken, cfgs[1])
     handoffs = [c.result() for c in calls]
-    with pytest.raises(RuntimeError, match="must match the size"):
+    with pytest.raises(ValueError, match="do not match token_valid"):
         bad_call.result()
     after = trimmer.batch_stats.remote().result()
     assert after["largest"] > 1 and after["calls"] - before["calls"] == len(calls) + 1
