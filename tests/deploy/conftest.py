@@ -1,4 +1,4 @@
-"""Fixtures for the deploy-layer tests: the KubeRay CRDs' JSON-schema validators."""
+"""Fixtures for the deploy-layer tests: the KubeRay CRDs' JSON-schema validators (k8s/crds/, in the repository)."""
 
 import jsonschema
 import pytest
@@ -7,11 +7,9 @@ import yaml
 from tests.deploy.test_k8s import CRDS, KUBERAY_KINDS, strict
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def crd_validators() -> dict:
-    if not CRDS.is_dir():
-        print(f"SKIP: KubeRay CRDs not found at {CRDS} (shared/ beside the repo)")
-        pytest.skip(f"KubeRay CRDs not found at {CRDS}")
+    """One Draft7 validator per KubeRay kind from the CRDs in the repository (k8s/crds/): never skipped."""
     validators = {}
     for kind, filename in KUBERAY_KINDS.items():
         crd = yaml.load((CRDS / filename).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))

@@ -9,7 +9,6 @@ import re
 import sys
 from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -17,8 +16,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 K8S_VERSION = "1.33.0"
-# Beside the repo; a git worktree sits one level deeper (/work/wt/NAME) than the main checkout (/work/main).
-CRD_DIRS = [ROOT.parent / "shared" / "kuberay-crds", ROOT.parents[1] / "shared" / "kuberay-crds"]
 
 
 def load_module(name: str, path: Path):
@@ -38,25 +35,9 @@ REDIS_DOCS = [d for d in yaml.safe_load_all((ROOT / gcs_redis.REDIS_MANIFEST).re
 
 
 @pytest.fixture(scope="module")
-def rayservice_schema():
-    found = next((d for d in CRD_DIRS if (d / "ray.io_rayservices.yaml").is_file()), None)
-    if found is None:
-        print(f"SKIP: KubeRay CRDs not found in {[str(d) for d in CRD_DIRS]}")
-        pytest.skip("KubeRay CRDs not found")
-    crd = yaml.load((found / "ray.io_rayservices.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(strict(schema))
-
-
-def strict(schema):
-    """Unknown fields rejected, as the API server's strict field validation does."""
-    if isinstance(schema, dict):
-        out = {k: strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out and \
-                not out.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-        return out
-    return [strict(s) for s in schema] if isinstance(schema, list) else schema
+def rayservice_schema(crd_validators):
+    """The RayService CRD's schema (k8s/crds/, tests/deploy/conftest.py), unknown fields rejected."""
+    return crd_validators["RayService"]
 
 
 def head_container(doc: dict) -> dict:

@@ -187,15 +187,13 @@ def parse_locust(locustfile: Path, argv: list[str]) -> subprocess.CompletedProce
 
 
 def locust_job() -> tuple[dict, dict, Path]:
-    """The Job, its locust container, and the repo's copy of the locustfile it runs (skip while it is missing)."""
+    """The Job, its locust container, and the repo's copy of the locustfile it runs."""
     job = by_file("locust-job.yaml", "Job")
     locust = next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "locust")
     path = next(a.partition("=")[2] for a in locust_args(locust) if a.startswith("--locustfile="))
     assert path.startswith(IMAGE_ROOT), path
     locustfile = ROOT / path.removeprefix(IMAGE_ROOT)
-    if not locustfile.is_file():
-        print(f"SKIP: {locustfile.relative_to(ROOT)} does not exist yet")
-        pytest.skip(f"{locustfile.relative_to(ROOT)} does not exist yet")
+    assert locustfile.is_file(), f"{locustfile.relative_to(ROOT)} (the locust Job's locustfile) does not exist"
     return job, locust, locustfile
 
 
