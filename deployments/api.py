@@ -284,6 +284,22 @@ def to_sampling_params(req: Sampling, default_max_tokens: int,
         raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
 
 
+def fit_max_tokens(req: Sampling, params: SamplingParams, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """A request that names no max_tokens gets the deployment's default cut to the room its prompt leaves: the
+    default never makes a request fail."""
+    room = max_model_len - prompt_tokens
+    asked = req.max_tokens or getattr(req, "max_completion_tokens", None)
+    if asked is None and 0 < room < params.max_tokens:
+        return params.model_copy(update={"max_tokens": room})
+    return params
+
+
+def validation_message(errors: list[dict]) -> str:
+    """A schema violation as the 400's message, naming the fields (pydantic's errors, FastAPI's `body.` locations)."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
+    return f"invalid request: {problems}"
+
+
 def to_trim_config(override: TrimOverride | str | None, default: TrimConfig) -> TrimConfig:
     """Merge the request's `trim` over the deployment's default."""
     if override is None:

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from .api import error_body
+from .api import error_body, validation_message
 from .faults import log
 from .limits import Guard, GuardMiddleware
 from .stream import StageError
@@ -64,8 +64,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Malformed JSON or a schema violation: 400 naming the field, as OpenAI answers."""
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-    return JSONResponse(error_body(400, f"invalid request: {problems}"), status_code=400)
+    return JSONResponse(error_body(400, validation_message(exc.errors())), status_code=400)
 
 
 def make_app(description: str) -> FastAPI:

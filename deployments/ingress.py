@@ -201,10 +201,7 @@ class Ingress:
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc)) from exc
-        room = self.cfg.engine.max_model_len - len(prepared.input_ids)
-        asked = req.max_tokens or getattr(req, "max_completion_tokens", None)
-        if asked is None and 0 < room < params.max_tokens:
-            params = params.model_copy(update={"max_tokens": room})  # the default never makes a request fail
+        params = api.fit_max_tokens(req, params, len(prepared.input_ids), self.cfg.engine.max_model_len)
         await self._hold_kv(client, len(prepared.input_ids) + params.max_tokens)
         stages = STAGES if prepared.num_images else TEXT_STAGES
         for attempt in (1, 2):

@@ -1,9 +1,10 @@
 """`crosstrim batch`: Parquet rows (local or s3://) through encoder -> trimmer -> decoder actor pools on Ray Data,
-one output row per input row, failures in an `error` column."""
+one output row per input row, failures in an `error` column; an OpenAI batch file (.jsonl) goes to its runner."""
 
 import os
 import time
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -11,6 +12,7 @@ import pyarrow.fs as pafs
 from pipeline.batch.config import OUTPUT_SCHEMA, BatchConfig, PoolConfig, load_config
 from pipeline.batch.io import check_disjoint, input_columns, resolve_uri
 from pipeline.batch.stages import DecodeStage, EncodeStage, TrimStage
+from pipeline.errors import InvalidRequest
 from pipeline.storage import S3Settings
 
 
@@ -121,10 +123,13 @@ def summarize(job: BatchJob, seconds: float) -> BatchSummary:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def add_args(sub) -> None:
-    p = sub.add_parser("batch", help="run a Parquet dataset through encoder -> trimmer -> decoder on Ray Data")
+    p = sub.add_parser("batch", help="run a Parquet dataset through encoder -> trimmer -> decoder on Ray Data, "
+                                     "or an OpenAI batch file (.jsonl) in process")
     p.add_argument("--input", required=True, help="Parquet file or directory: local path or s3://bucket/prefix "
-                                                   "(columns id, prompt, and image and/or image_uri)")
-    p.add_argument("--output", required=True, help="output directory or s3:// prefix; its contents are replaced")
+                                                   "(columns id, prompt, and image and/or image_uri); or an OpenAI "
+                                                   "batch file, FILE.jsonl (local or s3://)")
+    p.add_argument("--output", required=True, help="output directory or s3:// prefix; its contents are replaced "
+                                                    "(a .jsonl input: the output JSONL file)")
     p.add_argument("--config", help="BatchConfig YAML, e.g. configs/batch-local.yaml (default: built-in defaults)")
     trim = p.add_mutually_exclusive_group()
     trim.add_argument("--k-ratio", type=float, help="Trimmed-Llama: per head keep ceil(k_ratio * tokens)")
@@ -133,6 +138,8 @@ def add_args(sub) -> None:
     p.add_argument("--model", help="overrides model.source")
     p.add_argument("--token-ids", action="store_true", help="also write each row's generated token ids")
     p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--served-model-name", help="a .jsonl input: the model name bodies may give "
+                                               "(default: the Serve app's, crosstrim-tiny)")
 
 
 def apply_overrides(cfg: BatchConfig, args) -> BatchConfig:
@@ -151,10 +158,21 @@ def apply_overrides(cfg: BatchConfig, args) -> BatchConfig:
     return BatchConfig.model_validate(data)
 
 
+def openai_batch_file():
+    """The runner of OpenAI batch files: it reads bodies with the Serve layer's request models (deployments/
+    batch_file.py), which pipeline/ may not import, so it is found through the `crosstrim.batch` entry point."""
+    found = {ep.name: ep for ep in entry_points(group="crosstrim.batch")}
+    if "openai" not in found:
+        raise InvalidRequest("OpenAI batch files need crosstrim's Serve layer installed: pip install -e .")
+    return found["openai"].load()
+
+
 def run(args) -> int:
     import ray
 
     cfg = apply_overrides(load_config(args.config), args)
+    if args.input.endswith(".jsonl"):
+        return openai_batch_file()(cfg, args)
     s3 = S3Settings.from_env()
     job = BatchJob.resolve(args.input, args.output, s3)  # bad paths and schemas fail before Ray starts
     started = not ray.is_initialized()
