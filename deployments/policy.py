@@ -1,7 +1,7 @@
 """The field policy: what this server does with every field of OpenAI's chat and text completions requests and of
 vLLM's documented extras. A field is implemented, accepted and ignored (it cannot change the output), accepted only
 at the value that is this server's behaviour, or refused with a 400 that names it and says why. The request models
-are built from these tables (deployments/api.py), the README's table is rendered from them, and the tests hold
+are built from these tables (deployments/api.py), docs/api.md's table is rendered from them, and the tests hold
 them against the openai SDK's own list of fields."""
 
 from dataclasses import dataclass
@@ -191,7 +191,7 @@ def with_policy(base: type[BaseModel], table: dict[str, FieldPolicy], name: str,
 
 
 def markdown() -> str:
-    """The README's field policy table, rendered from the tables above."""
+    """The field policy table of docs/api.md, rendered from the tables above (written there by scripts/field_table.py)."""
     rows = ["| request | field | policy | note |", "| --- | --- | --- | --- |"]
     for where, table in TABLES.items():
         for name, p in table.items():
