@@ -1,5 +1,6 @@
 """Deploy a Serve config file on a fresh local Ray, the way `serve run CONFIG` does, for tests and measurements."""
 
+import contextlib
 import os
 import socket
 import time
@@ -21,13 +22,33 @@ def load_config(path: str | Path, port: int | None = None) -> dict:
     return config
 
 
-def start_ray(num_cpus: int = 2, metrics_port: int | None = None) -> None:
+def init_local_ray(attempts: int = 3, **options) -> None:
+    """`ray.init(address="local", **options)`: a fresh local Ray, never a cluster someone else (or a killed run) left
+    behind. Ray waits a fixed 30 s for its raylet to register with the GCS; on a machine loaded by others that window
+    can pass (seen: "The current node timed out during startup"), so the processes the failed attempt started are
+    killed by pid and Ray is started again."""
+    import psutil
     import ray
 
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address="local", **options)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            for p in psutil.Process().children(recursive=True):
+                if p.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+            ray.shutdown()
+
+
+def start_ray(num_cpus: int = 2, metrics_port: int | None = None) -> None:
     os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"  # the driver too, for tensors it puts
-    # address="local": never attach to a cluster someone else (or a killed run) left behind.
-    ray.init(address="local", num_cpus=num_cpus, namespace="serve", include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
+    init_local_ray(num_cpus=num_cpus, namespace="serve", include_dashboard=False, log_to_driver=False,
+                   _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
 
 
 def deploy(config: dict, app: str = "crosstrim", timeout_s: float = 300) -> str:
@@ -53,8 +74,38 @@ def deploy(config: dict, app: str = "crosstrim", timeout_s: float = 300) -> str:
 
 
 def stop() -> None:
+    """Serve, the driver's router loop, then Ray: each even if the one before failed."""
     import ray
     from ray import serve
 
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.shutdown()  # shuts the driver's cached handles down on the router loop, so that loop goes after it
+    finally:
+        try:
+            stop_router_loop()
+        finally:
+            ray.shutdown()
+
+
+def stop_router_loop(timeout_s: float = 10) -> None:
+    """End the asyncio loop Serve runs a driver's DeploymentHandles on (`SingletonThreadRouter`: one loop in a daemon
+    thread a process, never stopped by serve.shutdown or ray.shutdown). Left running, it keeps calling into Ray's core
+    worker after ray.shutdown and while the interpreter exits, where a test run once died of SIGSEGV (exit 139) after
+    every test had passed. The next handle starts a new loop."""
+    import threading
+
+    from ray.serve._private.router import SingletonThreadRouter
+
+    with SingletonThreadRouter._asyncio_loop_creation_lock:
+        loop, SingletonThreadRouter._asyncio_loop = SingletonThreadRouter._asyncio_loop, None
+    if loop is None:
+        return
+    monitor = getattr(SingletonThreadRouter, "_event_loop_monitor", None)
+    if monitor is not None:
+        loop.call_soon_threadsafe(monitor.stop)  # its task lives on the loop: cancelled there
+    loop.call_soon_threadsafe(loop.stop)
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_run_router_event_loop)"):
+            thread.join(timeout_s)
+    if not loop.is_running():
+        loop.close()

@@ -18,6 +18,7 @@ import pytest
 import ray
 import yaml
 
+from deployments.localrun import init_local_ray
 from pipeline import cli
 from pipeline.batch.config import BatchConfig, load_config
 from pipeline.config import TrimConfig
@@ -117,7 +118,7 @@ def s3_endpoint():
 
 @pytest.fixture(scope="module")
 def local_ray(s3_endpoint):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)  # started again if Ray's 30 s pass
     yield
     ray.shutdown()
 

@@ -19,6 +19,10 @@ from tests.helpers import ROOT, image, png, wait_for
 
 APP = "crosstrim"
 BUCKET = "crosstrim-test-images"
+# The one alternative config the default run deploys (each distinct serve_config is a redeploy, minutes on 2 busy
+# cores): the trimmer ships features (test_serve's ship test) and prompts may run to 2,048 tokens (test_tools' two
+# tools' prompt). Tests that need neither setting's absence share it rather than deploy a config of their own.
+FEATURES_LONG_PROMPTS = {"args": {"ship": "features", "model": {"max_prompt_tokens": 2048}}}
 
 
 def merged(base: dict, changes: dict) -> dict:

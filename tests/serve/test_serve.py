@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests import helpers
 from tests.helpers import ROOT, data_url, decoder_stats, image, png, wait_for, while_decoding
-from tests.serve.conftest import APP, BUCKET
+from tests.serve.conftest import APP, BUCKET, FEATURES_LONG_PROMPTS
 
 CONFIGS = ROOT / "configs"
 
@@ -452,7 +452,7 @@ def test_prometheus_metrics(serve_app, http):
              120, "KV gauges equal to /stats", interval=1.0)
 
 
-@pytest.mark.serve_config(args={"ship": "features"})
+@pytest.mark.serve_config(**FEATURES_LONG_PROMPTS)  # ship: features (and test_tools' longer prompts)
 def test_ship_features_matches_in_process(serve_app, http, oracle, images):
     """Deployed with `ship: features`: the trimmer ships kept features (hidden floats a token, a quarter of the
     tiny model's 3-layer K/V) and the decoder projects K/V; greedy outputs stay exact."""

@@ -1,7 +1,7 @@
 """Tools through the `openai` SDK against the Serve app: tool_choice required and named forced through the grammar
 into tool_calls with valid JSON arguments (streamed too), tool turns in the conversation, tool_choice none. The
 Llama 3.x tool prompt (the functions as indented JSON in the user turn) runs past the tiny model's 1,024-token prompt
-limit with two tools, so this module's app allows 2,048."""
+limit with two tools, so this module's app allows 2,048 (tests/serve/conftest.py's FEATURES_LONG_PROMPTS)."""
 
 import json
 
@@ -10,9 +10,10 @@ import openai
 import pytest
 
 from tests.helpers import image, png
+from tests.serve.conftest import FEATURES_LONG_PROMPTS
 from tests.serve.test_openai_api import MODEL, user
 
-pytestmark = pytest.mark.serve_config(args={"model": {"max_prompt_tokens": 2048}})
+pytestmark = pytest.mark.serve_config(**FEATURES_LONG_PROMPTS)  # its 2,048 tokens; shared with test_serve's ship test
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "the weather in a city",
