@@ -32,10 +32,6 @@ CUDA_PAGE = 256
 log = logging.getLogger(__name__)
 
 
-class NoTokenAllowed(RuntimeError):
-    """A row's logit mask disallowed every token: that sequence fails alone."""
-
-
 @dataclass
 class EngineStats:
     running: int
@@ -335,9 +331,15 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, sampled: Sampled | None) -> StepToken:
         """A sampled token (host values from the step's one read) into the sequence: its grammar advanced (it
-        constrains the next token), a stop token or max_tokens ended; no text (the output processor's)."""
+        constrains the next token), a stop token or max_tokens ended; no text (the output processor's).
+        Nothing to sample (`sampled` None: the grammar allows only a stop token, which min_tokens or ignore_eos
+        bans; or a grammar left no token at all) ends the completion there, finish_reason "stop": the constraint
+        wins over those fields, and the engine never fails a request for it (docs/validation.md)."""
         if sampled is None:
-            raise NoTokenAllowed("the sequence's logit mask allows no token")
+            self.scheduler.finish(seq, "stop")
+            self._forget_if_done(seq)
+            return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), [],
+                             finish_reason="stop")
         token = sampled.token
         if seq.logit_mask is not None:
             seq.logit_mask.accept(token)
@@ -347,7 +349,10 @@ class LLMEngine:
         seq.logprobs.append(sampled.logprob)
         self.tokens_generated += 1
         new_ids, reason = [token], None
-        if token in seq.params.stop_token_ids or (token in self.eos and not seq.params.ignore_eos):
+        # EOS under a grammar is the grammar's end (it allows EOS only once complete): it ends the completion even
+        # with ignore_eos, which applies to unconstrained text.
+        ends = token in self.eos and (not seq.params.ignore_eos or seq.logit_mask is not None)
+        if token in seq.params.stop_token_ids or ends:
             reason, new_ids = "stop", []  # the stop token itself is not part of the output
         elif len(seq.output_ids) >= seq.params.max_tokens:
             reason = "length"
