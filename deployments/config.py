@@ -62,7 +62,12 @@ class AppConfig(BaseModel):
     @field_validator("http_allowlist")
     @classmethod
     def _http_prefixes(cls, prefixes: list[str]) -> list[str]:
+        from .images import normalize_http  # images imports this module
+
         for p in prefixes:
             if not p.startswith(("http://", "https://")):
                 raise ValueError(f"http_allowlist entry {p!r} must start with http:// or https://")
+            if normalize_http(p) is None:
+                raise ValueError(f"http_allowlist entry {p!r} is not a plain URL prefix (user info, an encoded "
+                                 "slash or a backslash)")
         return prefixes

@@ -341,6 +341,7 @@ def raw_post(http, path: str, body) -> httpx.Response:
 
 
 def assert_400_naming(r: httpx.Response, field: str):
+    assert r.status_code == 400, (field, r.status_code, r.text[:300])
     assert_openai_error(r, 400)
     error = r.json()["error"]
     assert field in error["message"] and error["param"] == field, error
