@@ -6,6 +6,7 @@ processor's (output_processor.py), which `step()` runs after it for synchronous 
 """
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class LLMEngine:
         self.eos = set(loaded.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCache | None = None  # built on the first structured request (xgrammar's vocab scan)
+        self._grammars_lock = threading.Lock()
         self.tokens_generated = self.steps = self.last_batch_size = self.decode_steps = self.decode_rows = 0
         self.last_step_ms = 0.0
 
@@ -101,9 +103,10 @@ class LLMEngine:
     @property
     def grammars(self) -> GrammarCache:
         """Structured output's compiled grammars, over the sampler's vocabulary (the lm_head's width)."""
-        if self._grammars is None:
-            self._grammars = GrammarCache(self.tokenizer, self.sampler.vocab_size, sorted(self.eos),
-                                          self.cfg.grammar_cache_size)
+        with self._grammars_lock:  # built once: the first callers may be the step thread and a compile thread
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.sampler.vocab_size, sorted(self.eos),
+                                              self.cfg.grammar_cache_size)
         return self._grammars
 
     def add(self, seq: Sequence) -> Sequence:
