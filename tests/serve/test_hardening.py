@@ -604,16 +604,14 @@ def test_fuzz_never_5xx(app):
         runner.start()
         fuzz = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
-        @fuzz
-        @settings(max_examples=FUZZ_EXAMPLES)
+        @settings(fuzz, max_examples=FUZZ_EXAMPLES)
         @given(_request)
         def probe(req):
             if isinstance(req.get("max_tokens"), int) and req["max_tokens"] > 8:
                 req["max_tokens"] = 8  # keep the run short; huge values are still tried below 2^70 by the floats
             check(raw_post(http, "/v1/chat/completions", req), ("/v1/chat/completions", req))
 
-        @fuzz
-        @settings(max_examples=FUZZ_EXAMPLES // 2)
+        @settings(fuzz, max_examples=FUZZ_EXAMPLES // 2)
         @given(_constrained, st.sampled_from(["/v1/chat/completions", "/v1/completions"]), _text)
         def probe_constrained(constraint, path, text):
             grammar, fields = constraint
@@ -624,8 +622,7 @@ def test_fuzz_never_5xx(app):
                 req = {"prompt": text or "x", "max_tokens": 8, **grammar, **fields}
             check(raw_post(http, path, req), (path, req))
 
-        @fuzz
-        @settings(max_examples=FUZZ_EXAMPLES // 2)
+        @settings(fuzz, max_examples=FUZZ_EXAMPLES // 2)
         @given(st.one_of(st.tuples(st.just("/v1/completions"), _text_request),
                          st.tuples(st.just("/tokenize"), _tokenize_request),
                          st.tuples(st.just("/detokenize"), _detokenize_request),
