@@ -126,18 +126,16 @@ class Ingress:
         pre = self.preprocessor
 
         def run() -> tuple[list[int], list[str] | None]:
+            validation.check_request(req)
             if req.prompt is not None:
+                validation.check_text_size(req.prompt, self.cfg.max_prompt_chars, "prompt")
                 ids = pre.tokenize(req.prompt, req.add_special_tokens)
             else:
+                pre.check_messages(req.messages)
                 ids = pre.render(req.messages, req.add_generation_prompt)
             return ids, [self.token_bytes(t)["token"] for t in ids] if req.return_token_strs else None
 
         try:
-            validation.check_request(req)
-            if req.prompt is not None:
-                validation.check_text_size(req.prompt, self.cfg.max_prompt_chars, "prompt")
-            else:
-                pre.check_messages(req.messages)
             ids, strs = await asyncio.to_thread(run)
         except InvalidRequest as exc:
             raise ApiError.invalid(exc) from exc
