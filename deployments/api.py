@@ -4,7 +4,7 @@ StructuredOutput and TrimConfig, and the error shape."""
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import TrimConfig
 from pipeline.engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
@@ -281,7 +281,8 @@ def to_sampling_params(req: Sampling, default_max_tokens: int,
     try:
         return SamplingParams(**fields, structured=structured)
     except ValueError as exc:
-        raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
+        loc = exc.errors()[0]["loc"] if isinstance(exc, ValidationError) else ()
+        raise InvalidRequest(f"bad sampling parameters: {exc}", param=str(loc[0]) if loc else None) from exc
 
 
 def fit_max_tokens(req: Sampling, params: SamplingParams, prompt_tokens: int, max_model_len: int) -> SamplingParams:
@@ -323,9 +324,18 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                429: "rate_limit_error", 503: "overloaded_error"}
 
 
-def error_body(status: int, message: str) -> dict:
+def field_path(parts) -> str:
+    """("messages", 0, "content") -> "messages[0].content"."""
+    path = ""
+    for p in parts:
+        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+    return path
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error object; `param` names the request field at fault (a 400's), as OpenAI's does."""
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 class ErrorDetail(BaseModel):

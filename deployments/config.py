@@ -48,7 +48,7 @@ class AppConfig(BaseModel):
     api_key_env: str = "CROSSTRIM_API_KEYS"
     # Per client key (the API key; without auth, the client address); 0: no limit. Past them: 429 + Retry-After.
     per_key_max_concurrent: int = Field(0, ge=0)
-    per_key_max_kv_bytes: int = Field(0, ge=0)  # KV reserved by the key's requests in flight (prompt + max_tokens)
+    per_key_max_kv_bytes: int = Field(0, ge=0)  # KV reserved by the key's requests in flight (n x (prompt + max_tokens))
     # How long a request waits for a stage with no running replica before 503: long enough to ride out a replica's
     # restart on one node, short where a node (and its replicas) can be gone for good.
     stage_wait_s: float = Field(5.0, ge=0)
@@ -62,7 +62,12 @@ class AppConfig(BaseModel):
     @field_validator("http_allowlist")
     @classmethod
     def _http_prefixes(cls, prefixes: list[str]) -> list[str]:
+        from .images import normalize_http  # images imports this module
+
         for p in prefixes:
             if not p.startswith(("http://", "https://")):
                 raise ValueError(f"http_allowlist entry {p!r} must start with http:// or https://")
+            if normalize_http(p) is None:
+                raise ValueError(f"http_allowlist entry {p!r} is not a plain URL prefix (user info, an encoded "
+                                 "slash or a backslash)")
         return prefixes

@@ -1,6 +1,8 @@
 """A request's one output constraint as a StructuredOutput: OpenAI's response_format, vLLM's structured_outputs or
 guided_* fields, or a call forced by tool_choice ("required" or a named function)."""
 
+from contextlib import contextmanager
+
 from pipeline.engine.structured import StructuredOutput
 from pipeline.errors import InvalidRequest
 from pipeline.model.tools import call_schema
@@ -26,21 +28,34 @@ def structured_output(req: Sampling) -> StructuredOutput | None:
                   if getattr(req, k) is not None})
     for field, value in specs.items():
         kind = field.rsplit(".", 1)[-1].removeprefix("guided_")
-        found[field] = (StructuredOutput.json_schema(value) if kind == "json" else
-                        StructuredOutput.choice(value) if kind == "choice" else
-                        StructuredOutput(kind="json_object") if kind == "json_object" else
-                        StructuredOutput(kind=kind, spec=value))
+        with naming(field):
+            found[field] = (StructuredOutput.json_schema(value) if kind == "json" else
+                            StructuredOutput.choice(value) if kind == "choice" else
+                            StructuredOutput(kind="json_object") if kind == "json_object" else
+                            StructuredOutput(kind=kind, spec=value))
     tool = forced_tool_call(req)
     if tool is not None:
         found["tool_choice"] = tool
     if so is not None and not any(k.startswith("structured_outputs.") for k in found):
-        raise InvalidRequest("structured_outputs needs one of json, regex, choice, grammar, json_object")
+        raise InvalidRequest("structured_outputs needs one of json, regex, choice, grammar, json_object",
+                             param="structured_outputs")
     if len(found) > 1:
-        raise InvalidRequest(f"one output constraint a request; this one has {', '.join(found)}")
-    spec = next(iter(found.values()), None)
-    if spec is not None:
-        spec.grammar()  # InvalidRequest naming what is wrong with it
-    return spec
+        raise InvalidRequest(f"one output constraint a request; this one has {', '.join(found)}",
+                             param=list(found)[1])
+    for field, spec in found.items():
+        with naming(field):
+            spec.grammar()  # InvalidRequest naming what is wrong with it
+        return spec
+    return None
+
+
+@contextmanager
+def naming(field: str):
+    """An InvalidRequest raised inside names `field` (the request field that carried the spec)."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{field}: {exc}", param=field) from None
 
 
 def tool_dicts(req: Sampling) -> list[dict] | None:

@@ -1,6 +1,7 @@
 """DecoderPool deployment: the continuous-batching engine (`parts=("text",)`) inside each replica; streams
 typed items per request (deployments/stream.py) and reports its free KV budget to the KVBudgetRouter."""
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -67,6 +68,14 @@ class DecoderPool:
         request = handoff.request()
         if request.image is not None:
             yield handoff.summary(request, received_at=time.time())
+        if params.structured is not None:
+            # Compiled (and, the first time, xgrammar's tokenizer info built) in a thread, not on this event loop;
+            # cached, so the engine's own check finds it compiled.
+            try:
+                await asyncio.to_thread(self.engine.engine.grammars.compiled, params.structured)
+            except InvalidRequest as exc:
+                yield StageError(400, str(exc))
+                return
         stream = self.engine.generate(request, params, request_id)
         del handoff, request  # the engine drops the big resume tensors after the prefill; hold no other reference
         failed = StageError(500, f"the decoder failed on request {request_id}")

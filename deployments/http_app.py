@@ -7,7 +7,9 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from .api import error_body, validation_message
+from pipeline.errors import InvalidRequest
+
+from .api import error_body, field_path, validation_message
 from .faults import log
 from .limits import Guard, GuardMiddleware
 from .stream import StageError
@@ -16,9 +18,14 @@ from .stream import StageError
 class ApiError(Exception):
     """Ends a request with an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None):
+    def __init__(self, status: int, message: str, retry_after: int | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.retry_after = status, message, retry_after
+        self.status, self.message, self.retry_after, self.param = status, message, retry_after, param
+
+    @classmethod
+    def invalid(cls, exc: InvalidRequest) -> "ApiError":
+        """A refused request (deployments/validation.py): 400 naming the field at fault."""
+        return cls(400, str(exc), param=exc.param)
 
     @classmethod
     def of(cls, error: StageError, retry_after_s: int) -> "ApiError":
@@ -27,7 +34,8 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(error_body(self.status, self.message), status_code=self.status, headers=headers)
+        return JSONResponse(error_body(self.status, self.message, self.param), status_code=self.status,
+                            headers=headers)
 
 
 class OpenAIApp(FastAPI):
@@ -64,7 +72,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Malformed JSON or a schema violation: 400 naming the field, as OpenAI answers."""
-    return JSONResponse(error_body(400, validation_message(exc.errors())), status_code=400)
+    errors = exc.errors()
+    loc = [p for p in errors[0]["loc"] if p != "body"] if errors else []
+    return JSONResponse(error_body(400, validation_message(errors), field_path(loc) or None), status_code=400)
 
 
 def make_app(description: str) -> FastAPI:

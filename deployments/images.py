@@ -5,7 +5,10 @@ import asyncio
 import base64
 import binascii
 import hashlib
-from urllib.parse import urlsplit
+import re
+import string
+import urllib.parse
+from urllib.parse import urljoin, urlsplit
 
 from pipeline.errors import InvalidRequest
 from pipeline.storage import S3Settings, read_object
@@ -31,14 +34,81 @@ def image_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def allowed_http(url: str, prefixes: list[str]) -> bool:
-    """Scheme, host and port must equal a prefix's, and the path must extend its path."""
-    u = urlsplit(url)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+MAX_REDIRECTS = 5
+
+
+def _decode_unreserved(match: re.Match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in UNRESERVED else "%" + match.group(1).upper()
+
+
+def _without_dot_segments(path: str) -> str:
+    """RFC 3986's remove_dot_segments on an absolute path ("/a/b/../c/./d" -> "/a/c/d")."""
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for seg in segments:
+        if seg == "..":
+            out = out[:-1]
+        elif seg != ".":
+            out.append(seg)
+    if segments and segments[-1] in (".", ".."):
+        out.append("")  # "/a/b/.." is the directory "/a/"
+    return "/" + "/".join(out)
+
+
+def normalize_http(url: str) -> str | None:
+    """`url` as the server will read it (RFC 3986's normalisation): scheme and host in lower case, the default
+    port dropped, percent-encoded unreserved characters decoded (`%2e` is `.`), dot segments removed, no fragment;
+    None for a URL that cannot be compared safely (user info, a backslash, an encoded slash or backslash, which
+    servers split differently, a host that is not ASCII, an invalid port)."""
+    if "\\" in url or any(c.isspace() or ord(c) < 0x20 for c in url):
+        return None
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return None
+    scheme, host = u.scheme.lower(), (u.hostname or "").rstrip(".")
+    if scheme not in DEFAULT_PORTS or not host or not host.isascii() or "@" in u.netloc:
+        return None
+    path = re.sub(r"%([0-9A-Fa-f]{2})", _decode_unreserved, u.path or "/")
+    if re.search(r"%(2F|5C)", path) or not path.startswith("/"):
+        return None
+    host = f"[{host}]" if ":" in host else host
+    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{_without_dot_segments(path)}" + (f"?{u.query}" if u.query else "")
+
+
+def allowed_url(url: str, prefixes: list[str]) -> str | None:
+    """The normalised `url` (what is fetched) if it lies under one of the normalised `prefixes` (same scheme, host
+    and port; the path equal to the prefix's or under it, segment by segment), else None."""
+    norm = normalize_http(url)
+    if norm is None:
+        return None
+    u = urlsplit(norm)
     for prefix in prefixes:
-        p = urlsplit(prefix)
-        if (u.scheme, u.hostname, u.port) == (p.scheme, p.hostname, p.port) and u.path.startswith(p.path or "/"):
-            return True
-    return False
+        p = urlsplit(normalize_http(prefix) or "")
+        base = p.path if p.path.endswith("/") else p.path + "/"
+        if (u.scheme, u.netloc) == (p.scheme, p.netloc) and (u.path == p.path or u.path.startswith(base)):
+            return norm
+    return None
+
+
+def allowed_http(url: str, prefixes: list[str]) -> bool:
+    return allowed_url(url, prefixes) is not None
+
+
+def s3_key_problem(key: str) -> str | None:
+    """Why an s3:// key is refused: empty, or a `.`/`..` segment (percent-encoded too), which an S3-compatible
+    store or a proxy before it may resolve to another key."""
+    segments = [urllib.parse.unquote(seg) for seg in key.split("/")]
+    if not key:
+        return "the URL names no key"
+    if any(seg in (".", "..") for seg in segments):
+        return "a key with '.' or '..' segments is refused"
+    return None
 
 
 class ImageFetcher:
@@ -52,7 +122,7 @@ class ImageFetcher:
             data = self._from_data_url(url, what)
         elif url.startswith("s3://"):
             data = await asyncio.to_thread(self._from_s3, url, what)
-        elif url.startswith(("http://", "https://")):
+        elif url[:8].lower().startswith(("http://", "https://")):
             data = await self._from_http(url, what)
         else:
             raise InvalidRequest(f"{what}: unsupported URL scheme in {url[:40]!r}; use data:, s3:// or https://")
@@ -81,6 +151,8 @@ class ImageFetcher:
         bucket, _, key = url.removeprefix("s3://").partition("/")
         if bucket not in self.cfg.s3_buckets:
             raise InvalidRequest(f"{what}: bucket {bucket!r} is not one this deployment reads images from")
+        if (problem := s3_key_problem(key)) is not None:
+            raise InvalidRequest(f"{what}: {problem}")
         if self._s3 is None:
             self._s3 = S3Settings.from_env().client()  # honours AWS_ENDPOINT_URL and the usual credential chain
         data = read_object(self._s3, url, what, max_bytes=self.cfg.max_image_bytes)
@@ -88,21 +160,29 @@ class ImageFetcher:
         return data
 
     async def _from_http(self, url: str, what: str) -> bytes:
-        if not allowed_http(url, self.cfg.http_allowlist):
-            raise InvalidRequest(f"{what}: http(s) image URLs are refused unless they match the allowlist")
+        """GET the normalised URL; a redirect is followed only to another allowlisted URL (each hop checked, at
+        most MAX_REDIRECTS)."""
         import httpx
 
         if self._http is None:
-            # No redirects: a redirect could leave the allowlisted host.
+            # Redirects by hand: each hop is checked against the allowlist before it is fetched.
             self._http = httpx.AsyncClient(timeout=self.cfg.image_fetch_timeout_s, follow_redirects=False)
-        try:
-            async with self._http.stream("GET", url) as resp:
-                if resp.status_code != 200:
-                    raise InvalidRequest(f"{what}: GET {url} returned HTTP {resp.status_code}")
-                data = bytearray()
-                async for block in resp.aiter_bytes():
-                    data += block
-                    self._check_size(len(data), what)
-                return bytes(data)
-        except httpx.HTTPError as exc:
-            raise InvalidRequest(f"{what}: could not fetch {url}: {type(exc).__name__}: {exc}") from exc
+        for _ in range(MAX_REDIRECTS + 1):
+            target = allowed_url(url, self.cfg.http_allowlist)
+            if target is None:
+                raise InvalidRequest(f"{what}: http(s) image URLs are refused unless they match the allowlist")
+            try:
+                async with self._http.stream("GET", target) as resp:
+                    if resp.is_redirect and "location" in resp.headers:
+                        url = urljoin(target, resp.headers["location"])
+                        continue
+                    if resp.status_code != 200:
+                        raise InvalidRequest(f"{what}: GET {target} returned HTTP {resp.status_code}")
+                    data = bytearray()
+                    async for block in resp.aiter_bytes():
+                        data += block
+                        self._check_size(len(data), what)
+                    return bytes(data)
+            except httpx.HTTPError as exc:
+                raise InvalidRequest(f"{what}: could not fetch {target}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidRequest(f"{what}: more than {MAX_REDIRECTS} redirects")

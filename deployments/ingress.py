@@ -15,12 +15,12 @@ from pipeline.errors import InvalidRequest
 from pipeline.orchestration import run_stages
 from pipeline.types import PreparedPrompt, RequestOutput
 
-from . import api
+from . import api, validation
 from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .chat import ChatRenderer, completion_id
 from .completions import TextRenderer, text_completion_id
 from .config import AppConfig
-from .constraints import structured_output, tool_dicts
+from .constraints import tool_dicts
 from .faults import classify, log
 from .handoff import Handoff
 from .http_app import ApiError, make_app
@@ -120,33 +120,44 @@ class Ingress:
 
     @app.post("/tokenize", responses=api.error_responses(400, 401, 404))
     async def tokenize(self, req: api.TokenizeRequest) -> dict:
-        """vLLM's /tokenize: a prompt's (or a chat's, by the template) token ids."""
+        """vLLM's /tokenize: a prompt's (or a chat's, by the template) token ids; bounded as a completion's prompt
+        is, tokenised off the event loop on the text tokenizer (never waiting on image preprocessing)."""
         self._check_model(req.model)
-        try:
+        pre = self.preprocessor
+
+        def run() -> tuple[list[int], list[str] | None]:
+            validation.check_request(req)
             if req.prompt is not None:
-                ids = await asyncio.to_thread(self.preprocessor.tokenize, req.prompt, req.add_special_tokens)
+                validation.check_text_size(req.prompt, self.cfg.max_prompt_chars, "prompt")
+                ids = pre.tokenize(req.prompt, req.add_special_tokens)
             else:
-                ids = await asyncio.to_thread(self.preprocessor.render, req.messages, req.add_generation_prompt)
+                pre.check_messages(req.messages)
+                ids = pre.render(req.messages, req.add_generation_prompt)
+            return ids, [self.token_bytes(t)["token"] for t in ids] if req.return_token_strs else None
+
+        try:
+            ids, strs = await asyncio.to_thread(run)
         except InvalidRequest as exc:
-            raise ApiError(400, str(exc)) from exc
-        strs = [self.token_bytes(t)["token"] for t in ids] if req.return_token_strs else None
+            raise ApiError.invalid(exc) from exc
         return {"count": len(ids), "max_model_len": self.cfg.engine.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize", responses=api.error_responses(400, 401, 404))
     async def detokenize(self, req: api.DetokenizeRequest) -> dict:
+        """vLLM's /detokenize: at most max_model_len ids, each in the vocabulary; decoded off the event loop."""
         self._check_model(req.model)
-        size = len(self.preprocessor.tokenizer)
-        if not all(0 <= t < size for t in req.tokens):
-            raise ApiError(400, f"tokens: ids are in [0, {size})")
-        with self.preprocessor.lock:
-            return {"prompt": self.preprocessor.tokenizer.decode(req.tokens)}
+        try:
+            validation.check_token_ids(req.tokens, self.preprocessor.vocab, "tokens",
+                                       max_count=self.cfg.engine.max_model_len)
+        except InvalidRequest as exc:
+            raise ApiError.invalid(exc) from exc
+        return {"prompt": await asyncio.to_thread(self.preprocessor.detokenize, req.tokens)}
 
     @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
     async def chat_completions(self, req: api.ChatCompletionRequest, request: Request):
         rid = completion_id()
 
         async def prepare():
-            params = api.to_sampling_params(req, self.cfg.default_max_tokens, structured_output(req))
+            params = await validation.sampling_params(req, self.preprocessor.vocab, self.cfg.default_max_tokens)
             return (params, *await self.preprocessor.prepare(req.messages, tool_dicts(req)))
 
         stream = await self._begin(req, rid, request.state, prepare)
@@ -159,7 +170,7 @@ class Ingress:
         rid = text_completion_id()
 
         async def prepare():
-            params = api.to_sampling_params(req, self.cfg.default_max_tokens, structured_output(req))
+            params = await validation.sampling_params(req, self.preprocessor.vocab, self.cfg.default_max_tokens)
             return (params, *await self.preprocessor.prepare_text(req.prompt))
 
         stream = await self._begin(req, rid, request.state, prepare)
@@ -200,9 +211,9 @@ class Ingress:
             params, prepared, keys = await prepare()
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
         except InvalidRequest as exc:
-            raise ApiError(400, str(exc)) from exc
+            raise ApiError.invalid(exc) from exc
         params = api.fit_max_tokens(req, params, len(prepared.input_ids), self.cfg.engine.max_model_len)
-        await self._hold_kv(client, len(prepared.input_ids) + params.max_tokens)
+        await self._hold_kv(client, params.n * (len(prepared.input_ids) + params.max_tokens))  # n worst cases
         stages = STAGES if prepared.num_images else TEXT_STAGES
         for attempt in (1, 2):
             # A stage with no running replica: wait a bounded while for one (a restart), then 503, rather than

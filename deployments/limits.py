@@ -15,7 +15,9 @@ from .auth import KeyLedger, authenticate, bearer, load_keys
 from .config import AppConfig
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-PER_KEY_PATHS = frozenset({"/v1/chat/completions"})  # what per-key concurrency counts
+# What per-key concurrency counts: every endpoint that does work (a new one joins here). The KV hold weighs a
+# completion request by its cost (n x (prompt + max_tokens) tokens: Ingress._hold_kv).
+PER_KEY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"})
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The ingress's preprocessing: chat messages -> checks, image fetching (ImageFetcher) and the processor -> PreparedPrompt."""
 
 import asyncio
+import copy
 import threading
 
 import torch
@@ -15,6 +16,7 @@ from .api import Message, TextPart
 from .config import AppConfig
 from .faults import log
 from .images import ImageFetcher, image_key
+from .validation import Vocab, check_text_size, check_token_ids
 
 TEMPLATE_TOKENS_PER_MESSAGE = 4  # Llama 3's chat template wraps each message in at least 4 special tokens
 
@@ -50,19 +52,17 @@ def prompt_chars(messages: list[Message]) -> int:
     return sum(len(text) for m in messages for text in message_texts(m))
 
 
-def check_shape(messages: list[Message], max_messages: int, max_prompt_tokens: int) -> None:
-    """Refuse before templating and tokenising: too many messages, the template alone past the token limit, text
-    that is not Unicode (lone surrogates a JSON escape can carry)."""
+def check_shape(messages: list[Message], max_messages: int, max_prompt_tokens: int, max_chars: int) -> None:
+    """Refuse before templating and tokenising: too many messages, the template alone past the token limit, too
+    much text (text that is not Unicode was refused before: deployments/validation.py)."""
     if len(messages) > max_messages:
-        raise InvalidRequest(f"{len(messages)} messages; this deployment accepts at most {max_messages}")
+        raise InvalidRequest(f"{len(messages)} messages; this deployment accepts at most {max_messages}",
+                             param="messages")
     if len(messages) * TEMPLATE_TOKENS_PER_MESSAGE > max_prompt_tokens:
-        raise InvalidRequest(f"{len(messages)} messages exceed the prompt limit of {max_prompt_tokens} tokens")
-    for m in messages:
-        for text in message_texts(m) + ([m.name] if m.name else []):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest("a message's text is not valid Unicode (a lone surrogate)") from None
+        raise InvalidRequest(f"{len(messages)} messages exceed the prompt limit of {max_prompt_tokens} tokens",
+                             param="messages")
+    if prompt_chars(messages) > max_chars:
+        raise InvalidRequest(f"the prompt is longer than {max_chars} characters", param="messages")
 
 
 class Preprocessor:
@@ -73,6 +73,10 @@ class Preprocessor:
         self.processor = load_processor(cfg.model)
         # HF fast tokenizers raise "Already borrowed" when threads use one at once; images decode in parallel.
         self.lock = threading.Lock()
+        # Text alone (/tokenize, /detokenize, text completions) on a copy with its own lock: never waits on images.
+        self.text_tokenizer, self.text_lock = copy.deepcopy(self.processor.tokenizer), threading.Lock()
+        image_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        self.vocab = Vocab(len(self.tokenizer), frozenset({image_id}))
         self.fetcher = ImageFetcher(cfg)
 
     @property
@@ -85,42 +89,49 @@ class Preprocessor:
         hf_messages, urls = to_hf_messages(messages, tools)
         max_images = self.cfg.model.max_images
         if len(urls) > max_images:
-            raise InvalidRequest(f"{len(urls)} images in one request; this deployment accepts at most {max_images}")
-        if prompt_chars(messages) > self.cfg.max_prompt_chars:
-            raise InvalidRequest(f"the prompt is longer than {self.cfg.max_prompt_chars} characters")
-        check_shape(messages, self.cfg.max_messages, self.cfg.model.max_prompt_tokens)
+            raise InvalidRequest(f"{len(urls)} images in one request; this deployment accepts at most {max_images}",
+                                 param="messages")
+        self.check_messages(messages)
         blobs = await asyncio.gather(*(self.fetcher.fetch(u, f"image {i + 1}") for i, u in enumerate(urls)))
         prepared = await asyncio.to_thread(self._preprocess, hf_messages, blobs)
         return prepared, [image_key(b) for b in blobs]
 
     async def prepare_text(self, prompt: str | list[int]) -> tuple[PreparedPrompt, list[str]]:
         """A text completion's prompt: a string tokenised with <|begin_of_text|>, or token ids as they are."""
+        limit = self.cfg.model.max_prompt_tokens
         if isinstance(prompt, str):
-            if len(prompt) > self.cfg.max_prompt_chars:
-                raise InvalidRequest(f"the prompt is longer than {self.cfg.max_prompt_chars} characters")
+            check_text_size(prompt, self.cfg.max_prompt_chars, "prompt")
             ids = await asyncio.to_thread(self.tokenize, prompt, True)
         else:
+            check_token_ids(prompt, self.vocab, "prompt", max_count=limit)
             ids = prompt
-            bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
-            if bad:
-                raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary of {len(self.tokenizer)}")
-        if self.tokenizer.convert_tokens_to_ids(self.processor.image_token) in ids:
-            raise InvalidRequest("a text completion's prompt cannot hold the image token")
-        if len(ids) > self.cfg.model.max_prompt_tokens:
-            raise InvalidRequest(f"prompt is {len(ids)} tokens; the limit is {self.cfg.model.max_prompt_tokens}")
+        if self.vocab.never_emitted.intersection(ids):
+            raise InvalidRequest("a text completion's prompt cannot hold the image token", param="prompt")
+        if len(ids) > limit:
+            raise InvalidRequest(f"prompt is {len(ids)} tokens; the limit is {limit}", param="prompt")
         return PreparedPrompt(input_ids=torch.tensor(ids, dtype=torch.long)), []
 
+    def check_messages(self, messages: list[Message]) -> None:
+        check_shape(messages, self.cfg.max_messages, self.cfg.model.max_prompt_tokens, self.cfg.max_prompt_chars)
+
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        with self.lock:
-            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        """Blocking (call it in a thread); on the text tokenizer."""
+        with self.text_lock:
+            return self.text_tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Blocking (call it in a thread); on the text tokenizer."""
+        with self.text_lock:
+            return self.text_tokenizer.decode(ids)
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
-        """/tokenize's chat form: the template's tokens, an image part as its one image token (no pixels)."""
+        """/tokenize's chat form: the template's tokens, an image part as its one image token (no pixels).
+        Blocking (call it in a thread); the template is rendered in Python, tokenised on the text tokenizer."""
         hf_messages, _ = to_hf_messages(messages)
-        with self.lock:
+        with self.text_lock:
             text = self.processor.apply_chat_template(hf_messages, add_generation_prompt=add_generation_prompt,
                                                       tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.text_tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _preprocess(self, messages: list[dict], blobs: list[bytes]) -> PreparedPrompt:
         images = [decode_image(b, self.cfg.max_image_pixels, f"image {i + 1}") for i, b in enumerate(blobs)]

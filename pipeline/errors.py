@@ -6,7 +6,12 @@ class CrosstrimError(Exception):
 
 
 class InvalidRequest(CrosstrimError, ValueError):
-    """The request itself is wrong (bad image, too long, bad parameter): HTTP 400."""
+    """The request itself is wrong (bad image, too long, bad parameter): HTTP 400. `param`: the request field at
+    fault ("messages[0].content"), OpenAI's error `param`, when one is."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class Overloaded(CrosstrimError):

@@ -93,7 +93,8 @@ async def while_decoding(work, http, stall_s: float = 180.0, period_s: float = 2
 
 def assert_healthy(http, body: dict, kv_wait_s: float = 0.0):
     """/health is ok, `body` gets a 200, and the decoder holds no KV (within kv_wait_s)."""
-    assert http.get("/health").json() == {"status": "ok"}
+    health = http.get("/health")
+    assert health.json() == {"status": "ok"}, health.text
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + kv_wait_s

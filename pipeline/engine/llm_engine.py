@@ -6,6 +6,7 @@ processor's (output_processor.py), which `step()` runs after it for synchronous 
 """
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,10 +31,6 @@ from pipeline.types import DecodeRequest, RequestOutput
 # tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
 CUDA_PAGE = 256
 log = logging.getLogger(__name__)
-
-
-class NoTokenAllowed(RuntimeError):
-    """A row's logit mask disallowed every token: that sequence fails alone."""
 
 
 @dataclass
@@ -82,6 +79,7 @@ class LLMEngine:
         self.eos = set(loaded.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCache | None = None  # built on the first structured request (xgrammar's vocab scan)
+        self._grammars_lock = threading.Lock()
         self.tokens_generated = self.steps = self.last_batch_size = self.decode_steps = self.decode_rows = 0
         self.last_step_ms = 0.0
 
@@ -105,9 +103,10 @@ class LLMEngine:
     @property
     def grammars(self) -> GrammarCache:
         """Structured output's compiled grammars, over the sampler's vocabulary (the lm_head's width)."""
-        if self._grammars is None:
-            self._grammars = GrammarCache(self.tokenizer, self.sampler.vocab_size, sorted(self.eos),
-                                          self.cfg.grammar_cache_size)
+        with self._grammars_lock:  # built once: the first callers may be the step thread and a compile thread
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.sampler.vocab_size, sorted(self.eos),
+                                              self.cfg.grammar_cache_size)
         return self._grammars
 
     def add(self, seq: Sequence) -> Sequence:
@@ -335,9 +334,15 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, sampled: Sampled | None) -> StepToken:
         """A sampled token (host values from the step's one read) into the sequence: its grammar advanced (it
-        constrains the next token), a stop token or max_tokens ended; no text (the output processor's)."""
+        constrains the next token), a stop token or max_tokens ended; no text (the output processor's).
+        Nothing to sample (`sampled` None: the grammar allows only a stop token, which min_tokens or ignore_eos
+        bans; or a grammar left no token at all) ends the completion there, finish_reason "stop": the constraint
+        wins over those fields, and the engine never fails a request for it (docs/validation.md)."""
         if sampled is None:
-            raise NoTokenAllowed("the sequence's logit mask allows no token")
+            self.scheduler.finish(seq, "stop")
+            self._forget_if_done(seq)
+            return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), [],
+                             finish_reason="stop")
         token = sampled.token
         if seq.logit_mask is not None:
             seq.logit_mask.accept(token)
@@ -347,7 +352,10 @@ class LLMEngine:
         seq.logprobs.append(sampled.logprob)
         self.tokens_generated += 1
         new_ids, reason = [token], None
-        if token in seq.params.stop_token_ids or (token in self.eos and not seq.params.ignore_eos):
+        # EOS under a grammar is the grammar's end (it allows EOS only once complete): it ends the completion even
+        # with ignore_eos, which applies to unconstrained text.
+        ends = token in self.eos and (not seq.params.ignore_eos or seq.logit_mask is not None)
+        if token in seq.params.stop_token_ids or ends:
             reason, new_ids = "stop", []  # the stop token itself is not part of the output
         elif len(seq.output_ids) >= seq.params.max_tokens:
             reason = "length"

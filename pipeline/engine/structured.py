@@ -157,6 +157,9 @@ class GrammarMatcher:
         self.also_allowed = also_allowed  # a static packed mask ANDed in (JSON: no raw control characters)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        if self.matcher.is_terminated():  # past the grammar's stop token: nothing more (the engine ends the row)
+            bitmask[row] = 0
+            return
         self.matcher.fill_next_token_bitmask(bitmask, row)
         if self.also_allowed is not None:
             bitmask[row] &= self.also_allowed

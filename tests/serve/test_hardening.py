@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from types import SimpleNamespace
 
@@ -332,11 +333,161 @@ def test_per_key_kv_limit(app):
     assert_healthy(app.http)
 
 
+# ---------------------------------------------------------------- validation (deployments/validation.py)
+
+def raw_post(http, path: str, body) -> httpx.Response:
+    """POST `body` as ASCII JSON: a lone surrogate goes as its escape ("\\ud800"), which is valid JSON."""
+    return http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+
+def assert_400_naming(r: httpx.Response, field: str):
+    assert r.status_code == 400, (field, r.status_code, r.text[:300])
+    assert_openai_error(r, 400)
+    error = r.json()["error"]
+    assert field in error["message"] and error["param"] == field, error
+
+
+CALL = {"role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}
+
+
+def test_hostile_strings_and_tool_calls_are_400_naming_the_field(app):
+    """Lone surrogates anywhere a request carries text, and an earlier tool call whose arguments are not a JSON
+    object, are 400s naming the field on every endpoint (they were 500s: the tokenizer or the template raised)."""
+    http, bad = app.http, "a\ud800b"
+    cases = [
+        ("/v1/completions", {"prompt": bad, "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"prompt": [bad], "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "stop": [bad], "max_tokens": 2}, "stop[0]"),
+        ("/tokenize", {"prompt": bad}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": bad}]}, "messages[0].content"),
+        ("/v1/chat/completions", chat(bad), "messages[0].content"),
+        ("/v1/chat/completions", chat("hi", stop=bad), "stop"),
+        ("/v1/chat/completions", chat("hi", guided_choice=["yes", bad]), "guided_choice[1]"),
+        ("/v1/chat/completions", chat("hi", response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {bad: {"type": "integer"}}}}}),
+         "response_format.json_schema.schema.properties"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "call f"}, CALL], "max_tokens": 2},
+         "messages[1].tool_calls[0].function.arguments"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "call f"}, CALL]},
+         "messages[1].tool_calls[0].function.arguments"),
+        ("/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": "call f"}, {
+            **CALL, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}]}]},
+         "messages[1].tool_calls[0].function.arguments"),
+        ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9], "min_tokens": 1, "max_tokens": 2},
+         "stop_token_ids"),
+    ]
+    for path, body, field in cases:
+        assert_400_naming(raw_post(http, path, body), field)
+    # Control characters, bidi overrides, noncharacters and astral code points are text: served, not refused.
+    odd = "\x00\x01\x1b[31m\u202e\ufffe\U0010ffff\t\r\n"
+    for path, body in (("/tokenize", {"prompt": odd}), ("/v1/completions", {"prompt": odd, "max_tokens": 2}),
+                       ("/v1/chat/completions", chat(odd, max_tokens=2, stop=odd))):
+        r = raw_post(http, path, body)
+        assert r.status_code == 200, (path, r.text)
+    ok_call = {**CALL, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}
+    r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "call f"}, ok_call]})
+    assert r.status_code == 200 and r.json()["count"] > 0, r.text
+    assert_healthy(http)
+
+
+def test_tokenize_and_detokenize_are_bounded(app):
+    http, cfg = app.http, app.config["applications"][0]["args"]
+    limit = cfg.get("max_prompt_chars", 64 * 1024)
+    assert_400_naming(http.post("/tokenize", json={"prompt": "a" * (limit + 1)}), "prompt")
+    assert_400_naming(http.post("/detokenize", json={"tokens": [1] * (cfg["engine"]["max_model_len"] + 1)}),
+                      "tokens")
+    assert_400_naming(http.post("/detokenize", json={"tokens": [1, 10**9]}), "tokens")
+    assert http.post("/detokenize", json={"tokens": [1, 2, 3]}).status_code == 200
+
+
+def test_constraint_that_can_only_end_meets_min_tokens_and_ignore_eos(app):
+    """A grammar that is complete after a few tokens (a JSON boolean, one of two words) with min_tokens or
+    ignore_eos: the grammar allows only EOS, which those fields ban, so nothing can be sampled. It used to fail in
+    the engine (HTTP 500); the completion now ends there with finish_reason "stop" (docs/validation.md), streamed
+    or not, on both endpoints, and the grammar's output is whole."""
+    http = app.http
+    boolean = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}
+    for extra in (dict(min_tokens=30), dict(ignore_eos=True), dict(min_tokens=5, ignore_eos=True, n=2)):
+        r = http.post("/v1/chat/completions", json=chat("yes?", max_tokens=40, response_format=boolean, **extra))
+        assert r.status_code == 200, (extra, r.text)
+        for choice in r.json()["choices"]:
+            assert choice["finish_reason"] == "stop" and choice["message"]["content"] in ("true", "false"), r.text
+        r = http.post("/v1/completions", json={"prompt": "answer:", "max_tokens": 40, "guided_choice": ["yes", "no"],
+                                               **extra})
+        assert r.status_code == 200, (extra, r.text)
+        assert {(c["finish_reason"], c["text"] in ("yes", "no")) for c in r.json()["choices"]} == {("stop", True)}
+    reasons = []
+    with http.stream("POST", "/v1/chat/completions", json=chat("yes?", max_tokens=40, response_format=boolean,
+                                                               ignore_eos=True, stream=True)) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                item = json.loads(line[6:])
+                assert "error" not in item, item
+                reasons += [c["finish_reason"] for c in item["choices"] if c["finish_reason"]]
+    assert reasons == ["stop"]
+    assert_healthy(http)
+
+
+def test_per_key_limits_on_every_endpoint(app):
+    """Per-key concurrency counts /v1/completions, /tokenize and /detokenize too (it counted chat alone), and the
+    per-key KV hold charges n completions: with a share held, a second request of n = 2 is refused where the same
+    request with n = 1 fits."""
+    from ray import serve
+
+    async def run():
+        async with httpx.AsyncClient(base_url=app.url, timeout=TIMEOUT) as c:
+            key, other = ({"Authorization": f"Bearer {k}"} for k in KEYS[:2])
+            body = {"prompt": "long", "max_tokens": 300, "ignore_eos": True, "stream": True}
+            held = [await c.send(c.build_request("POST", "/v1/completions", json=body, headers=key), stream=True)
+                    for _ in range(PER_KEY_CONCURRENT)]
+            over = [await c.post(path, json=b, headers=key) for path, b in (
+                ("/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("/tokenize", {"prompt": "hi"}),
+                ("/detokenize", {"tokens": [1, 2]}), ("/v1/chat/completions", chat()))]
+            others = [await c.post("/tokenize", json={"prompt": "hi"}, headers=other),
+                      await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=other)]
+            for r in held:
+                await r.aclose()
+            return [r.status_code for r in held], over, others
+
+    held, over, others = asyncio.run(run())
+    assert held == [200] * PER_KEY_CONCURRENT
+    for r in over:
+        assert_openai_error(r, 429)
+    assert [r.status_code for r in others] == [200, 200], [r.text for r in others]
+
+    per_token = serve.get_deployment_handle("DecoderPool", APP).kv_bytes_per_token.remote().result(timeout_s=30)
+    share = int(0.4 * PER_KEY_KV / per_token)  # prompt + max_tokens of one completion: 0.4 of the key's share
+
+    async def n_costs():
+        async with httpx.AsyncClient(base_url=app.url, timeout=TIMEOUT, headers=AUTH) as c:
+            body = {"prompt": "long", "max_tokens": share, "ignore_eos": True, "stream": True}
+            first = await c.send(c.build_request("POST", "/v1/completions", json=body), stream=True)
+            two = await c.post("/v1/completions", json={**body, "n": 2, "stream": False})  # 0.4 + 0.8 > 1
+            one = await c.send(c.build_request("POST", "/v1/completions", json=body), stream=True)  # 0.8 fits
+            statuses = first.status_code, one.status_code
+            await first.aclose()
+            await one.aclose()
+            return statuses, two
+
+    (first, one), two = asyncio.run(n_costs())
+    assert first == one == 200
+    assert_openai_error(two, 429)
+    assert "KV" in two.json()["error"]["message"]
+    assert_healthy(app.http)
+
+
 # ---------------------------------------------------------------- fuzz
 
 _floats = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.0, 1e-300, 5e-324, 1e-40, 2.0, -1.0]))
 _ints = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2**63, 2**64, -(2**63) - 1]))
-_text = st.text(max_size=40)
+# All of Unicode: hypothesis' default text leaves out surrogates (category Cs), which a JSON escape can carry; the
+# hostile ones are also drawn on purpose (a random draw seldom holds a lone surrogate or an escape sequence).
+_HOSTILE = ["\ud800", "\udfff", "\ud83d", "\x00", "\x1b[31m", "\u202e", "\ufeff", "\uffff", "\U0010ffff", "\r\n",
+            "%2e%2e/", "../", "<|eot_id|>", "<|image|>", "{", '"', "\\"]
+_text = st.one_of(st.text(st.characters(exclude_categories=()), max_size=40),
+                  st.lists(st.one_of(st.sampled_from(_HOSTILE), st.text(max_size=3)), max_size=5).map("".join))
 _part = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": _text}),
     st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": st.one_of(
@@ -386,38 +537,117 @@ _text_request = st.fixed_dictionaries(
               "stream": st.booleans(), **{k: v for k, v in _policy_fields.items() if k in (
                   "presence_penalty", "logit_bias", "min_tokens", "guided_regex", "stop_token_ids")}},
 )
+# Grammars that end after a few tokens (or never), with the fields that fight them: min_tokens, ignore_eos, n,
+# stop_token_ids (the engine's stop tokens among them), stop strings.
+_grammar = st.sampled_from([
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}},
+    {"response_format": {"type": "json_object"}}, {"guided_choice": ["yes", "no"]}, {"guided_regex": "[a-c]{1,3}"},
+    {"guided_regex": "a*"}, {"guided_json": {"type": "integer", "minimum": 0, "maximum": 3}},
+    {"guided_grammar": 'root ::= "x" | "y"'}, {"structured_outputs": {"choice": ["\u202e", "a b"]}},
+    {"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}}}]}])
+_constrained = st.tuples(_grammar, st.fixed_dictionaries({}, optional={
+    "min_tokens": st.integers(0, 8), "ignore_eos": st.booleans(), "n": st.integers(1, 3),
+    "stop_token_ids": st.lists(st.sampled_from([0, 1, 128000, 128001, 128008, 128009, 128256, 128257, 10**9]),
+                               max_size=3),
+    "stop": st.one_of(_text, st.lists(_text, max_size=2)), "stream": st.booleans(),
+    "temperature": st.sampled_from([0.0, 1.0]), "seed": st.integers(0, 3), "logprobs": st.booleans(),
+    "trim": st.sampled_from(["none", {"k_ratio": 0.5}, {"enabled": False}, "bogus"])}))
+_tokenize_request = st.one_of(
+    st.fixed_dictionaries({"prompt": _text}, optional={"add_special_tokens": st.booleans(),
+                                                       "return_token_strs": st.booleans()}),
+    st.fixed_dictionaries({"messages": st.lists(_message, max_size=3)}, optional={
+        "add_generation_prompt": st.booleans(), "return_token_strs": st.booleans(), "model": _text}))
+_detokenize_request = st.fixed_dictionaries({"tokens": st.one_of(st.lists(_ints, max_size=5), _text)},
+                                            optional={"model": st.one_of(st.none(), _text)})
+FUZZ_EXAMPLES = int(os.environ.get("CROSSTRIM_FUZZ_EXAMPLES", "60"))
 
 
 def test_fuzz_never_5xx(app):
-    statuses = []
+    """Every endpoint (chat, completions, tokenize, detokenize, models; the trim extension among the fields) under
+    hypothesis: strings from all of Unicode (surrogates and control characters too, sent as JSON escapes), tool-call
+    messages, grammars with the sampling fields that fight them. Never a 5xx, every error in OpenAI's shape, and a
+    good greedy stream running beside the fuzz (another key) gets the same tokens as alone."""
+    statuses, good = [], {"prompt": "count", "max_tokens": 24, "ignore_eos": True, "stream": True, "temperature": 0}
+    other_key = {"Authorization": f"Bearer {KEYS[1]}"}
+
+    def good_text(http) -> str:
+        text, reasons = "", []
+        with http.stream("POST", "/v1/completions", json=good, headers=other_key) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:]).get("choices", []):
+                        text += c["text"]
+                        reasons += [c["finish_reason"]] if c["finish_reason"] else []
+        assert reasons == ["length"], reasons
+        return text
+
+    def check(r: httpx.Response, what):
+        statuses.append(r.status_code)
+        assert r.status_code < 500, (what, r.text)
+        if r.status_code != 200:
+            assert_openai_error(r, r.status_code)
+        elif what[0] != "/detokenize" and "text/event-stream" in r.headers.get("content-type", ""):
+            assert '"error"' not in r.text, (what, r.text)
+
     with httpx.Client(base_url=app.url, timeout=TIMEOUT, headers={"Authorization": f"Bearer {KEYS[2]}"}) as http:
-        @settings(max_examples=int(os.environ.get("CROSSTRIM_FUZZ_EXAMPLES", "60")), deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        alone = good_text(http)
+        beside, stop = [], threading.Event()
+
+        def keep_going():  # the good request, again and again while the fuzz runs
+            with httpx.Client(base_url=app.url, timeout=TIMEOUT) as mine:
+                while not stop.is_set():
+                    beside.append(good_text(mine))
+
+        runner = threading.Thread(target=keep_going, daemon=True)
+        runner.start()
+        fuzz = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+        @settings(fuzz, max_examples=FUZZ_EXAMPLES)
         @given(_request)
         def probe(req):
             if isinstance(req.get("max_tokens"), int) and req["max_tokens"] > 8:
                 req["max_tokens"] = 8  # keep the run short; huge values are still tried below 2^70 by the floats
-            r = http.post("/v1/chat/completions", json=req)
-            statuses.append(r.status_code)
-            assert r.status_code < 500, (req, r.text)
-            if r.status_code != 200:
-                assert_openai_error(r, r.status_code)
+            check(raw_post(http, "/v1/chat/completions", req), ("/v1/chat/completions", req))
 
-        @settings(max_examples=int(os.environ.get("CROSSTRIM_FUZZ_EXAMPLES", "60")) // 3, deadline=None,
-                  database=None, suppress_health_check=list(HealthCheck))
-        @given(_text_request, st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]))
-        def probe_other(req, path):
-            if path == "/detokenize":
-                req = {"tokens": req["prompt"]}
-            r = http.post(path, json=req)
-            statuses.append(r.status_code)
-            assert r.status_code < 500, (path, req, r.text)
-            if r.status_code != 200:
-                assert_openai_error(r, r.status_code)
+        @settings(fuzz, max_examples=FUZZ_EXAMPLES // 2)
+        @given(_constrained, st.sampled_from(["/v1/chat/completions", "/v1/completions"]), _text)
+        def probe_constrained(constraint, path, text):
+            grammar, fields = constraint
+            if path == "/v1/chat/completions":
+                req = {**chat(text, max_tokens=8), **grammar, **fields}
+            else:
+                grammar = {k: v for k, v in grammar.items() if k not in ("response_format", "tools", "tool_choice")}
+                req = {"prompt": text or "x", "max_tokens": 8, **grammar, **fields}
+            check(raw_post(http, path, req), (path, req))
 
-        probe()
-        probe_other()
-    print(f"fuzz: {len(statuses)} requests, statuses {sorted(set(statuses))}")
+        @settings(fuzz, max_examples=FUZZ_EXAMPLES // 2)
+        @given(st.one_of(st.tuples(st.just("/v1/completions"), _text_request),
+                         st.tuples(st.just("/tokenize"), _tokenize_request),
+                         st.tuples(st.just("/detokenize"), _detokenize_request),
+                         st.tuples(st.just("/v1/models/"), _text)))
+        def probe_other(case):
+            path, req = case
+            if path == "/v1/models/":
+                from urllib.parse import quote
+
+                r = http.get(path + quote(req.encode("utf-8", "surrogatepass"), safe=""))
+            else:
+                r = raw_post(http, path, req)
+            check(r, (path, req))
+
+        try:
+            probe()
+            probe_constrained()
+            probe_other()
+            check(http.get("/v1/models"), ("/v1/models", None))
+        finally:
+            stop.set()
+            runner.join(300)
+    print(f"fuzz: {len(statuses)} requests, statuses {sorted(set(statuses))}; the good stream ran {len(beside)} "
+          "times beside it")
+    assert beside and all(text == alone for text in beside), (alone, beside)
     assert_healthy(app.http)
 
 

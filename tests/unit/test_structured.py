@@ -100,6 +100,31 @@ def test_max_tokens_cuts_the_json_with_finish_reason_length(engine, image_source
         json.loads(seq.text)
 
 
+def test_a_grammar_that_can_only_end_meets_min_tokens_and_ignore_eos(engine, image_sources):
+    """A constraint complete after a few tokens (a JSON boolean, a choice) allows only EOS, which min_tokens and
+    ignore_eos ban: nothing can be sampled. The completion ends there with finish_reason "stop" and the grammar's
+    whole output (it used to fail in the engine: "error", an HTTP 500); a token the grammar requires that is one of
+    stop_token_ids, banned by min_tokens, ends it the same way; a request beside them is not touched."""
+    boolean = StructuredOutput.json_schema({"type": "boolean"})
+    yes_no = StructuredOutput.choice(["yes", "no"])
+    yes_id = engine.tokenizer.encode("yes", add_special_tokens=False)
+    params = [SamplingParams(max_tokens=30, min_tokens=20, structured=boolean),
+              SamplingParams(max_tokens=30, ignore_eos=True, structured=boolean, n=2, temperature=1.0, seed=1),
+              SamplingParams(max_tokens=30, min_tokens=5, ignore_eos=True, structured=yes_no),
+              SamplingParams(max_tokens=30, min_tokens=5, stop_token_ids=yes_id[:1],
+                             structured=StructuredOutput.choice(["yes"])),
+              SamplingParams(max_tokens=9, ignore_eos=True)]
+    seqs = _run(engine, [image_sources[i % 4] for i in range(len(params))], params)
+    for seq in seqs[:4]:
+        for s in [seq] + seq.siblings:
+            assert s.finish_reason == "stop", (s.finish_reason, s.text)
+    assert [s.text for s in seqs[:2]] in (["true", "true"], ["false", "true"], ["true", "false"], ["false", "false"])
+    assert all(s.text in ("true", "false") for s in seqs[1].siblings)
+    assert seqs[2].text in ("yes", "no") and seqs[3].text == ""
+    assert seqs[4].finish_reason == "length" and len(seqs[4].output_ids) == 9
+    assert not engine.has_work() and engine.kv.used_bytes == 0
+
+
 def test_bad_specs_are_invalid_requests_naming_the_problem(engine, image_sources):
     with pytest.raises(InvalidRequest, match="json schema"):
         engine.make_sequence(image_sources[0], SamplingParams(structured=StructuredOutput.json_schema(
