@@ -12,6 +12,10 @@ FROM ${BASE_IMAGE}
 # Empty: torch comes from PyPI (CUDA build, bundles its own CUDA runtime; needs only the node's NVIDIA driver).
 ARG TORCH_INDEX_URL=""
 
+# GET /version reports the code's revision: `--build-arg CROSSTRIM_REVISION=$(git rev-parse HEAD)` (no .git in here).
+ARG CROSSTRIM_REVISION=""
+ENV CROSSTRIM_REVISION=${CROSSTRIM_REVISION}
+
 # The Ray images run as user ray (uid 1000, gid 100); configs/ and loadtests/ stay here for the RayJob and locust Job.
 WORKDIR /home/ray/crosstrim
 COPY --chown=1000:100 . .

@@ -10,7 +10,7 @@ from pipeline.types import RequestOutput
 
 from .api import ChatCompletionRequest
 from .constraints import tool_dicts
-from .responses import Accumulator, Completion, TokenBytes, token_logprobs, usage
+from .responses import Accumulator, ChunkStream, Completion, TokenBytes, token_logprobs, usage
 from .stream import TrimSummary
 
 
@@ -18,7 +18,24 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-class ChatRenderer:
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_calling(req: ChatCompletionRequest) -> tuple[set[str], bool]:
+    """The functions a completion may call (none: its text is content), and whether the grammar forces a call."""
+    tools = tool_dicts(req)
+    names = {t["function"]["name"] for t in tools} if tools else set()
+    return names, tools is not None and req.tool_choice not in (None, "auto")
+
+
+def may_be_call(text: str, forced: bool) -> bool:
+    """Whether a completion's text so far may still turn out to be a call (then it is held back, not streamed)."""
+    head = text.lstrip()
+    return forced or not head or head.startswith("{")
+
+
+class ChatRenderer(ChunkStream):
     """One chat request's response: `body` for JSON, the rest for SSE (see responses.collect and responses.events)."""
 
     def __init__(self, req: ChatCompletionRequest, rid: str, model: str, trim: TrimSummary | None,
@@ -29,9 +46,7 @@ class ChatRenderer:
         options = req.stream_options
         self.include_usage = bool(options and options.include_usage)
         self.continuous_usage = bool(options and options.continuous_usage_stats)
-        tools = tool_dicts(req)
-        self.tool_names = {t["function"]["name"] for t in tools} if tools else set()
-        self.forced = tools is not None and req.tool_choice not in (None, "auto")  # the grammar makes it a call
+        self.tool_names, self.forced = tool_calling(req)
         self.as_content: set[int] = set()  # streamed completions known to be text, not a call
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
@@ -42,7 +57,7 @@ class ChatRenderer:
         calls = parse_tool_calls(c.text, self.tool_names) if self.tool_names else None
         if not calls:
             return {"role": "assistant", "content": c.text}, c.finish_reason
-        tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+        tool_calls = [{"id": call_id(), "type": "function",
                        "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
         return {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
 
@@ -99,8 +114,7 @@ class ChatRenderer:
             delta = ({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
                      if message.get("tool_calls") else {"content": c.text})
             return self._chunk(c.index, delta, finish_reason, logprobs, **self.extra(c.token_ids), **extra)
-        head = c.text.lstrip()
-        if self.forced or not head or head.startswith("{"):
+        if may_be_call(c.text, self.forced):
             return None
         self.as_content.add(c.index)  # plain text after all: what was held goes out now, the rest as it comes
         return self._chunk(c.index, {"content": c.text}, logprobs=logprobs, **extra)

@@ -7,14 +7,14 @@ import uuid
 from pipeline.types import RequestOutput
 
 from .api import CompletionRequest
-from .responses import Accumulator, Completion, TokenBytes, TokenLogprob, token_logprobs, usage
+from .responses import Accumulator, ChunkStream, Completion, TokenBytes, TokenLogprob, token_logprobs, usage
 
 
 def text_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-class TextRenderer:
+class TextRenderer(ChunkStream):
     """One text-completion request's response (the Renderer of responses.collect and responses.events)."""
 
     def __init__(self, req: CompletionRequest, rid: str, model: str, token_bytes: TokenBytes):

@@ -1,5 +1,6 @@
-"""The HTTP ingress (OpenAI chat completions over FastAPI): preprocesses with the processor alone, sends the prompt
-through VisionEncoder -> Trimmer -> DecoderPool (text-only: DecoderPool alone) and streams the tokens back."""
+"""The HTTP ingress (OpenAI chat completions, completions and Responses over FastAPI): preprocesses with the
+processor alone, sends the prompt through VisionEncoder -> Trimmer -> DecoderPool (text-only: DecoderPool alone) and
+streams the tokens back."""
 
 import asyncio
 import time
@@ -29,8 +30,11 @@ from .metrics import scrape
 from .preprocess import Preprocessor
 from .replicas import aggregate, routing_stats
 from .responses import Accumulator, DecoderStream, TokenBytes, collect, events
+from .responses_api import ResponsesRequest, to_chat
+from .responses_renderer import ResponsesRenderer, response_id
 from .settings import IngressSettings
 from .stream import StageError, TrimSummary
+from .version import git_revision, package_version
 
 TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -59,6 +63,7 @@ class Ingress:
                  cfg.api_key_env)
         self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
         self.watch = StageWatch(serve.get_replica_context().app_name)
+        self.revision = git_revision()
 
     def reconfigure(self, user_config: dict) -> None:
         """In place (deployments/settings.py): the defaults and waits every request reads, for the ones after it."""
@@ -86,6 +91,11 @@ class Ingress:
         if down:
             raise ApiError(503, f"unavailable: {', '.join(down)}", self.cfg.retry_after_s)
         return {"status": "ok"}
+
+    @app.get("/version", responses=api.error_responses(401))
+    async def version(self) -> dict:
+        """vLLM's /version, with the served model's name and the code's git revision (null when unknown)."""
+        return {"version": package_version(), "model": self.cfg.served_model_name, "revision": self.revision}
 
     @app.get("/v1/models", responses=api.error_responses(401))
     async def models(self) -> dict:
@@ -155,14 +165,21 @@ class Ingress:
     @app.post("/v1/chat/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
     async def chat_completions(self, req: api.ChatCompletionRequest, request: Request):
         rid = completion_id()
-
-        async def prepare():
-            params = await validation.sampling_params(req, self.preprocessor.vocab, self.cfg.default_max_tokens)
-            return (params, *await self.preprocessor.prepare(req.messages, tool_dicts(req)))
-
-        stream = await self._begin(req, rid, request.state, prepare)
+        stream = await self._begin(req, rid, request.state, self._chat_prompt(req))
         render = ChatRenderer(req, rid, self.cfg.served_model_name, stream.trim, self.token_bytes)
         return await self._respond(req, stream, render)
+
+    @app.post("/v1/responses", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
+    async def responses(self, req: ResponsesRequest, request: Request):
+        """OpenAI's Responses API, stateless (nothing is stored): computed as the chat request it translates to."""
+        rid = response_id()
+        try:
+            chat = to_chat(req)
+        except InvalidRequest as exc:
+            raise ApiError.invalid(exc) from exc
+        stream = await self._begin(chat, rid, request.state, self._chat_prompt(chat))
+        render = ResponsesRenderer(req, chat, rid, self.cfg.served_model_name, stream.trim, self.token_bytes)
+        return await self._respond(chat, stream, render)
 
     @app.post("/v1/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
     async def completions(self, req: api.CompletionRequest, request: Request):
@@ -175,6 +192,14 @@ class Ingress:
 
         stream = await self._begin(req, rid, request.state, prepare)
         return await self._respond(req, stream, TextRenderer(req, rid, self.cfg.served_model_name, self.token_bytes))
+
+    def _chat_prompt(self, req: api.ChatCompletionRequest):
+        """`prepare` of a chat request: its SamplingParams, PreparedPrompt and image keys (see _start)."""
+        async def prepare():
+            params = await validation.sampling_params(req, self.preprocessor.vocab, self.cfg.default_max_tokens)
+            return (params, *await self.preprocessor.prepare(req.messages, tool_dicts(req)))
+
+        return prepare
 
     async def _begin(self, req, rid: str, client, prepare) -> DecoderStream:
         """The decoder's stream of a request, or its HTTP error (counted by status either way)."""

@@ -1,8 +1,8 @@
-"""The field policy: what this server does with every field of OpenAI's chat and text completions requests and of
-vLLM's documented extras. A field is implemented, accepted and ignored (it cannot change the output), accepted only
-at the value that is this server's behaviour, or refused with a 400 that names it and says why. The request models
-are built from these tables (deployments/api.py), docs/api.md's table is rendered from them, and the tests hold
-them against the openai SDK's own list of fields."""
+"""The field policy: what this server does with every field of OpenAI's chat completions, text completions and
+Responses requests and of vLLM's documented extras. A field is implemented, accepted and ignored (it cannot change the
+output), accepted only at the value that is this server's behaviour, or refused with a 400 that names it and says why.
+The request models are built from these tables (deployments/api.py, deployments/responses_api.py), docs/api.md's table
+is rendered from them, and the tests hold them against the openai SDK's own list of fields."""
 
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -168,7 +168,99 @@ MESSAGE = {  # fields of a message
     "function_call": refused("deprecated by OpenAI; send tool_calls"),
 }
 
-TABLES = {"chat completions": CHAT, "completions": COMPLETIONS, "message": MESSAGE, "content part": PART}
+STATELESS = "this server keeps no state: nothing is stored; send the whole conversation as input"
+
+RESPONSES = {  # POST /v1/responses, stateless like vLLM's default
+    "input": done("a string, or items: messages (text and image parts), function_call and function_call_output"),
+    "instructions": done("a system message before the input"),
+    "model": done("the served model's name, or omitted"),
+    "max_output_tokens": done("as chat's max_tokens"),
+    "text": done("format: text, json_object, json_schema (strict or not: always enforced), via xgrammar"),
+    "tools": done("function tools ({type, name, description, parameters}), in Llama 3.x's JSON tool-call prompt"),
+    "tool_choice": done("none, auto (parsed), required and {type: function, name} (enforced by a grammar)"),
+    "include": done("message.output_text.logprobs (the output's log-probabilities); any other value is a 400"),
+    "top_logprobs": done("0..20 alternatives per token (with include message.output_text.logprobs)"),
+    "stream": done("SSE with the Responses event types (response.created ... response.completed)"),
+    "stream_options": ignored("include_obfuscation: OpenAI's padding of events against side channels"),
+    "parallel_tool_calls": ignored("Llama 3.2's format holds one call per turn"),
+    "store": only(False, STATELESS),
+    "previous_response_id": refused(STATELESS),
+    "conversation": refused(STATELESS),
+    "background": only(False, "no background responses: " + STATELESS),
+    "background_options": ignored("only with background, which is refused"),
+    "context_management": refused("no stored context to compact; " + STATELESS),
+    "prompt": refused("no stored prompt templates"),
+    "truncation": only("disabled", "prompts are never truncated; one past the limit is a 400"),
+    "max_tool_calls": ignored("a cap on built-in tool calls; this server has no built-in tools"),
+    "reasoning": ignored("the model does not reason"),
+    "moderation": refused("no moderation service"),
+    "image": ignored("OpenAI's image context options; crosstrim's own is the trim extension"),
+    "access_programs": ignored("OpenAI's access programs"),
+    "metadata": ignored("tags for OpenAI's stored responses"),
+    "user": ignored("an end-user id for abuse tracking; no effect on the output"),
+    "safety_identifier": ignored("an end-user id for abuse tracking"),
+    "service_tier": ignored("OpenAI's billing tier"),
+    "prompt_cache_key": ignored("a cache routing hint; no effect on the output"),
+    "prompt_cache_retention": ignored("a cache retention hint; no effect on the output"),
+    "prompt_cache_options": ignored("cache hints; no effect on the output"),
+    # vLLM's Responses extras and the sampling fields both completion endpoints have, mapped onto chat's
+    **{name: p for name, p in BOTH.items() if name not in (
+        "max_tokens", "n", "stream", "stream_options", "user", "prompt_logprobs", "truncate_prompt_tokens",
+        "truncation_side")},
+    "media_io_kwargs": refused("images are decoded one way"),
+    "mm_processor_kwargs": refused("the processor runs with the checkpoint's settings"),
+    "enable_response_messages": refused("vLLM's raw messages are not returned"),
+    "previous_input_messages": refused("vLLM's harmony messages; send the conversation as input"),
+}
+
+RESPONSES_ITEM = {  # fields of a Responses input item: a message, a function_call or a function_call_output
+    "type": done("message (the default), function_call, function_call_output; other item types are a 400"),
+    "role": done("user, system, developer (rendered as system), assistant"),
+    "content": done("a string or a list of parts"),
+    "call_id": done("function_call and its function_call_output: the call's id (the assistant's tool_calls id)"),
+    "name": done("function_call: the function called"),
+    "arguments": done("function_call: a JSON object, rendered as Llama 3.x's call"),
+    "output": done("function_call_output: a string or input_text parts, rendered as the ipython turn"),
+    "id": ignored("an item's id in an earlier response"),
+    "status": ignored("an item's status in an earlier response"),
+    "phase": ignored("assistant: commentary or final answer; the template has no place for it"),
+    "namespace": ignored("function_call: the function's namespace; Llama's format has none"),
+    "caller": ignored("function_call: programmatic tool calling's caller; calls here are direct"),
+    "async": ignored("function_call: calls here are answered in order"),
+}
+
+RESPONSES_PART = {  # fields of a Responses message content part
+    "type": done("input_text, input_image; assistant turns: output_text, refusal; input_file and input_audio are a 400"),
+    "text": done("input_text and output_text: the text"),
+    "image_url": done("data: PNG/JPEG/WebP, s3:// from s3_buckets, http(s) from http_allowlist (as chat)"),
+    "refusal": done("an earlier refusal, rendered as the assistant's text"),
+    "detail": ignored("low, high, auto, original: the processor decides the tiles"),
+    "file_id": refused("no file storage; send image_url"),
+    "annotations": ignored("citations of an earlier output_text"),
+    "logprobs": ignored("log-probabilities of an earlier output_text"),
+    "prompt_cache_breakpoint": ignored("a cache hint; no effect on the output"),
+}
+
+RESPONSES_TOOL = {  # fields of a Responses function tool (the flat shape)
+    "type": done("function; built-in tools (web search, file search, computer use ...) are a 400"),
+    "name": done("the function's name"),
+    "description": done("what the function does, in the tool prompt"),
+    "parameters": done("a JSON schema of the arguments object"),
+    "strict": ignored("calls forced by tool_choice always follow the schema"),
+    "output_schema": ignored("the function's output schema; its output is read as text"),
+    "allowed_callers": ignored("programmatic tool calling; calls here are direct"),
+    "defer_loading": ignored("tool search; every tool is in the prompt"),
+    "async": ignored("calls here are answered in order"),
+}
+
+RESPONSES_TEXT = {  # fields of a Responses `text` object
+    "format": done("text, json_object, json_schema ({name, schema, description, strict})"),
+    "verbosity": refused("not implemented; ask for brevity in the prompt and bound max_output_tokens"),
+}
+
+TABLES = {"chat completions": CHAT, "completions": COMPLETIONS, "message": MESSAGE, "content part": PART,
+          "responses": RESPONSES, "responses input item": RESPONSES_ITEM, "responses content part": RESPONSES_PART,
+          "responses tool": RESPONSES_TOOL, "responses text": RESPONSES_TEXT}
 
 
 def with_policy(base: type[BaseModel], table: dict[str, FieldPolicy], name: str, whole: bool = True) -> type[BaseModel]:

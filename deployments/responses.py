@@ -1,5 +1,6 @@
 """One request's n completions accumulated from the decoder's stream (per-index text, tokens, logprobs, finish
-reasons, usage), and the two ways out of it: one JSON body, or SSE events as the tokens come."""
+reasons, usage), and the two ways out of it: one JSON body, or SSE events as the tokens come (a Renderer says
+how: chat.py, completions.py, responses_renderer.py)."""
 
 import asyncio
 import json
@@ -129,15 +130,30 @@ class DecoderStream:
 
 
 class Renderer(Protocol):
-    """One response format (chat completions; text completions would be another) over an Accumulator."""
-
-    include_usage: bool
+    """One response format (chat completions, text completions, Responses) over an Accumulator: `body` for JSON,
+    the rest for SSE. `chunk` gives none, one or several events; `frame` writes one as SSE."""
 
     def body(self, acc: Accumulator) -> dict: ...
     def opening(self) -> list[dict]: ...
-    def chunk(self, c: Completion, out: RequestOutput) -> dict | None: ...
-    def closing(self, c: Completion) -> dict: ...
-    def usage_chunk(self, acc: Accumulator) -> dict: ...
+    def chunk(self, c: Completion, out: RequestOutput) -> dict | list[dict] | None: ...
+    def failure(self, error: StageError, acc: Accumulator) -> list[dict]: ...
+    def ending(self, acc: Accumulator) -> list[str]: ...
+    def frame(self, event: dict) -> str: ...
+
+
+class ChunkStream:
+    """The SSE of chat and text completions: `data:` chunks; a failure as OpenAI's error body, then every open
+    completion's closing chunk; the usage chunk when asked for; `data: [DONE]` last. The class it is mixed into gives
+`closing(c)`, `usage_chunk(acc)` and `include_usage`."""
+
+    def frame(self, event: dict) -> str:
+        return sse(event)
+
+    def failure(self, error: StageError, acc: Accumulator) -> list[dict]:
+        return [error_body(error.status, error.message), *(self.closing(c) for c in acc.unfinished)]
+
+    def ending(self, acc: Accumulator) -> list[str]:
+        return ([sse(self.usage_chunk(acc))] if self.include_usage else []) + ["data: [DONE]\n\n"]
 
 
 async def collect(stream: DecoderStream, acc: Accumulator, render: Renderer, retry_after_s: int) -> dict:
@@ -161,10 +177,10 @@ def sse(obj) -> str:
 async def events(stream: DecoderStream, acc: Accumulator, render: Renderer,
                  gap: Callable[[float], None] = lambda s: None) -> AsyncIterator[str]:
     """The response as SSE events; `gap` sees the time between decoder items. After the 200 header an error
-    travels in the stream, and every completion still open ends with finish_reason "error"."""
+    travels in the stream (render.failure says how)."""
     try:
-        for chunk in render.opening():
-            yield sse(chunk)
+        for event in render.opening():
+            yield render.frame(event)
         prev = None
         async for item in stream:
             now = time.perf_counter()
@@ -172,18 +188,16 @@ async def events(stream: DecoderStream, acc: Accumulator, render: Renderer,
                 gap(now - prev)
             prev = now
             if isinstance(item, StageError):
-                yield sse(error_body(item.status, item.message))
-                for c in acc.unfinished:
-                    yield sse(render.closing(c))
+                for event in render.failure(item, acc):
+                    yield render.frame(event)
                 break
             c = acc.add(item)
             chunk = render.chunk(c, item)
-            if chunk is not None:
-                yield sse(chunk)
+            for event in [chunk] if isinstance(chunk, dict) else chunk or []:
+                yield render.frame(event)
             if acc.done:
                 break
-        if render.include_usage:
-            yield sse(render.usage_chunk(acc))
-        yield "data: [DONE]\n\n"
+        for line in render.ending(acc):
+            yield line
     finally:
         stream.close()  # the client disconnected (or we are done): stop the decoder's generator

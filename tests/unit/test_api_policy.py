@@ -1,5 +1,6 @@
-"""The field policy (deployments/policy.py) against the openai SDK's own field lists, the OpenAPI document and the
-docs/api.md; what each kind of policy does to a request; tools written into the chat and parsed back."""
+"""The field policy (deployments/policy.py) against the openai SDK's own field lists (chat, completions, Responses),
+the OpenAPI document and docs/api.md; what each kind of policy does to a request; tools written into the chat and
+parsed back."""
 
 import json
 import typing
@@ -16,6 +17,19 @@ from openai.types.chat import (
     ChatCompletionUserMessageParam,
 )
 from openai.types.chat import completion_create_params as chat_params
+from openai.types.responses import (
+    EasyInputMessageParam,
+    FunctionToolParam,
+    ResponseFunctionToolCallParam,
+    ResponseInputImageParam,
+    ResponseInputTextParam,
+    ResponseOutputMessageParam,
+    ResponseOutputRefusalParam,
+    ResponseOutputTextParam,
+    ResponseTextConfigParam,
+)
+from openai.types.responses import response_create_params as responses_params
+from openai.types.responses import response_input_param as items
 from pydantic import ValidationError
 
 from deployments import api, policy
@@ -41,12 +55,22 @@ def test_every_field_of_the_openai_sdk_has_a_policy():
     assert _fields(ChatCompletionContentPartTextParam, ChatCompletionContentPartImageParam) - set(policy.PART) == set()
 
 
+def test_every_field_of_the_sdks_responses_request_has_a_policy():
+    assert _fields(responses_params.ResponseCreateParamsStreaming) - set(policy.RESPONSES) == set()
+    assert _fields(EasyInputMessageParam, items.Message, ResponseOutputMessageParam, ResponseFunctionToolCallParam,
+                   items.FunctionCallOutput) - set(policy.RESPONSES_ITEM) == set()
+    assert _fields(ResponseInputTextParam, ResponseInputImageParam, ResponseOutputTextParam,
+                   ResponseOutputRefusalParam) - set(policy.RESPONSES_PART) == set()
+    assert _fields(FunctionToolParam) - set(policy.RESPONSES_TOOL) == set()
+    assert _fields(ResponseTextConfigParam) - set(policy.RESPONSES_TEXT) == set()
+
+
 def test_the_openapi_document_and_docs_api_match_the_policy():
     from deployments.ingress import app
 
     schemas = app.openapi()["components"]["schemas"]
     for model, table in (("ChatCompletionRequest", policy.CHAT), ("CompletionRequest", policy.COMPLETIONS),
-                         ("Message", policy.MESSAGE)):
+                         ("Message", policy.MESSAGE), ("ResponsesRequest", policy.RESPONSES)):
         props = schemas[model]["properties"]
         assert set(table) <= set(props), (model, set(table) - set(props))
         for name, p in table.items():
@@ -61,6 +85,14 @@ def test_the_openapi_document_and_docs_api_match_the_policy():
 def test_a_refused_field_is_an_error_naming_it(name):
     with pytest.raises(ValidationError, match=f"{name} is not supported"):
         api.ChatCompletionRequest.model_validate({"messages": USER, name: {"x": 1}})
+
+
+@pytest.mark.parametrize("name", [n for n, p in policy.RESPONSES.items() if p.kind in ("refused", "default")])
+def test_a_refused_responses_field_is_an_error_naming_it(name):
+    from deployments.responses_api import ResponsesRequest
+
+    with pytest.raises(ValidationError, match=f"{name}(=.*)? is not supported"):
+        ResponsesRequest.model_validate({"input": "hi", name: {"x": 1}})
 
 
 def test_ignored_and_default_only_fields():
