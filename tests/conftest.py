@@ -12,7 +12,7 @@ def clean_exit():
     """Torn down last: whatever still runs at the session's end is ended here, while every library is loaded, rather
     than during interpreter shutdown (a run once died of SIGSEGV, exit 139, after every test passed): Ray and Serve's
     driver-side router loop if a folder left them up, engines' step threads, then a collection so native objects
-    (engines, compiled grammars, models) are freed now. Threads still alive after that are printed."""
+    (engines, compiled grammars, models) are freed now. Threads still alive after that are named in the summary."""
     yield
     if "ray" in sys.modules:
         import ray
@@ -27,9 +27,15 @@ def clean_exit():
         if thread.name == "crosstrim-engine" and engine is not None:
             engine.shutdown()
     gc.collect()
-    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
-    if left:
-        print(f"\nthreads still running at the end of the session: {left}")
+    LEFT_RUNNING.extend(t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive())
+
+
+LEFT_RUNNING: list[str] = []  # threads alive after clean_exit's teardown (which runs after the last test)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if LEFT_RUNNING:
+        terminalreporter.write_line(f"threads still running at the end of the session: {LEFT_RUNNING}")
 
 
 @pytest.fixture(scope="session")
