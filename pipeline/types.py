@@ -279,6 +279,9 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs, on completion 0's first output: entry i scores prompt token i + 1 (the
     # first token has none; None: a token the lm_head cannot produce, the image token)
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    # The stop token (EOS or stop_token_ids) that ended the completion: not in new_token_ids nor the text; with
+    # logprobs, its logprob is the one entry of `logprobs`
+    stop_token_id: int | None = None
 
 
 @dataclass

@@ -367,7 +367,8 @@ class LLMEngine:
         first = seq.index == 0 and len(seq.output_ids) == 1  # the prompt's log-probabilities go with it, once
         return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), new_ids,
                          finish_reason=reason, logprob=sampled.logprob, top_logprobs=sampled.top_logprobs,
-                         prompt_logprobs=seq.prompt_logprobs if first else None)
+                         prompt_logprobs=seq.prompt_logprobs if first else None,
+                         stop_token_id=token if reason == "stop" else None)
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
