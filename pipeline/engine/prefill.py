@@ -143,6 +143,9 @@ class Prefiller:
             k, end = c.seq.params.prompt_logprobs, min(c.end, c.seq.prompt_len - 1)
             if k is None or end <= c.start:
                 continue
+            # Every earlier row was scored by an earlier chunk: a row whose K/V came from elsewhere (a prefix cache)
+            # has no hidden state here, so a request asking for prompt_logprobs must prefill all its rows.
+            assert len(c.seq.prompt_logprobs) >= c.start, "prompt rows skipped: prompt_logprobs needs every row"
             targets = torch.tensor(c.seq.prompt_token_ids[c.start + 1 : end + 1])
             c.seq.prompt_logprobs[c.start : end] = score_rows(self._head, h[0, a : a + end - c.start], targets, k)
 
