@@ -157,7 +157,7 @@ class Sampling(_Wire):
     """The fields both completion endpoints implement."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: the prompt scored only (echo or prompt_logprobs)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
@@ -181,6 +181,15 @@ class Sampling(_Wire):
     guided_grammar: str | None = None
     trim: TrimOverride | Literal["topk_union", "budget", "mass", "none"] | None = None
     return_token_ids: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: each prompt token's logprob, rank, top k
+
+    @model_validator(mode="after")
+    def _scoring(self):
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available with stream: true (as vLLM)")
+        if self.max_tokens == 0 and not (getattr(self, "echo", False) or self.prompt_logprobs is not None):
+            raise ValueError("max_tokens: 0 generates nothing; it needs echo or prompt_logprobs (the prompt scored)")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -211,20 +220,29 @@ class Chat(Sampling):
         return self
 
 
+MAX_PROMPTS = 256  # prompts in one text-completions request (evaluation harnesses batch them)
+
+
 class Text(Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False  # the prompt's text (and with logprobs its tokens' log-probabilities) before the completion
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError("one prompt a request (send a list of one, or the prompt itself)")
-            prompt = prompt[0]
-        if not prompt:
+    def _prompts(cls, prompt):
+        many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+        if many and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"{len(prompt)} prompts in one request; at most {MAX_PROMPTS}")
+        if not prompt or (many and not all(prompt)):
             raise ValueError("the prompt is empty")
         return prompt
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: choice i * n + j is prompt i's completion j (as OpenAI's)."""
+        many = isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list))
+        return list(self.prompt) if many else [self.prompt]
 
 
 ChatCompletionRequest = policy.with_policy(Chat, policy.CHAT, name="ChatCompletionRequest")
@@ -263,12 +281,16 @@ def sampling_fields(req: Sampling, default_max_tokens: int) -> dict:
     """The SamplingParams fields a request sets (None: not set)."""
     fields = {name: getattr(req, name) for name in SAMPLING_FIELDS}
     fields["top_k"] = 0 if req.top_k == -1 else req.top_k  # vLLM's "off" is -1, the sampler's 0
-    fields["max_tokens"] = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max_tokens
+    asked = (getattr(req, "max_completion_tokens", None), req.max_tokens)
+    fields["max_tokens"] = next((m for m in asked if m is not None), default_max_tokens)
     fields["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if isinstance(req, Chat):
         fields["logprobs"], fields["top_logprobs"] = req.logprobs, req.top_logprobs
     elif req.logprobs is not None:
         fields["logprobs"], fields["top_logprobs"] = True, req.logprobs
+    fields["prompt_logprobs"] = req.prompt_logprobs
+    if getattr(req, "echo", False) and req.prompt_logprobs is None and req.logprobs is not None:
+        fields["prompt_logprobs"] = req.logprobs  # echo's logprobs cover the prompt too (vLLM's rule)
     return fields
 
 

@@ -77,10 +77,13 @@ class ChatRenderer(ChunkStream):
             choices.append({"index": c.index, "message": message, "finish_reason": finish_reason,
                             "logprobs": self._logprobs(c.logprobs if self.req.logprobs else None)})
         token_ids = [c.token_ids for c in acc.completions]
+        scores = {}
+        if self.req.prompt_logprobs is not None:  # vLLM's extension, beside the choices
+            scores["prompt_logprobs"] = self.token_bytes.prompt_logprobs(acc.prompt_logprobs or [])
         return {
             "id": self.rid, "object": "chat.completion", "created": int(time.time()), "model": self.model,
             "choices": choices, "usage": self.usage(acc.prompt_tokens, acc.completion_tokens),
-            **self.extra(token_ids[0] if len(token_ids) == 1 else token_ids),
+            **self.extra(token_ids[0] if len(token_ids) == 1 else token_ids), **scores,
         }
 
     def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None,

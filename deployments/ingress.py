@@ -19,7 +19,7 @@ from pipeline.types import PreparedPrompt, RequestOutput
 from . import api, validation
 from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .chat import ChatRenderer, completion_id
-from .completions import TextRenderer, text_completion_id
+from .completions import TextPrompt, TextRenderer, text_body, text_completion_id, text_ending
 from .config import AppConfig
 from .constraints import tool_dicts
 from .faults import classify, log
@@ -29,7 +29,7 @@ from .limits import Guard
 from .metrics import scrape
 from .preprocess import Preprocessor
 from .replicas import aggregate, routing_stats
-from .responses import Accumulator, DecoderStream, TokenBytes, collect, events
+from .responses import Accumulator, DecoderStream, TokenBytes, chunks, collect, drain, events, merged, sse_events
 from .responses_api import ResponsesRequest, to_chat
 from .responses_renderer import ResponsesRenderer, response_id
 from .settings import IngressSettings
@@ -183,15 +183,51 @@ class Ingress:
 
     @app.post("/v1/completions", responses=api.error_responses(400, 401, 404, 408, 413, 429, 500, 503))
     async def completions(self, req: api.CompletionRequest, request: Request):
-        """Text completions: a string or token-id prompt, no chat template, no image."""
+        """Text completions: string or token-id prompts (several a request: choice i * n + j is prompt i's
+        completion j), no chat template, no image; `echo` repeats each prompt (with logprobs, scored)."""
         rid = text_completion_id()
+        prompts = req.prompts
+        echoed: list[TextPrompt | None] = [None] * len(prompts)
 
-        async def prepare():
-            params = await validation.sampling_params(req, self.preprocessor.vocab, self.cfg.default_max_tokens)
-            return (params, *await self.preprocessor.prepare_text(req.prompt))
+        def prepare(i: int):
+            async def run():
+                params = await validation.sampling_params(req, self.preprocessor.vocab, self.cfg.default_max_tokens)
+                prepared, keys = await self.preprocessor.prepare_text(prompts[i])
+                if req.echo:
+                    echoed[i] = await asyncio.to_thread(self._echo_of, prompts[i], prepared.input_ids.tolist())
+                return params, prepared, keys
+            return run
 
-        stream = await self._begin(req, rid, request.state, prepare)
-        return await self._respond(req, stream, TextRenderer(req, rid, self.cfg.served_model_name, self.token_bytes))
+        # Each prompt its own engine request (ids rid-0, rid-1, ...), all begun before any byte is sent: one
+        # refused fails the request, and the others are cancelled (their KV freed).
+        rids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
+        begun = await asyncio.gather(*(self._begin(req, r, request.state, prepare(i)) for i, r in enumerate(rids)),
+                                     return_exceptions=True)
+        errors = [b for b in begun if isinstance(b, BaseException)]
+        if errors:
+            for b in begun:
+                if not isinstance(b, BaseException):
+                    b.close()
+            raise errors[0]
+        renders = [TextRenderer(req, rid, self.cfg.served_model_name, self.token_bytes, echoed[i], i * req.n)
+                   for i in range(len(prompts))]
+        accs = [Accumulator(req.n) for _ in prompts]
+        if req.stream:
+            items = merged([chunks(s, a, r, self.itl.observe) for s, a, r in zip(begun, accs, renders)])
+            ending = lambda: text_ending(renders, accs)  # noqa: E731
+            return StreamingResponse(sse_events(items, renders[0].frame, ending), media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(drain(s, a, self.cfg.retry_after_s)) for s, a in zip(begun, accs)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()  # each one's drain closes its stream
+            raise
+        return text_body(renders, accs)
+
+    def _echo_of(self, prompt: str | list[int], ids: list[int]) -> TextPrompt:
+        """What echo repeats: the prompt's text as sent (token ids: decoded), and its token ids."""
+        return TextPrompt(prompt if isinstance(prompt, str) else self.preprocessor.detokenize(ids), ids)
 
     def _chat_prompt(self, req: api.ChatCompletionRequest):
         """`prepare` of a chat request: its SamplingParams, PreparedPrompt and image keys (see _start)."""

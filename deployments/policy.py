@@ -52,7 +52,8 @@ BOTH = {  # both endpoints: OpenAI's sampling fields, vLLM's sampling extras, th
     "presence_penalty": done("-2..2, subtracted once from every token already generated"),
     "frequency_penalty": done("-2..2, subtracted per occurrence of a generated token"),
     "logit_bias": done("token id -> -100..100 added to its logit"),
-    "max_tokens": done("default: the deployment's default_max_tokens, capped by the context"),
+    "max_tokens": done("default: the deployment's default_max_tokens, capped by the context; 0 with echo or "
+                       "prompt_logprobs: the prompt scored, nothing generated"),
     "stream": done("SSE"),
     "stream_options": done("include_usage; continuous_usage_stats (usage on every chunk)"),
     "user": ignored("an end-user id for abuse tracking; no effect on the output"),
@@ -77,7 +78,8 @@ BOTH = {  # both endpoints: OpenAI's sampling fields, vLLM's sampling extras, th
     "spaces_between_special_tokens": only(True, "special tokens never appear in the text"),
     "truncate_prompt_tokens": refused("prompts are never truncated; one past the limit is a 400"),
     "truncation_side": ignored("only with truncate_prompt_tokens, which is refused"),
-    "prompt_logprobs": refused("the prompt's log-probabilities are not computed"),
+    "prompt_logprobs": done("vLLM: 0..20; each prompt token's logprob, rank and top k (the first: null); not with "
+                            "stream. Image prompts: the trimmed model's"),
     "allowed_token_ids": refused("not implemented; a regex or choice constrains the output instead"),
     "bad_words": refused("not implemented; logit_bias -100 bans single tokens"),
     "logprob_token_ids": refused("not implemented; top_logprobs returns the likeliest tokens"),
@@ -139,11 +141,11 @@ CHAT = {
 }
 
 COMPLETIONS = {
-    "prompt": done("a string or a list of token ids (one prompt a request)"),
+    "prompt": done("a string, token ids, or a list of either (choice i * n + j is prompt i's completion j)"),
     "model": done("the served model's name, or omitted"),
     "logprobs": done("0..5: the sampled token's log-probability and this many alternatives"),
     **BOTH,
-    "echo": only(False, "the response never repeats the prompt"),
+    "echo": done("the prompt's text before the completion; with logprobs, its tokens' logprobs (the first: null)"),
     "suffix": refused("no fill-in-the-middle"),
     "add_special_tokens": only(True, "a text prompt is tokenised with <|begin_of_text|>"),
 }

@@ -3,13 +3,14 @@ reasons, usage), and the two ways out of it: one JSON body, or SSE events as the
 how: chat.py, completions.py, responses_renderer.py)."""
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from pipeline.types import RequestOutput
+from pipeline.types import PromptLogprob, RequestOutput
 
 from .api import error_body
 from .faults import classify
@@ -30,6 +31,14 @@ def token_logprobs(out: RequestOutput) -> list[TokenLogprob]:
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(out.new_token_ids, out.logprobs, tops)]
 
 
+def stop_logprob(out: RequestOutput) -> TokenLogprob | None:
+    """The stop token that ended a completion, with its logprob (when asked): the legacy completions shape lists it,
+    as vLLM's does (lm-evaluation-harness drops the last entry of an echoed max_tokens 1 completion)."""
+    if out.stop_token_id is None or not out.logprobs:
+        return None
+    return TokenLogprob(out.stop_token_id, out.logprobs[0], out.top_logprobs[0] if out.top_logprobs else [])
+
+
 @dataclass
 class Completion:
     """Completion `index` of a request so far."""
@@ -41,6 +50,7 @@ class Completion:
     finished: bool = False
     finish_reason: str | None = None
     completion_tokens: int = 0
+    stop: TokenLogprob | None = None  # the stop token that ended it, with logprobs asked (not in the text)
 
     @property
     def text(self) -> str:
@@ -53,12 +63,16 @@ class Accumulator:
     def __init__(self, n: int):
         self.completions = [Completion(i) for i in range(n)]
         self.prompt_tokens = 0
+        self.prompt_logprobs: list[PromptLogprob | None] | None = None  # with prompt_logprobs: from completion 0
 
     def add(self, out: RequestOutput) -> Completion:
         c = self.completions[out.index]
         c.text_parts.append(out.new_text)
         c.token_ids += out.new_token_ids
         c.logprobs += token_logprobs(out)
+        c.stop = stop_logprob(out) or c.stop
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         c.finished, c.finish_reason, c.completion_tokens = out.finished, out.finish_reason, out.completion_tokens
         self.prompt_tokens = out.prompt_tokens
         return c
@@ -100,6 +114,17 @@ class TokenBytes:
         """One OpenAI logprobs `content` entry per token."""
         return [{**self(r.token_id), "logprob": r.logprob,
                  "top_logprobs": [{**self(i), "logprob": v} for i, v in r.top]} for r in rows]
+
+    def prompt_logprobs(self, rows: list[PromptLogprob | None]) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt position (the first: null) {token id: {logprob, rank, decoded_token}}
+        for the prompt's token and the top k (ranks 1..k)."""
+        def entry(r: PromptLogprob) -> dict:
+            top = {i: {"logprob": v, "rank": rank, "decoded_token": self(i)["token"]}
+                   for rank, (i, v) in enumerate(r.top, 1)}
+            own = {"logprob": r.logprob, "rank": r.rank, "decoded_token": self(r.token_id)["token"]}
+            return {r.token_id: own, **top}
+
+        return [None] + [entry(r) if r is not None else None for r in rows]
 
 
 class DecoderStream:
@@ -156,8 +181,8 @@ class ChunkStream:
         return ([sse(self.usage_chunk(acc))] if self.include_usage else []) + ["data: [DONE]\n\n"]
 
 
-async def collect(stream: DecoderStream, acc: Accumulator, render: Renderer, retry_after_s: int) -> dict:
-    """The whole response as one JSON body; a StageError before the end is the request's HTTP error."""
+async def drain(stream: DecoderStream, acc: Accumulator, retry_after_s: int) -> Accumulator:
+    """Every output of the stream into `acc`; a StageError before the end is the request's HTTP error."""
     try:
         async for item in stream:
             if isinstance(item, StageError):
@@ -167,20 +192,26 @@ async def collect(stream: DecoderStream, acc: Accumulator, render: Renderer, ret
                 break
     finally:
         stream.close()
-    return render.body(acc)
+    return acc
+
+
+async def collect(stream: DecoderStream, acc: Accumulator, render: Renderer, retry_after_s: int) -> dict:
+    """The whole response as one JSON body."""
+    return render.body(await drain(stream, acc, retry_after_s))
 
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def events(stream: DecoderStream, acc: Accumulator, render: Renderer,
-                 gap: Callable[[float], None] = lambda s: None) -> AsyncIterator[str]:
-    """The response as SSE events; `gap` sees the time between decoder items. After the 200 header an error
-    travels in the stream (render.failure says how)."""
+async def chunks(stream: DecoderStream, acc: Accumulator, render: Renderer,
+                 gap: Callable[[float], None] = lambda s: None) -> AsyncIterator[dict]:
+    """The response's event objects as the outputs come, without its ending; `gap` sees the time between decoder
+    items. After the 200 header an error travels in the stream (render.failure says how: chat and completions end
+    every completion still open with finish_reason "error")."""
     try:
         for event in render.opening():
-            yield render.frame(event)
+            yield event
         prev = None
         async for item in stream:
             now = time.perf_counter()
@@ -189,15 +220,60 @@ async def events(stream: DecoderStream, acc: Accumulator, render: Renderer,
             prev = now
             if isinstance(item, StageError):
                 for event in render.failure(item, acc):
-                    yield render.frame(event)
+                    yield event
                 break
             c = acc.add(item)
             chunk = render.chunk(c, item)
             for event in [chunk] if isinstance(chunk, dict) else chunk or []:
-                yield render.frame(event)
+                yield event
             if acc.done:
                 break
-        for line in render.ending(acc):
-            yield line
     finally:
         stream.close()  # the client disconnected (or we are done): stop the decoder's generator
+
+
+async def merged(sources: list[AsyncIterator[dict]]) -> AsyncIterator[dict]:
+    """The items of several async iterators as they come, each one's in its order; closing this closes them all."""
+    queue, end = asyncio.Queue(), object()
+
+    async def pump(source):
+        try:
+            async with contextlib.aclosing(source):
+                async for item in source:
+                    await queue.put(item)
+            await queue.put(end)
+        except Exception as exc:  # noqa: BLE001 - raised to the consumer below
+            await queue.put(exc)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in sources]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is end:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def events(stream: DecoderStream, acc: Accumulator, render: Renderer,
+           gap: Callable[[float], None] = lambda s: None) -> AsyncIterator[str]:
+    """One stream's response as SSE events: `chunks` framed by the renderer, then its ending (chat and completions:
+    the usage chunk when asked, [DONE]; Responses: none)."""
+    return sse_events(chunks(stream, acc, render, gap), render.frame, lambda: render.ending(acc))
+
+
+async def sse_events(items: AsyncIterator[dict], frame: Callable[[dict], str],
+                     ending: Callable[[], list[str]]) -> AsyncIterator[str]:
+    """Event objects framed as SSE, then the lines of `ending()` (computed once every item is out); closing this
+    closes `items`."""
+    async with contextlib.aclosing(items):
+        async for event in items:
+            yield frame(event)
+    for line in ending():
+        yield line

@@ -250,6 +250,17 @@ class DecodeRequest:
         return map_tensors(self, lambda t: t.to(device))
 
 
+@dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token's log-probability given the tokens before it (vLLM's prompt_logprobs entry), its rank in that
+    distribution and the likeliest tokens there."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1: the likeliest token
+    top: list[tuple[int, float]]  # (token id, logprob), likeliest first; ranks 1, 2, ...
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request: the new tokens and text, and whether it is done."""
@@ -265,6 +276,12 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # a position: (token, logprob)s
     index: int = 0  # which of the request's n completions
     error: str | None = None  # set (with finish_reason "error") when this request alone failed in the engine
+    # With SamplingParams.prompt_logprobs, on completion 0's first output: entry i scores prompt token i + 1 (the
+    # first token has none; None: a token the lm_head cannot produce, the image token)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+    # The stop token (EOS or stop_token_ids) that ended the completion: not in new_token_ids nor the text; with
+    # logprobs, its logprob is the one entry of `logprobs`
+    stop_token_id: int | None = None
 
 
 @dataclass

@@ -240,6 +240,9 @@ class LLMEngine:
                 except Exception as exc:  # noqa: BLE001 - any failure of one request fails that request alone
                     failed += [(s, self.fail(s, exc)) for s in [seq] + seq.siblings]
                     continue
+                if seq.params.max_tokens == 0:  # the prompt scored only: every completion ends unsampled
+                    failed += [(s, self._end_unsampled(s)) for s in [seq] + seq.siblings]
+                    continue
                 rows += [seq] + seq.siblings  # the n completions' first tokens from the one prompt's logits
                 logits.append(row[None].expand(1 + len(seq.siblings), -1))
         return failed
@@ -254,6 +257,13 @@ class LLMEngine:
         for s in [seq] + seq.siblings:
             if s.params.structured is not None:  # each completion walks its own copy of the grammar
                 s.logit_mask = self.grammars.matcher(s.params.structured)
+
+    def _end_unsampled(self, seq: Sequence) -> StepToken:
+        """A completion of max_tokens 0 (the prompt only scored) ends after the prefill, with no token."""
+        self.scheduler.finish(seq, "length")
+        self._forget_if_done(seq)
+        return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, 0, [], finish_reason="length",
+                         prompt_logprobs=seq.prompt_logprobs if seq.index == 0 else None)
 
     def prefill_logits(self, request: DecodeRequest) -> torch.Tensor:
         """The next-token logits (V,) after a request's prompt, from its prefill alone in one chunk, on an idle
@@ -362,8 +372,11 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._forget_if_done(seq)
+        first = seq.index == 0 and len(seq.output_ids) == 1  # the prompt's log-probabilities go with it, once
         return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), new_ids,
-                         finish_reason=reason, logprob=sampled.logprob, top_logprobs=sampled.top_logprobs)
+                         finish_reason=reason, logprob=sampled.logprob, top_logprobs=sampled.top_logprobs,
+                         prompt_logprobs=seq.prompt_logprobs if first else None,
+                         stop_token_id=token if reason == "stop" else None)
 
     def stats(self) -> EngineStats:
         sched = self.scheduler

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pipeline.engine.detokenizer import IncrementalDetokenizer
 from pipeline.engine.sampling import SamplingParams
-from pipeline.types import RequestOutput
+from pipeline.types import PromptLogprob, RequestOutput
 
 
 @dataclass
@@ -24,6 +24,8 @@ class StepToken:
     logprob: float = 0.0  # log p(token), when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None  # the exception's name, with finish_reason "error"
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # on completion 0's first step, when the request asked
+    stop_token_id: int | None = None  # the stop token that ended it (not in token_ids; its logprob is `logprob`)
 
 
 class CompletionStream:
@@ -61,8 +63,11 @@ class CompletionStream:
             request_id=step.request_id, new_token_ids=list(step.token_ids), new_text=new_text,
             finished=self.finished, finish_reason=reason, prompt_tokens=step.prompt_tokens,
             completion_tokens=step.completion_tokens, index=step.index, error=step.error,
+            prompt_logprobs=step.prompt_logprobs, stop_token_id=step.stop_token_id,
         )
-        if step.token_ids and self.params.logprobs:  # the model's distribution (before sampling filters), as OpenAI
+        if (step.token_ids or step.stop_token_id is not None) and self.params.logprobs:
+            # the model's distribution (before sampling filters), as OpenAI; a stop token's too (the legacy
+            # completions logprobs list it, as vLLM's do)
             out.logprobs = [step.logprob]
             if self.params.top_logprobs:
                 out.top_logprobs = [step.top_logprobs]

@@ -17,6 +17,7 @@ from functools import partial
 import torch
 
 from pipeline.engine.kv_cache import KVCache
+from pipeline.engine.prompt_logprobs import score_rows
 from pipeline.engine.scheduler import PrefillChunk
 from pipeline.engine.sequence import Sequence
 from pipeline.model.layers import attend, cross_finish, cross_q, project_cross_kv, self_finish, self_qkv
@@ -120,15 +121,33 @@ class Prefiller:
         cross = CrossRows(image, self.device) if image else None
         # phase 2: every row, from the layer after the first cross-attention layer
         h = self._layers(h, rows, self.first + 1, layers, cross, rows.spans[len(text) - 1][1] if text else 0)
+        self._score_prompt(ordered, rows, h)
         for c in ordered:
             c.seq.pages.self_written = c.seq.prefilled = c.end
         done = [i for i, c in enumerate(ordered) if c.end == c.seq.prompt_len]
         last = torch.tensor([rows.spans[i][1] - 1 for i in done], dtype=torch.long, device=h.device)
-        logits = self.lm_head(self.text.norm(h[0, last].to(self.last))).float().to(self.device)
+        logits = self._head(h[0, last]).float().to(self.device)
         seqs = [ordered[i].seq for i in done]
         for s in seqs:
             s.resume = None  # the prefill is over: the sequence keeps only its image state
         return seqs, logits
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.text.norm(h.to(self.last)))
+
+    def _score_prompt(self, chunks: list[PrefillChunk], rows: RowBatch, h: torch.Tensor) -> None:
+        """The prompt's log-probabilities of the chunks whose sequence asks (SamplingParams.prompt_logprobs): row p
+        scores prompt token p + 1 (the prompt's last row scores the first output token, sampled as usual). Entry i
+        of seq.prompt_logprobs is written by the chunk holding row i, so a chunk run twice rewrites its own."""
+        for c, (a, _) in zip(chunks, rows.spans):
+            k, end = c.seq.params.prompt_logprobs, min(c.end, c.seq.prompt_len - 1)
+            if k is None or end <= c.start:
+                continue
+            # Every earlier row was scored by an earlier chunk: a row whose K/V came from elsewhere (a prefix cache)
+            # has no hidden state here, so a request asking for prompt_logprobs must prefill all its rows.
+            assert len(c.seq.prompt_logprobs) >= c.start, "prompt rows skipped: prompt_logprobs needs every row"
+            targets = torch.tensor(c.seq.prompt_token_ids[c.start + 1 : end + 1])
+            c.seq.prompt_logprobs[c.start : end] = score_rows(self._head, h[0, a : a + end - c.start], targets, k)
 
     def _on_device(self, seq: Sequence) -> None:
         """A sequence's image and resume state on the first device (they may arrive elsewhere)."""

@@ -22,7 +22,7 @@ MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0: the prompt is only scored (prompt_logprobs), nothing is generated
     min_tokens: int = Field(0, ge=0)  # EOS and stop_token_ids cannot be sampled (stop strings not matched) before
     temperature: float = Field(0.0, ge=0.0, le=10.0)  # 0 means greedy
     top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0)
@@ -38,6 +38,7 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)  # with logprobs: this many most likely tokens a position
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # each prompt token's logprob and this many likeliest
     n: int = Field(1, ge=1, le=16)  # completions of one prompt, sharing its prompt and image KV pages
     structured: StructuredOutput | None = None  # the output's grammar (JSON schema, regex, choice, EBNF; xgrammar)
 

@@ -8,7 +8,7 @@ from pipeline.engine.page_table import PageTable
 from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.swap import SwappedKV
 from pipeline.engine.token_mask import TokenMask
-from pipeline.types import DecodeRequest, ImageState, ResumeState
+from pipeline.types import DecodeRequest, ImageState, PromptLogprob, ResumeState
 
 
 class Status(Enum):
@@ -34,6 +34,8 @@ class Sequence:
         self.status = Status.WAITING
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
+        # params.prompt_logprobs set: entry i scores prompt token i + 1, written by the prefill (prompt_logprobs.py)
+        self.prompt_logprobs: list[PromptLogprob | None] | None = None if params.prompt_logprobs is None else []
         self.text = ""  # detokenized output, cut at a stop string: LLMEngine.step() keeps it (streams carry theirs)
         self.finish_reason: str | None = None
         self.pages: PageTable | None = None  # while running: its KV pages

@@ -15,6 +15,8 @@ Meta defines it; swapping the class, rather than hooking or copying HF's forward
 each to test against an independent one (tests), and after it every HF entry point on that model agrees.
 """
 
+from contextlib import contextmanager
+
 import torch
 from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
@@ -76,12 +78,10 @@ def reference_select(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Te
     return keep
 
 
-@torch.inference_mode()
-def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_tokens: int) -> list[int]:
-    """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked. Switches `model`
-    to Meta's reference (in place)."""
-    follow_reference(model)
-    inputs = prompt.hf_inputs()
+@contextmanager
+def _dropped_masked(model, prompt: PreparedPrompt, cfg: TrimConfig):
+    """While the context lasts, the tokens `cfg` drops are masked in every cross-attention layer after the first,
+    and in the first one too once decoding. Nothing is masked for a prompt without images or with trimming off."""
     handles = []
     if prompt.num_images and cfg.enabled:
         keep = reference_select(model, prompt, cfg)
@@ -102,11 +102,29 @@ def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_t
             if isinstance(layer, MllamaCrossAttentionDecoderLayer):
                 handles.append(layer.register_forward_pre_hook(mask_dropped, with_kwargs=True))
     try:
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        yield model
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.inference_mode()
+def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_tokens: int) -> list[int]:
+    """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked. Switches `model`
+    to Meta's reference (in place)."""
+    follow_reference(model)
+    with _dropped_masked(model, prompt, cfg):
+        out = model.generate(**prompt.hf_inputs(), max_new_tokens=max_new_tokens, do_sample=False)
     return trim_generated(out[0, prompt.input_ids.numel() :].tolist(), model)
+
+
+@torch.inference_mode()
+def reference_logits(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Tensor:
+    """(S, V) fp32 logits of every prompt row of HF's forward with the dropped tokens masked: row p is the
+    distribution of token p + 1 (what prompt_logprobs scores). Switches `model` to Meta's reference (in place)."""
+    follow_reference(model)
+    with _dropped_masked(model, prompt, cfg):
+        return model(**prompt.hf_inputs()).logits[0].float()
 
 
 def trim_generated(ids: list[int], model) -> list[int]:

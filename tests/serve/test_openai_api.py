@@ -211,3 +211,79 @@ def test_metrics_on_the_api_port_match_rays_metrics_port(serve_app, http):
     ours = http.get("/metrics")
     assert ours.status_code == 200 and ours.headers["content-type"].startswith("text/plain")
     assert names(ours.text) >= names(theirs) and any(n.startswith("ray_serve_") for n in names(ours.text))
+
+
+# ---------------------------------------------------------------- evaluation: echo, prompt_logprobs, several prompts
+
+def _hf_logprobs(engine, ids: list[int]):
+    """The oracle on the app's model: log_softmax of HF's forward at every prompt row (fp32)."""
+    import torch
+
+    from tests.helpers import meta_reference
+
+    with torch.no_grad(), meta_reference(engine.loaded.model):
+        return torch.log_softmax(engine.loaded.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_echo_and_prompt_logprobs_equal_hf_forward(client, http, engine):
+    """lm-evaluation-harness's request (several prompts, echo, logprobs 1, max_tokens 1) and max_tokens 0: every
+    prompt token's logprob equals HF's forward within 1e-4; choices prompt-major; vLLM's prompt_logprobs on
+    completions and chat."""
+    texts = ["where is the red square?", "what colour is the shape at row one column two?"]
+    ids = [http.post("/tokenize", json={"prompt": t}).json()["tokens"] for t in texts]
+    ref = [_hf_logprobs(engine, i) for i in ids]
+    r = http.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1,
+                                           "temperature": 0, "n": 2}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["usage"]["prompt_tokens"] == sum(map(len, ids))
+    for i, c in enumerate(r["choices"]):
+        p, lp = ids[i // 2], c["logprobs"]
+        assert len(lp["tokens"]) == len(p) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = [float(ref[i // 2][j, p[j + 1]]) for j in range(len(p) - 1)]
+        assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1 : len(p)], want)) < 1e-4
+        greedy = int(ref[i // 2][-1].argmax())  # the one generated (or stop) token: the greedy one
+        assert abs(lp["token_logprobs"][-1] - float(ref[i // 2][-1, greedy])) < 1e-4
+    scored = client.completions.create(model=MODEL, prompt=texts[0], echo=True, max_tokens=0, logprobs=0,
+                                       extra_body={"prompt_logprobs": 2})
+    (c,) = scored.choices
+    assert c.text == texts[0] and c.finish_reason == "length" and scored.usage.completion_tokens == 0
+    pl = c.model_extra["prompt_logprobs"]
+    assert pl[0] is None and len(pl) == len(ids[0])
+    for j, entry in enumerate(pl[1:]):
+        tok = ids[0][j + 1]
+        assert abs(entry[str(tok)]["logprob"] - float(ref[0][j, tok])) < 1e-4
+        assert sum(1 for v in entry.values() if v["rank"] <= 2) >= 2  # the top 2, ranks 1 and 2
+    msgs = [{"role": "user", "content": texts[1]}]
+    chat_ids = http.post("/tokenize", json={"messages": msgs}).json()["tokens"]
+    chat_ref = _hf_logprobs(engine, chat_ids)
+    chat = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 0, "prompt_logprobs": 0}).json()
+    assert chat["choices"][0]["message"]["content"] == "" and len(chat["prompt_logprobs"]) == len(chat_ids)
+    got = [e[str(chat_ids[j + 1])]["logprob"] for j, e in enumerate(chat["prompt_logprobs"][1:])]
+    assert max(abs(a - float(chat_ref[j, chat_ids[j + 1]])) for j, a in enumerate(got)) < 1e-4
+    bad = http.post("/v1/completions", json={"prompt": [ids[0], [999999]], "max_tokens": 2})
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+    streamed = http.post("/v1/chat/completions", json={"messages": msgs, "prompt_logprobs": 1, "stream": True})
+    assert streamed.status_code == 400 and "prompt_logprobs" in streamed.json()["error"]["message"]
+
+
+def test_echo_streams_and_image_prompt_logprobs(client, images):
+    """Several prompts streamed (choices interleaved, each echoed first); an image chat's prompt_logprobs follow
+    the trimmed model (one entry per prompt token, the image token's null: the lm_head cannot produce it)."""
+    texts = ["where is the red square?", "how many circles are there?"]
+    whole = client.completions.create(model=MODEL, prompt=texts, echo=True, max_tokens=4,
+                                      extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model=MODEL, prompt=texts, echo=True, max_tokens=4, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    by_index = {}
+    for ch in chunks:
+        for c in ch.choices:
+            by_index[c.index] = by_index.get(c.index, "") + c.text
+    assert by_index == {c.index: c.text for c in whole.choices}
+    assert [whole.choices[i].text.startswith(t) for i, t in enumerate(texts)] == [True, True]
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    r = client.chat.completions.create(model=MODEL, messages=user("where is the red square?", images["openai"]),
+                                       max_tokens=1, extra_body={"prompt_logprobs": 0, "return_token_ids": True})
+    pl = r.model_extra["prompt_logprobs"]
+    assert len(pl) == r.usage.prompt_tokens and pl[0] is None
+    assert sum(e is None for e in pl) == 2  # the first token and the image token
+    assert r.model_extra["trim"]["kept_tokens"] < r.model_extra["trim"]["visual_tokens"]
