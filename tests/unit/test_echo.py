@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.api import ChatCompletionRequest, CompletionRequest, to_sampling_params
-from deployments.completions import TextPrompt, TextRenderer, text_body, usage_chunk
+from deployments.completions import TextPrompt, TextRenderer, text_body, text_ending
 from deployments.responses import Accumulator, DecoderStream, TokenBytes, chunks, drain, merged, sse_events
 from pipeline.types import PromptLogprob, RequestOutput
 from tests.unit.test_responses import FakeItems
@@ -71,7 +71,8 @@ def test_prompt_logprobs_in_vllms_shape():
 
 
 def test_several_prompts_in_one_body_and_one_stream():
-    req = CompletionRequest(prompt=["ab", "cd"], echo=True, n=2, max_tokens=3)
+    req = CompletionRequest(prompt=["ab", "cd"], echo=True, n=2, max_tokens=3, stream=True,
+                            stream_options={"include_usage": True})
     prompts = [PROMPT, TextPrompt("cd", [8, 9])]
     renders = [TextRenderer(req, "cmpl-1", "m", Vocab(), p, i * 2) for i, p in enumerate(prompts)]
 
@@ -95,7 +96,7 @@ def test_several_prompts_in_one_body_and_one_stream():
     items = merged([chunks(s, a, r) for s, a, r in zip(streams(), accs, renders)])
 
     async def run():
-        return [e async for e in sse_events(items, lambda: usage_chunk(renders, accs))]
+        return [e async for e in sse_events(items, renders[0].frame, lambda: text_ending(renders, accs))]
 
     events = [json.loads(e[6:]) for e in asyncio.run(run()) if e.startswith("data: {")]
     texts = {ch["choices"][0]["index"]: ch["choices"][0]["text"] for ch in events if ch["choices"]}
