@@ -254,7 +254,7 @@ class TokenizeRequest(_Wire):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[Message] | None = None
+    messages: list[Message] | None = Field(None, min_length=1)  # an empty chat has nothing for the template
     add_special_tokens: bool = True  # a text prompt: with <|begin_of_text|>
     add_generation_prompt: bool = True  # messages: the assistant header appended
     return_token_strs: bool = False

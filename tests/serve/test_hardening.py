@@ -360,6 +360,7 @@ def test_hostile_strings_and_tool_calls_are_400_naming_the_field(app):
         ("/v1/completions", {"prompt": [bad], "max_tokens": 2}, "prompt"),
         ("/v1/completions", {"prompt": "hi", "stop": [bad], "max_tokens": 2}, "stop[0]"),
         ("/tokenize", {"prompt": bad}, "prompt"),
+        ("/tokenize", {"messages": []}, "messages"),  # found by the in-process fuzz: the template's IndexError
         ("/tokenize", {"messages": [{"role": "user", "content": bad}]}, "messages[0].content"),
         ("/v1/chat/completions", chat(bad), "messages[0].content"),
         ("/v1/chat/completions", chat("hi", stop=bad), "stop"),

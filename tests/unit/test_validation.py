@@ -217,12 +217,17 @@ def test_per_key_concurrency_counts_every_endpoint_that_does_work(path):
     assert other.status_code == models.status_code == after.status_code == 200
 
 
-def test_tokenize_and_detokenize_do_not_wait_on_image_preprocessing():
-    """The text endpoints tokenise on a tokenizer of their own: with the image lock held, they still answer."""
+@pytest.fixture(scope="module")
+def pre():
+    """The ingress's preprocessor of the bundled model (its processor alone)."""
     from deployments.config import AppConfig
     from deployments.preprocess import Preprocessor
 
-    pre = Preprocessor(AppConfig())
+    return Preprocessor(AppConfig())
+
+
+def test_tokenize_and_detokenize_do_not_wait_on_image_preprocessing(pre):
+    """The text endpoints tokenise on a tokenizer of their own: with the image lock held, they still answer."""
     ids = pre.tokenize("where is the red circle?", True)
     message = api.TokenizeRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]}).messages
     with pre.lock:  # image preprocessing in progress
@@ -234,3 +239,60 @@ def test_tokenize_and_detokenize_do_not_wait_on_image_preprocessing():
         text, hi, rendered = asyncio.run(run())
     assert text.endswith("where is the red circle?") and hi and len(rendered) > len(hi)
     assert pre.text_tokenizer is not pre.tokenizer and pre.vocab.size == len(pre.tokenizer)
+
+
+def test_fuzz_validation_and_text_preprocessing_raise_only_invalid_request(pre):
+    """In process, the serve fuzz's bodies (tests/serve/test_hardening.py: all of Unicode, tool calls, grammars with
+    the fields that fight them) through what the ingress runs before any stage: schema, validation layer, text
+    tokenising and the chat template. A body is refused (ValidationError: FastAPI's 400; InvalidRequest: ours) or
+    prepared; any other exception would be a 500."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from pydantic import ValidationError
+
+    from tests.serve import test_hardening as serve_fuzz
+
+    outcomes = {"schema": 0, "invalid": 0, "prepared": 0}
+
+    def through(model, body, prepare):
+        try:
+            req = model.model_validate(body)
+        except ValidationError:
+            outcomes["schema"] += 1
+            return
+        try:
+            asyncio.run(prepare(req))
+            outcomes["prepared"] += 1
+        except InvalidRequest as exc:
+            assert exc.param is None or isinstance(exc.param, str)
+            outcomes["invalid"] += 1
+
+    async def chat(req):
+        await validation.sampling_params(req, pre.vocab, 8)
+        pre.check_messages(req.messages)
+        pre.render(req.messages, True)
+
+    async def text(req):
+        await validation.sampling_params(req, pre.vocab, 8)
+        await pre.prepare_text(req.prompt)
+
+    async def tokenize(req):
+        validation.check_request(req)
+        pre.tokenize(req.prompt, True) if req.prompt is not None else pre.render(req.messages, True)
+
+    constrained = st.tuples(serve_fuzz._constrained, serve_fuzz._text).map(
+        lambda c: {"messages": [{"role": "user", "content": c[1]}], "max_tokens": 8, **c[0][0], **c[0][1]})
+
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.tuples(st.just("chat"), serve_fuzz._request), st.tuples(st.just("chat"), constrained),
+                     st.tuples(st.just("text"), serve_fuzz._text_request),
+                     st.tuples(st.just("tokenize"), serve_fuzz._tokenize_request)))
+    def probe(case):
+        kind, body = case
+        model, prepare = {"chat": (api.ChatCompletionRequest, chat), "text": (api.CompletionRequest, text),
+                          "tokenize": (api.TokenizeRequest, tokenize)}[kind]
+        through(model, body, prepare)
+
+    probe()
+    print(f"validation fuzz: {outcomes}")
+    assert outcomes["invalid"] and outcomes["prepared"]
