@@ -6,6 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.config import EngineConfig, ModelConfig, TrimConfig
 
+from .urls import normalize_http
+
 
 class StageBatching(BaseModel):
     """A stage deployment's Serve batching (`@serve.batch`): up to max_batch_size concurrent calls run as one
@@ -62,8 +64,6 @@ class AppConfig(BaseModel):
     @field_validator("http_allowlist")
     @classmethod
     def _http_prefixes(cls, prefixes: list[str]) -> list[str]:
-        from .images import normalize_http  # images imports this module
-
         for p in prefixes:
             if not p.startswith(("http://", "https://")):
                 raise ValueError(f"http_allowlist entry {p!r} must start with http:// or https://")

@@ -12,8 +12,9 @@ import pytest
 
 from deployments import api, validation
 from deployments.auth import KeyLedger
-from deployments.images import ImageFetcher, allowed_http, allowed_url
+from deployments.images import ImageFetcher
 from deployments.limits import Guard, GuardMiddleware
+from deployments.urls import allowed_http, allowed_url
 from pipeline.errors import InvalidRequest
 from tests.helpers import image, png
 
