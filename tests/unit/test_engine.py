@@ -318,3 +318,138 @@ def test_one_failing_sequence_leaves_the_batch_alone(tiny_pipeline, sources, mon
     for i in (0, 3):
         assert finals[f"r{i}"].finish_reason == "length" and seqs[i].output_ids == alone[i]
     assert engine.stats().kv_used_bytes == 0 and engine.num_requests == 0
+
+
+# --- admission with n > 1, a dead step loop, stats read across threads ----------------------------------------
+
+def test_a_request_that_could_never_be_admitted_is_refused_at_once(tiny_pipeline, sources):
+    """n worst cases beyond the pool plus the swap space (less the largest): refused by add_request, not left
+    waiting forever; n = 2 of the same fits and runs; count_admissible is the real admission's count."""
+    loaded, src = tiny_pipeline.loaded, sources[1]
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20))
+    one = probe.kv_bytes_for(src, SamplingParams(max_tokens=40))
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2 * one + one // 2, swap_budget_bytes=64 * 1024))
+    with pytest.raises(InvalidRequest, match="n=8 completions"):
+        engine.add_request(src, SamplingParams(max_tokens=40, n=8))
+    assert engine.kv_bytes_for(src, SamplingParams(max_tokens=40, n=8)) == 8 * one
+    assert not engine.has_work()
+    seqs = [engine.add_request(src, SamplingParams(max_tokens=40, n=2, ignore_eos=True)) for _ in range(3)]
+    assert engine.count_admissible() == 1  # two worst cases fit the pool, four do not
+    admitted = 0
+    while engine.scheduler.admit_next() is not None:
+        admitted += 1
+    assert admitted == 1
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < 2000, "a request waits forever"
+    assert all(len(s.output_ids) == 40 and len(s.siblings[0].output_ids) == 40 for s in seqs)
+
+
+def test_count_admissible_is_admit_next_dry_run(tiny_pipeline, sources):
+    """Mixed n, images and lengths, with running, waiting and preempted sequences: the dry run counts what the real
+    admission then takes, step after step."""
+    loaded = tiny_pipeline.loaded
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
+    one = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=24)) for s in sources)
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=3 * one, block_size=4, max_running=10,
+                                            swap_budget_bytes=4 * one))
+    for i in range(14):
+        engine.add_request(sources[i % len(sources)], SamplingParams(max_tokens=24 - i, n=1 + i % 4, ignore_eos=True,
+                                                                     temperature=1.0, seed=i))
+    checked = 0
+    while engine.has_work():
+        sched = engine.scheduler
+        expected = sched.count_admissible()
+        waiting = len(sched.waiting)
+        while sched.admit_next() is not None:
+            pass
+        assert waiting - len(sched.waiting) == expected
+        checked += expected > 0
+        engine.step()
+        assert sched.running_slots() <= 10
+    assert checked >= 3 and engine.stats().kv_used_bytes == 0 and engine.scheduler.swap.committed == 0
+
+
+def test_stats_read_while_the_engine_steps(tiny_pipeline, sources):
+    """The event loop reads stats while the step thread preempts and finishes sequences (seq.pages = None): a
+    snapshot the step thread publishes, never an iteration of its running list from another thread."""
+    import sys
+
+    loaded = tiny_pipeline.loaded
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
+    one = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=20)) for s in sources)
+    aeng = AsyncLLMEngine(LLMEngine(loaded, EngineConfig(kv_budget_bytes=2 * one, block_size=4, kv_watermark=0.0)))
+    errors, reads = [], 0
+
+    async def run():
+        nonlocal reads
+        jobs = [asyncio.ensure_future(_drain(aeng.generate(sources[i % 6], SamplingParams(
+            max_tokens=20 - i % 7, ignore_eos=True)))) for i in range(24)]
+        while not all(j.done() for j in jobs):
+            try:
+                st = aeng.stats()
+                assert 0 <= st.kv_written_bytes and st.running >= 0
+            except Exception as exc:  # noqa: BLE001 - what the race raised
+                errors.append(exc)
+            reads += 1
+            await asyncio.sleep(0)
+        return [j.result() for j in jobs]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows within a few steps
+    try:
+        done = asyncio.run(run())
+    finally:
+        sys.setswitchinterval(interval)
+        aeng.shutdown()
+    assert errors == [] and reads > 100
+    assert [n for n in done] == [20 - i % 7 for i in range(24)]
+
+
+async def _drain(stream) -> int:
+    """Consume a stream; its completion tokens."""
+    tokens = 0
+    async for out in stream:
+        tokens = out.completion_tokens
+    return tokens
+
+
+def test_a_dead_step_loop_fails_its_streams_and_says_so(tiny_pipeline, sources):
+    """An error escaping the step loop (here injected between steps, as a broken invariant would raise) ends every
+    stream, running or waiting, with EngineDead at once; check_health raises; a new request is refused."""
+    import time
+
+    from pipeline.errors import EngineDead
+
+    aeng = AsyncLLMEngine(LLMEngine(tiny_pipeline.loaded, EngineConfig(max_running=2)))
+    aeng.check_health()
+
+    async def run():
+        producing = asyncio.Event()
+
+        async def stream(i):
+            async for _ in aeng.generate(sources[i], SamplingParams(max_tokens=2000 - sources[i].prompt_len,
+                                                                    ignore_eos=True)):
+                producing.set()
+
+        jobs = [asyncio.ensure_future(stream(i)) for i in range(4)]  # two run, two wait
+        await asyncio.wait_for(producing.wait(), 120)
+        t0 = time.monotonic()
+        aeng.inject_fault(RuntimeError("broken invariant"))
+        results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 30)
+        ended_in = time.monotonic() - t0
+        with pytest.raises(EngineDead):
+            await _drain(aeng.generate(sources[0], SamplingParams(max_tokens=2)))
+        return results, ended_in
+
+    try:
+        results, ended_in = asyncio.run(run())
+    finally:
+        aeng.shutdown()
+    assert all(isinstance(r, EngineDead) and "RuntimeError: broken invariant" in str(r) for r in results), results
+    assert ended_in < 10
+    with pytest.raises(EngineDead):
+        aeng.check_health()
+    assert aeng.queue_room() == 0
