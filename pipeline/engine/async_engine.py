@@ -128,7 +128,10 @@ class AsyncLLMEngine:
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
+            try:
+                stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
+            except RuntimeError:  # its event loop has closed: nobody is listening any more
+                pass
 
     def _loop(self) -> None:
         try:

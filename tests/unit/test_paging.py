@@ -284,19 +284,20 @@ def test_cross_page_layout_is_the_pool_a_block_table_indexes():
 
 
 def test_n_completions_at_capacity_never_exceed_max_running(tiny_pipeline, cases):
-    """12 requests of n = 8 into max_running 16 with a pool so small that siblings preempt each other: a request
+    """8 requests of n = 8 into max_running 16 with a pool so small that siblings preempt each other: a request
     takes its n running slots (and n worst cases of the swap space) from admission, though its siblings fork only
     after its prompt's last chunk, so at most two requests run at once, never more than 16 sequences; every request
     finishes, every completion equals the same completion of every other request (same prompt and seed, whatever was
     preempted), and completion i equals a lone request seeded seed + i."""
     loaded, src = tiny_pipeline.loaded, cases[3][0]
-    params = SamplingParams(max_tokens=16, temperature=1.0, seed=3, ignore_eos=True, n=8)
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True, n=8)
     probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4)).kv
     prompt_pages = probe.pages_needed(src.prompt_len, src.num_kept)
-    pool = 2 * prompt_pages + 16 * 2  # two requests' prompts and half of their 16 completions' growth
+    # A third request's prompt fits (only max_running may hold it back), two requests' 16 growing completions do not.
+    pool = 3 * prompt_pages + 4
     engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=pool * probe.blocks.page_bytes, block_size=4,
                                             kv_watermark=0.0, max_running=16))
-    seqs = [engine.add_request(src, params) for _ in range(12)]
+    seqs = [engine.add_request(src, params) for _ in range(8)]
     assert engine.count_admissible() == 2  # 2 x 8 slots
     peak = 0
     while engine.has_work():
@@ -308,7 +309,7 @@ def test_n_completions_at_capacity_never_exceed_max_running(tiny_pipeline, cases
     assert peak == 16 and st.preemptions > 0, (peak, st.preemptions)
     assert st.kv_used_bytes == st.swap_used_bytes == engine.scheduler.swap.committed == 0 and engine.num_requests == 0
     outputs = [[s.output_ids for s in [seq] + seq.siblings] for seq in seqs]
-    assert all(len(o) == 8 and all(len(ids) == 16 for ids in o) for o in outputs)
+    assert all(len(o) == 8 and all(len(ids) == 8 for ids in o) for o in outputs)
     assert all(o == outputs[0] for o in outputs)
     for i in (0, 7):
         (alone,) = LLMEngine(loaded).generate([src], params.model_copy(update={"n": 1, "seed": 3 + i}))
