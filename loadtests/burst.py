@@ -107,6 +107,12 @@ async def burst(url: str, n: int, max_tokens: int) -> dict:
     }
 
 
+def ray_actor_error() -> type:
+    from ray.exceptions import RayActorError
+
+    return RayActorError
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=300)
@@ -120,12 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         from deployments import localrun
 
         localrun.start_ray(num_cpus=2)
-        t = time.perf_counter()
-        url = localrun.deploy(localrun.load_config(args.config), timeout_s=900)
-        started = round(time.perf_counter() - t, 1)
-    else:
-        url = args.url
     try:
+        if args.url is None:
+            t = time.perf_counter()
+            config = localrun.load_config(args.config)
+            try:
+                url = localrun.deploy(config, timeout_s=900)
+            except ray_actor_error():  # Serve killed a proxy slow to report ready (a loaded machine): once more
+                url = localrun.deploy(config, timeout_s=900)
+            started = round(time.perf_counter() - t, 1)
+        else:
+            url = args.url
         with httpx.Client(base_url=url, timeout=60) as c:  # one request first: every stage warm, reports in
             body = chat_body(None, "Describe this image.", data_url(make_image(1, 2, 1)), 2)
             body["stream"] = False
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": __import__("os").cpu_count(), "load_avg_1m": round(__import__("os").getloadavg()[0], 1),
         "python": platform.python_version()})
     print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     checks = {"refusals p99 <= 1 s": (result["refusal_s"]["p99"] or 0) <= 1.0,
               "0 stage calls for refused": all(v == 0 for v in result["stage_calls_for_refused"].values()),
