@@ -19,7 +19,20 @@ class StageUnavailable(Exception):
         self.stages = stages
 
 
-class StageWatch:
+class Poller:
+    """A background task (`_poll`), started on first use: an event loop is running by then."""
+
+    task: asyncio.Task | None = None
+
+    def ensure_started(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        raise NotImplementedError
+
+
+class StageWatch(Poller):
     """Running-replica counts per stage, refreshed from `serve.status()` every `period_s` by a background task that
     starts on first use (the controller learns of a dead replica from its health check, `health_check_period_s`)."""
 
@@ -27,11 +40,6 @@ class StageWatch:
         self.app, self.stages, self.period_s = app, stages, period_s
         self.running: dict[str, int] = {}  # empty until the first poll: unknown counts as available
         self.updated_at = 0.0
-        self.task: asyncio.Task | None = None
-
-    def ensure_started(self) -> None:
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
         while True:

@@ -42,6 +42,9 @@ class AppConfig(BaseModel):
     encoder_batching: StageBatching = Field(default_factory=StageBatching)  # VisionEncoder calls per tower forward
     trimmer_batching: StageBatching = Field(default_factory=StageBatching)  # Trimmer calls per forward
     retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 503 or 429
+    # Front-door admission (deployments/admission.py): a request the decoder pool could not queue is refused with 503
+    # before any stage runs; it may first wait this long for room (0: refused at once).
+    admission_wait_s: float = Field(0.0, ge=0)
     # Hostile clients: checked before the body is parsed (see deployments/limits.py).
     max_body_bytes: int = Field(32 * 2**20, ge=1)  # 413 past it; leave room for max_images base64 images
     body_read_timeout_s: float = Field(10.0, gt=0)  # 408 when the whole body has not arrived by then

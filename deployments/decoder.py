@@ -15,7 +15,7 @@ from pipeline.config import EngineConfig, ModelConfig
 from pipeline.engine.async_engine import AsyncLLMEngine
 from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.sampling import SamplingParams
-from pipeline.errors import InvalidRequest, Overloaded
+from pipeline.errors import EngineDead, InvalidRequest, Overloaded
 from pipeline.model.loader import load_model
 
 from .handoff import Handoff
@@ -27,6 +27,8 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
+    # check_health raises once the engine's step loop has died: Serve replaces the replica within seconds.
+    health_check_period_s=2.0,
     # Above the engine's running + waiting slots, so the engine (not Serve's queue) decides when to refuse.
     max_ongoing_requests=512,
     request_router_config=RequestRouterConfig(
@@ -48,6 +50,17 @@ class DecoderPool:
             ("kv_written_bytes", "Bytes of K/V written in the held pages"),
             ("swapped", "Sequences preempted to host memory"), ("preemptions", "Preemptions since start"),
         )}
+
+    def check_health(self) -> None:
+        """Serve's health check: raises once the engine's step loop has died (its streams have ended with an
+        error), so Serve replaces this replica instead of leaving it to answer 200 while serving nothing."""
+        self.engine.check_health()
+
+    async def inject_fault(self, message: str = "injected fault") -> None:
+        """Fire drill, reachable through a deployment handle only (never over HTTP): the engine's step loop raises
+        RuntimeError(message) between steps, as an unexpected error escaping it would (tests/serve)."""
+        log.warning("injecting a fault into the engine's step loop: %s", message)
+        self.engine.inject_fault(RuntimeError(message))
 
     def reconfigure(self, user_config: dict) -> None:
         """In place (deployments/settings.py): the engine's admission limits, from its next step on."""
@@ -89,7 +102,7 @@ class DecoderPool:
                     yield out
             except InvalidRequest as exc:
                 yield StageError(400, str(exc))
-            except Overloaded as exc:
+            except (Overloaded, EngineDead) as exc:  # a dead engine: this replica is being replaced
                 yield StageError(503, str(exc))
             except Exception as exc:  # noqa: BLE001 - logged here; the client sees no internals
                 log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
@@ -112,6 +125,8 @@ class DecoderPool:
                 "max_running": self.cfg.max_running, "max_waiting": self.cfg.max_waiting}
 
     async def stats(self) -> dict:
+        """The snapshot; raises (EngineDead) if the engine has stopped, so the ingress's /health says 503."""
+        self.engine.check_health()
         return self._snapshot()
 
     async def kv_bytes_per_token(self) -> float:
@@ -127,10 +142,12 @@ class DecoderPool:
     async def record_routing_stats(self) -> dict:
         """Called by Serve every request_routing_stats_period_s; read by KVBudgetRouter."""
         s = self._snapshot()
+        alive = self.engine.error is None
         return {
             "kv_free_bytes": s["kv_budget_bytes"] - s["kv_used_bytes"],
             "requests": s["running"] + s["waiting"],
-            "capacity": self.cfg.max_running + self.cfg.max_waiting,
+            "capacity": self.cfg.max_running + self.cfg.max_waiting if alive else 0,  # a dead engine takes nothing
+            "queue_room": self.engine.queue_room(),  # requests it would still queue: the ingress's admission
             "avg_request_kv_bytes": self.avg_request_kv_bytes,
             "engine": s,  # for /stats, which sums the pool's replicas
         }

@@ -17,6 +17,7 @@ from pipeline.orchestration import run_stages
 from pipeline.types import PreparedPrompt, RequestOutput
 
 from . import api, validation
+from .admission import DecoderRoom, NoRoom
 from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .chat import ChatRenderer, completion_id
 from .completions import TextPrompt, TextRenderer, text_body, text_completion_id, text_ending
@@ -64,6 +65,7 @@ class Ingress:
         self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
         self.watch = StageWatch(serve.get_replica_context().app_name)
         self.revision = git_revision()
+        self.admission = DecoderRoom(serve.get_replica_context().app_name, cfg.admission_wait_s)
 
     def reconfigure(self, user_config: dict) -> None:
         """In place (deployments/settings.py): the defaults and waits every request reads, for the ones after it."""
@@ -111,7 +113,8 @@ class Ingress:
             routing_stats(app, "DecoderPool"), self.encoder.cache_stats.remote(),
             routing_stats(app, "VisionEncoder"), routing_stats(app, "Trimmer"))
         replicas = [s["engine"] for s in pool]
-        return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "encoder_cache": encoder,
+        return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "admission": self.admission.report(),
+                "encoder_cache": encoder,
                 "stage_batches": {"encoder": [s["batches"] for s in encoders],
                                   "trimmer": [s["batches"] for s in trimmers]}}
 
@@ -263,11 +266,22 @@ class Ingress:
     # ---- the pipeline
 
     async def _start(self, req, rid: str, client, prepare) -> DecoderStream:
-        """Preprocess (`prepare`: SamplingParams, PreparedPrompt, image keys) and send the request down the stages;
-        the decoder stream from its first output (errors before the first token become HTTP statuses here, before
-        any byte is sent). A replica lost before the first token: sent once more (another replica, or the
-        replacement), then 503."""
+        """Admit (a place in the decoder pool's queue, else 503 at once: deployments/admission.py), preprocess
+        (`prepare`: SamplingParams, PreparedPrompt, image keys) and send the request down the stages; the decoder
+        stream from its first output (errors before the first token become HTTP statuses here, before any byte is
+        sent). A replica lost before the first token: sent once more (another replica, or the replacement), then
+        503. The place is held until that first output (or the failure): the request has left the queue then."""
         self._check_model(req.model)
+        try:
+            await self.admission.admit()
+        except NoRoom as exc:
+            raise ApiError(503, str(exc), self.cfg.retry_after_s) from None
+        try:
+            return await self._admitted(req, rid, client, prepare)
+        finally:
+            self.admission.release()
+
+    async def _admitted(self, req, rid: str, client, prepare) -> DecoderStream:
         try:
             params, prepared, keys = await prepare()
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
@@ -298,6 +312,8 @@ class Ingress:
                     continue
                 raise ApiError.of(error, self.cfg.retry_after_s) from exc
             if isinstance(first, StageError):
+                if first.status == 503:  # refused by the decoder after the stages ran: what admission avoids
+                    self.admission.refused_by_decoder(attempt * 2 if prepared.num_images else 0)
                 raise ApiError.of(first, self.cfg.retry_after_s)
             return DecoderStream(items, first, trim)
 

@@ -17,8 +17,8 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-async def routing_stats(app: str, deployment: str, timeout_s: float = 2.0) -> list[dict]:
-    """Each live replica's `record_routing_stats()`; a replica that does not answer in time is left out."""
+async def replica_stats(app: str, deployment: str, timeout_s: float = 2.0) -> dict[str, dict | None]:
+    """Each live replica's `record_routing_stats()` by actor name; None for one that does not answer in time."""
     names = await asyncio.to_thread(replica_actor_names, app, deployment)
 
     async def one(name: str) -> dict | None:
@@ -28,7 +28,12 @@ async def routing_stats(app: str, deployment: str, timeout_s: float = 2.0) -> li
         except Exception:  # starting, stopping or dead: not part of the pool's figures now
             return None
 
-    return [s for s in await asyncio.gather(*(one(n) for n in names)) if s]
+    return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+
+
+async def routing_stats(app: str, deployment: str, timeout_s: float = 2.0) -> list[dict]:
+    """Each live replica's `record_routing_stats()`; a replica that does not answer in time is left out."""
+    return [s for s in (await replica_stats(app, deployment, timeout_s)).values() if s]
 
 
 def aggregate(engine_stats: list[dict]) -> dict:

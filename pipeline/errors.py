@@ -18,5 +18,10 @@ class Overloaded(CrosstrimError):
     """Every slot and the waiting queue are full: HTTP 503, try again later."""
 
 
+class EngineDead(CrosstrimError):
+    """The decoder engine's step loop stopped on an unexpected error: its requests failed, its replica is unhealthy
+    and is being replaced (HTTP 503, try again)."""
+
+
 class ModelSourceError(CrosstrimError):
     """The checkpoint could not be found or fetched."""

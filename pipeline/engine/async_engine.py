@@ -1,5 +1,7 @@
 """AsyncLLMEngine: steps an LLMEngine on a background thread; every request is an async iterator of deltas, whose
-text (detokenizing, stop strings) is made on the caller's event loop, off the step thread."""
+text (detokenizing, stop strings) is made on the caller's event loop, off the step thread. The engine's state is
+the step thread's alone: callers read the stats it publishes after each step, and an error escaping its loop fails
+every stream and leaves the engine unhealthy (check_health raises) rather than hanging them."""
 
 import asyncio
 import logging
@@ -9,7 +11,7 @@ import threading
 from pipeline.engine.llm_engine import EngineStats, LLMEngine
 from pipeline.engine.output_processor import CompletionStream, stopped_by_text
 from pipeline.engine.sampling import SamplingParams
-from pipeline.errors import Overloaded
+from pipeline.errors import EngineDead, Overloaded
 from pipeline.types import DecodeRequest
 
 log = logging.getLogger(__name__)
@@ -20,8 +22,10 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        # ("add", seq), ("abort", id) or ("finish", (id, index)): applied between steps
+        # ("add", seq), ("abort", id), ("finish", (id, index)) or ("fault", exc): applied between steps
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stats = engine.stats()  # published by the step thread: nothing else iterates the engine's state
+        self.error: BaseException | None = None  # what stopped the step loop; the engine serves nothing after it
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0
         self._lock = threading.Lock()
@@ -39,6 +43,9 @@ class AsyncLLMEngine:
             self._pending += 1
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         self._streams[seq.request_id] = (loop, q)
+        if self.error is not None:  # after registering: a loop dying now either sees this stream or set the error
+            self._streams.pop(seq.request_id, None)
+            raise self._dead()
         self._inbox.put(("add", seq))
         self._wake.set()
         finished, done = False, 0
@@ -64,7 +71,27 @@ class AsyncLLMEngine:
                 self._wake.set()
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        """The engine's stats as of its last step (or the last requests added or ended between steps)."""
+        return self._stats
+
+    def queue_room(self) -> int:
+        """How many more requests generate() would queue now (0 once the engine has stopped)."""
+        with self._lock:
+            return 0 if self.error is not None else max(0, self.engine.queue_room(self._pending))
+
+    def check_health(self) -> None:
+        """Raise EngineDead if the step loop has stopped (what a Serve health check calls)."""
+        if self.error is not None or not self._thread.is_alive():
+            raise self._dead()
+
+    def inject_fault(self, exc: BaseException) -> None:
+        """The step thread raises `exc` between steps, as an error escaping its loop would (fire drills, tests)."""
+        self._inbox.put(("fault", exc))
+        self._wake.set()
+
+    def _dead(self) -> EngineDead:
+        cause = "it was shut down" if self.error is None else f"{type(self.error).__name__}: {self.error}"
+        return EngineDead(f"the decoder engine stopped ({cause}); try again")
 
     def kv_bytes_per_token(self) -> float:
         return self.engine.kv_bytes_per_token()
@@ -89,6 +116,8 @@ class AsyncLLMEngine:
             if kind == "finish":
                 self.engine.finish_completion(*item)
                 continue
+            if kind == "fault":
+                raise item
             with self._lock:
                 self._pending -= 1
             try:
@@ -99,12 +128,22 @@ class AsyncLLMEngine:
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
+            try:
+                stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
+            except RuntimeError:  # its event loop has closed: nobody is listening any more
+                pass
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, no stream may hang on a dead loop
+            self._die(exc)
+
+    def _run(self) -> None:
         while not self._stopped:
             self._drain_inbox()
             if not self.engine.has_work():
+                self._stats = self.engine.stats()
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
@@ -113,6 +152,16 @@ class AsyncLLMEngine:
             except Exception as exc:  # the step failed outside any one sequence's guard: never hang, never hold KV
                 log.exception("engine step failed (%s); failing the %d requests in flight", type(exc).__name__,
                               self.engine.num_requests)
-                outputs = self.engine.fail_all(exc)
+                outputs = self.engine.fail_all(exc)  # if this raises too, the loop dies (_die)
+            self._stats = self.engine.stats()
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+    def _die(self, exc: BaseException) -> None:
+        """The loop is gone: every stream (running, waiting or still in the inbox) ends with EngineDead at once, and
+        check_health raises from now on so the replica is replaced. The engine's state is not trusted any more."""
+        self.error = exc
+        log.critical("the engine's step loop died; failing its %d streams", len(self._streams), exc_info=exc)
+        dead = self._dead()
+        for request_id in list(self._streams):
+            self._deliver(request_id, dead)

@@ -151,6 +151,10 @@ class LLMEngine:
         not yet added (the async engine's inbox)."""
         return self.scheduler.has_room(pending)
 
+    def queue_room(self, pending: int = 0) -> int:
+        """How many more requests has_room would take now (what the decoder reports to the ingress's admission)."""
+        return self.scheduler.queue_room(pending)
+
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.swapped)
 
@@ -160,8 +164,9 @@ class LLMEngine:
         return len(self.seqs)
 
     def kv_bytes_for(self, request: DecodeRequest, params: SamplingParams) -> int:
-        """KV bytes one completion of `request` may hold: its prompt, max_tokens and its kept visual tokens."""
-        return self.kv.bytes_needed(request.prompt_len + params.max_tokens, request.num_kept)
+        """KV bytes the request's n completions may hold, as admission counts them: each completion's prompt,
+        max_tokens and kept visual tokens (siblings share the prompt's pages, so this is an upper bound)."""
+        return params.n * self.kv.bytes_needed(request.prompt_len + params.max_tokens, request.num_kept)
 
     def kv_bytes_per_token(self) -> float:
         """KV bytes a text token reserves, page rounding averaged out (the ingress's per-key accounting)."""

@@ -1,7 +1,9 @@
 """Admission, preemption and the step's token budget over KV pages: running sequences get a page when their last
 one fills, preempting (swapping out) the most recently admitted one when none is free; preempted sequences resume
 before new ones; a waiting sequence is admitted, in arrival order, once its prompt and its kept visual tokens fit and
-the bounded swap space could take any preemption it may cause (swap.SwapSpace). Each step's rows are bounded by
+the bounded swap space could take any preemption it may cause (swap.SwapSpace). A request of n completions is admitted
+as n from the start (n running slots, n worst cases), though its siblings fork only after its prompt's last chunk.
+Each step's rows are bounded by
 `step_token_budget`: decoding sequences take one row each first, prompts being prefilled fill the rest in chunks,
 the earliest admitted first."""
 
@@ -22,6 +24,16 @@ class PrefillChunk:
     seq: Sequence
     start: int
     end: int  # end == prompt_len: the prompt's last chunk, whose last row gives the first token's logits
+
+
+@dataclass
+class Room:
+    """What admission looks at (live in admit_next, simulated in its dry run count_admissible)."""
+
+    free: int  # free pages
+    slots: int  # running slots taken (Sequence.completions_held summed over the running)
+    committed: int  # worst-case pages of every admitted sequence not finished
+    largest: int  # the largest of those worst cases
 
 
 @dataclass
@@ -53,10 +65,21 @@ class Scheduler:
         need = self.kv.bytes_needed(seq.max_self_tokens, seq.cross_tokens)  # each of n alone fits too
         if need > self.kv.capacity_bytes:
             raise InvalidRequest(f"request needs {need} bytes of KV; the whole budget is {self.kv.capacity_bytes}")
+        worst, n = self._worst_pages(seq), seq.params.n
+        if n * worst > self.swap.limit(worst):  # an idle engine would not admit it: it would wait forever
+            raise InvalidRequest(
+                f"n={n} completions need {n} x {worst} KV pages at max_tokens; the decoder holds at most "
+                f"{self.swap.limit(worst)} (its KV pool and swap space): lower n or max_tokens"
+            )
 
     def has_room(self, pending: int = 0) -> bool:
         """The queue's bound: another sequence may wait, with `pending` more already on their way."""
-        return len(self.waiting) + pending < self.cfg.max_waiting
+        return self.queue_room(pending) > 0
+
+    def queue_room(self, pending: int = 0) -> int:
+        """How many more sequences may wait, with `pending` more already on their way (negative: over, after
+        max_waiting was lowered)."""
+        return self.cfg.max_waiting - len(self.waiting) - pending
 
     def add(self, seq: Sequence) -> None:
         self.check(seq)
@@ -99,7 +122,7 @@ class Scheduler:
     def resume_swapped(self) -> list[Sequence]:
         """Preempted sequences back into fresh pages, in the swapped queue's order, while they fit."""
         resumed = []
-        while self.swapped and len(self.running) < self.cfg.max_running:
+        while self.swapped and self.running_slots() + self.swapped[0].completions_held <= self.cfg.max_running:
             seq = self.swapped[0]
             pages = self.swap.swap_in(self.kv, seq.swapped, seq.num_tokens)
             if pages is None:
@@ -110,40 +133,53 @@ class Scheduler:
             resumed.append(seq)
         return resumed
 
+    def running_slots(self) -> int:
+        """Running slots taken: a request of n completions takes n from its admission (its siblings fork later)."""
+        return sum(s.completions_held for s in self.running)
+
     def admit_next(self) -> Sequence | None:
         """The first waiting sequence, running with pages for its prompt, if it fits (and none is preempted)."""
-        if self.swapped or not self.waiting or len(self.running) + self.waiting[0].params.n > self.cfg.max_running:
-            return None
-        seq = self.waiting[0]
-        worst = self._worst_pages(seq)
-        if not self.swap.admits(worst, seq.params.n):
-            return None
-        pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
-        if pages is None:
+        if not self.waiting or not self._fits(self.waiting[0], self._room()):
             return None  # no skipping ahead: a large request is not starved by small ones
-        self.waiting.popleft()
-        self.swap.commit(worst)  # its n - 1 siblings commit when forked
-        seq.pages, seq.status = pages, Status.RUNNING
+        seq = self.waiting.popleft()
+        seq.pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+        assert seq.pages is not None, "_fits checked the same pages and watermark"
+        self.swap.commit(self._worst_pages(seq), seq.params.n)  # all n worst cases: its siblings fork later
+        seq.status = Status.RUNNING
         self.running.append(seq)
         return seq
 
     def count_admissible(self) -> int:
-        """Dry run: how many waiting sequences the next admission would take, with nothing allocated."""
-        free, n, committed = self.kv.blocks.free_pages - self._watermark(), 0, 0
+        """Dry run of admit_next: how many waiting sequences the next admission would take, with nothing allocated."""
+        room, count = self._room(), 0
         for seq in self.waiting:
-            free -= self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens)
-            worst = self._worst_pages(seq)
-            if (free < 0 or len(self.running) + n + seq.params.n > self.cfg.max_running
-                    or not self.swap.admits(worst, seq.params.n, committed)):
+            if not self._fits(seq, room):
                 break
-            n, committed = n + 1, committed + seq.params.n * worst
-        return n
+            worst = self._worst_pages(seq)
+            room = Room(room.free - self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens),
+                        room.slots + seq.params.n, room.committed + seq.params.n * worst, max(room.largest, worst))
+            count += 1
+        return count
+
+    def _room(self) -> Room:
+        return Room(self.kv.blocks.free_pages, self.running_slots(), self.swap.committed, self.swap.largest)
+
+    def _fits(self, seq: Sequence, room: Room) -> bool:
+        """The one admission rule (admit_next and count_admissible): nothing preempted waits to resume; the n
+        completions fit max_running; the prompt's (or, reserved, the worst case's) and the kept tokens' pages fit
+        the free pool above the watermark (none for an idle engine); the n worst cases fit what the swap space
+        allows (swap.SwapSpace)."""
+        worst, n = self._worst_pages(seq), seq.params.n
+        watermark = self.watermark_pages if room.slots else 0
+        return (not self.swapped and room.slots + n <= self.cfg.max_running
+                and self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens) + watermark <= room.free
+                and room.committed + n * worst <= self.swap.limit(max(room.largest, worst)))
 
     def fork(self, seq: Sequence, child: Sequence) -> None:
-        """A sibling sharing `seq`'s pages joins the running batch right after it (admitted with it)."""
+        """A sibling sharing `seq`'s pages joins the running batch (its slot and worst case were taken with `seq`'s
+        admission; the caller appends it to seq.siblings, which hands them over)."""
         child.pages, child.status = self.kv.fork(seq.pages), Status.RUNNING
         self.running.append(child)
-        self.swap.commit(self._worst_pages(child))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Free the sequence's KV at once, wherever it is."""
@@ -156,8 +192,8 @@ class Scheduler:
             self.swapped.remove(seq)
             self.swap.drop(seq.swapped)
             seq.swapped = None
-        if seq.status in (Status.RUNNING, Status.SWAPPED):
-            self.swap.release(self._worst_pages(seq))
+        if seq.status in (Status.RUNNING, Status.SWAPPED):  # with any siblings not forked yet
+            self.swap.release(self._worst_pages(seq), seq.completions_held)
         seq.pages = None
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
@@ -170,11 +206,13 @@ class Scheduler:
         return self.kv.pages_needed(seq.max_self_tokens, seq.cross_tokens)
 
     def _watermark(self) -> int:
-        return self.watermark_pages if self.running else 0  # an idle engine admits whatever fits alone
+        return self.watermark_pages if self.running else 0  # an idle engine admits whatever fits alone (as _fits)
 
     def _preempt(self, seq: Sequence) -> None:
+        # The copy first: if it raised (a full swap space: the admission rule makes it impossible), the sequence
+        # would still be running with its pages, never half-moved (removed from running yet RUNNING).
+        seq.swapped = self.swap.swap_out(self.kv, seq.pages)
         self.running.remove(seq)
-        seq.swapped, seq.pages = self.swap.swap_out(self.kv, seq.pages), None
-        seq.status = Status.SWAPPED
+        seq.pages, seq.status = None, Status.SWAPPED
         self.swapped.appendleft(seq)
         self.preemptions += 1

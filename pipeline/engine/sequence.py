@@ -75,6 +75,12 @@ class Sequence:
         return self.prompt_len + self.params.max_tokens
 
     @property
+    def completions_held(self) -> int:
+        """Completions this sequence stands for in admission (running slots, worst cases): the prefilled one holds
+        its siblings' places until they fork from it after the prompt's last chunk; each sibling holds its own."""
+        return self.params.n - len(self.siblings) if self.index == 0 else 1
+
+    @property
     def cross_tokens(self) -> int:
         return 0 if self.image is None else self.image.num_kept
 

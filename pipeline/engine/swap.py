@@ -54,7 +54,8 @@ def swap_in(cache: KVCache, saved: SwappedKV, self_tokens: int, watermark: int =
 class SwapSpace:
     """Host memory for preempted sequences, at most `limit_bytes`, and the admission rule that keeps it so.
 
-    A sequence's worst case is the pages it holds at its max_tokens. The engine admits a sequence only while the
+    A sequence's worst case is the pages it holds at its max_tokens (a request of n completions commits n of them at
+    its admission, before its siblings fork). The engine admits a sequence only while the
     worst cases of every sequence it holds (running or swapped) fit the pool plus the swap space less the largest
     worst case. Then whenever a running sequence finds no free page, the swapped ones hold at most the swap space
     less the largest worst case less one page (the pool is full and the needing sequence is below its worst, or
@@ -67,19 +68,25 @@ class SwapSpace:
         self.committed = 0  # worst-case pages of every admitted sequence not finished
         self.worst_cases: Counter[int] = Counter()  # worst-case pages -> how many admitted sequences have it
 
-    def admits(self, worst: int, n: int = 1, more: int = 0) -> bool:
-        """May n more sequences of `worst` pages (after `more` pages a dry run already counted) be admitted?"""
-        largest = max(worst, max(self.worst_cases, default=0))
-        return self.committed + more + n * worst <= self.pool_pages + max(0, self.spare_pages - largest)
+    @property
+    def largest(self) -> int:
+        """The largest worst case among the admitted sequences (0 when none)."""
+        return max(self.worst_cases, default=0)
 
-    def commit(self, worst: int) -> None:
-        self.committed += worst
-        self.worst_cases[worst] += 1
+    def limit(self, largest: int) -> int:
+        """Worst-case pages the engine may commit while `largest` is the largest of them: the pool and the swap
+        space less the largest (the pool alone when the swap space cannot take the largest)."""
+        return self.pool_pages + max(0, self.spare_pages - largest)
 
-    def release(self, worst: int) -> None:
-        """A committed sequence finished."""
-        self.committed -= worst
-        self.worst_cases[worst] -= 1
+    def commit(self, worst: int, n: int = 1) -> None:
+        """n sequences of `worst` pages admitted (a request's n completions at once)."""
+        self.committed += n * worst
+        self.worst_cases[worst] += n
+
+    def release(self, worst: int, n: int = 1) -> None:
+        """n committed sequences finished."""
+        self.committed -= n * worst
+        self.worst_cases[worst] -= n
         if not self.worst_cases[worst]:
             del self.worst_cases[worst]
 

@@ -718,3 +718,58 @@ def test_decoder_kill_under_load_is_retried(app):
         assert got_token and events and events[0]["code"] == 503 and reasons == ["error"], (events, reasons)
     assert served_again(), f"not every user was served after the kill: {results}"
     assert_healthy(app.http)
+
+
+@pytest.mark.serve_in_place  # the decoder replica is replaced: last among this module's tests
+def test_a_dead_engine_loop_is_replaced(app):
+    """The decoder engine's step loop dies (a fault injected between steps through the replica's handle, as a
+    broken invariant would raise): its streams end with an error event within seconds, /health turns 503, Serve's
+    health check (DecoderPool.check_health) replaces the replica, and the app serves again without a redeploy."""
+    from ray import serve
+
+    before = replica_pid("DecoderPool")
+    ended, streaming = [], asyncio.Event()
+
+    async def stream(c, i):
+        body = chat(f"long story {i}", max_tokens=400, ignore_eos=True, stream=True)
+        errors, reasons = [], []
+        async with c.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    item = json.loads(line[6:])
+                    errors += [item["error"]] if "error" in item else []
+                    reasons += [ch["finish_reason"] for ch in item.get("choices", []) if ch["finish_reason"]]
+                    streaming.set()
+        ended.append(time.monotonic())
+        return errors, reasons
+
+    async def run():
+        async with httpx.AsyncClient(base_url=app.url, timeout=TIMEOUT) as c:
+            streams = [asyncio.create_task(stream(c, i)) for i in range(2)]
+            await asyncio.wait_for(streaming.wait(), 300)
+            handle = serve.get_deployment_handle("DecoderPool", APP)
+            await asyncio.to_thread(lambda: handle.inject_fault.remote("fire drill").result(timeout_s=60))
+            injected = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*streams), 120)
+            return injected, results
+
+    injected, results = asyncio.run(run())
+    print(f"streams ended {[round(t - injected, 2) for t in ended]} s after the fault")
+    for errors, reasons in results:
+        assert errors and errors[0]["code"] == 503 and "engine stopped" in errors[0]["message"], errors
+        assert reasons == ["error"], reasons
+    assert max(ended) - injected < 30  # seconds, not the 400 tokens' time or a client's timeout
+    # /health: 503 while the dead replica is still there (its stats raise) or once Serve has stopped it.
+    status = helpers.wait_for(lambda: (r := app.http.get("/health")).status_code == 503 and r, 60, "/health 503")
+    assert_openai_error(status, 503)
+    helpers.wait_for(lambda: app.http.get("/health").status_code == 200, 600, "the replaced decoder", interval=1.0)
+
+    def replaced() -> bool:
+        try:
+            return replica_pid("DecoderPool") != before
+        except AssertionError:  # the old one still stopping beside the new one
+            return False
+
+    helpers.wait_for(replaced, 120, "only the new decoder replica")
+    assert_healthy(app.http)

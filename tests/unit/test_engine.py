@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -318,3 +319,153 @@ def test_one_failing_sequence_leaves_the_batch_alone(tiny_pipeline, sources, mon
     for i in (0, 3):
         assert finals[f"r{i}"].finish_reason == "length" and seqs[i].output_ids == alone[i]
     assert engine.stats().kv_used_bytes == 0 and engine.num_requests == 0
+
+
+# --- admission with n > 1, a dead step loop, stats read across threads ----------------------------------------
+
+def test_a_request_that_could_never_be_admitted_is_refused_at_once(tiny_pipeline, sources):
+    """n worst cases beyond the pool plus the swap space (less the largest): refused by add_request, not left
+    waiting forever; n = 2 of the same fits and runs; count_admissible is the real admission's count."""
+    loaded, src = tiny_pipeline.loaded, sources[1]
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20))
+    one = probe.kv_bytes_for(src, SamplingParams(max_tokens=40))
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2 * one + one // 2, swap_budget_bytes=64 * 1024))
+    with pytest.raises(InvalidRequest, match="n=8 completions"):
+        engine.add_request(src, SamplingParams(max_tokens=40, n=8))
+    assert engine.kv_bytes_for(src, SamplingParams(max_tokens=40, n=8)) == 8 * one
+    assert not engine.has_work()
+    seqs = [engine.add_request(src, SamplingParams(max_tokens=40, n=2, ignore_eos=True)) for _ in range(3)]
+    assert engine.count_admissible() == 1  # two worst cases fit the pool, four do not
+    admitted = 0
+    while engine.scheduler.admit_next() is not None:
+        admitted += 1
+    assert admitted == 1
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < 2000, "a request waits forever"
+    assert all(len(s.output_ids) == 40 and len(s.siblings[0].output_ids) == 40 for s in seqs)
+
+
+def test_count_admissible_is_admit_next_dry_run(tiny_pipeline, sources):
+    """Mixed n, images and lengths, with running, waiting and preempted sequences: the dry run counts what the real
+    admission then takes, step after step."""
+    loaded = tiny_pipeline.loaded
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
+    one = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=24)) for s in sources)
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=3 * one, block_size=4, max_running=10,
+                                            swap_budget_bytes=4 * one))
+    for i in range(14):
+        engine.add_request(sources[i % len(sources)], SamplingParams(max_tokens=24 - i, n=1 + i % 4, ignore_eos=True,
+                                                                     temperature=1.0, seed=i))
+    checked = 0
+    while engine.has_work():
+        sched = engine.scheduler
+        expected = sched.count_admissible()
+        waiting = len(sched.waiting)
+        while sched.admit_next() is not None:
+            pass
+        assert waiting - len(sched.waiting) == expected
+        checked += expected > 0
+        engine.step()
+        assert sched.running_slots() <= 10
+    assert checked >= 3 and engine.stats().kv_used_bytes == 0 and engine.scheduler.swap.committed == 0
+
+
+class _SwitchingList(list):
+    """A list whose iteration lets other threads run between taking an item and handing it over, as a thread
+    switch may at any bytecode: a race on what is iterated shows at once instead of once in a million reads."""
+
+    def __iter__(self):
+        for item in list.__iter__(self):
+            time.sleep(0.0002)
+            yield item
+
+
+def test_stats_read_while_the_engine_steps(tiny_pipeline, sources):
+    """A thread reads stats while the step thread preempts and finishes sequences (seq.pages = None): what it reads
+    is a snapshot the step thread publishes, never an iteration of the running list (which raised AttributeError
+    when a sequence finished between being taken from the list and its pages being read)."""
+    loaded = tiny_pipeline.loaded
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4))
+    one = max(probe.kv_bytes_for(s, SamplingParams(max_tokens=12)) for s in sources)
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2 * one, block_size=4, kv_watermark=0.0))
+    engine.scheduler.running = _SwitchingList()
+    aeng = AsyncLLMEngine(engine)
+    errors, reads, done = [], [0], threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                st = aeng.stats()
+                assert 0 <= st.kv_written_bytes <= st.kv_used_bytes
+            except Exception as exc:  # noqa: BLE001 - what the race raised
+                errors.append(exc)
+            reads[0] += 1
+
+    async def run():
+        return await asyncio.gather(*(_drain(aeng.generate(sources[i % 6], SamplingParams(
+            max_tokens=12 - i % 5, ignore_eos=True))) for i in range(16)))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        tokens = asyncio.run(run())
+    finally:
+        done.set()
+        thread.join()
+        aeng.shutdown()
+    assert errors == [] and reads[0] > 100, (errors[:3], reads)
+    assert tokens == [12 - i % 5 for i in range(16)]
+
+
+async def _drain(stream) -> int:
+    """Consume a stream; its completion tokens."""
+    tokens = 0
+    async for out in stream:
+        tokens = out.completion_tokens
+    return tokens
+
+
+def test_a_dead_step_loop_fails_its_streams_and_says_so(tiny_pipeline, sources, monkeypatch):
+    """An error escaping the step loop (a step raises, and failing its requests raises too, as a scheduler left
+    inconsistent did: ValueError from list.remove) ends every stream, running or waiting, with EngineDead at once;
+    check_health raises; a new request is refused. They hung forever once, the loop gone and /health 200."""
+    from pipeline.errors import EngineDead
+
+    aeng = AsyncLLMEngine(LLMEngine(tiny_pipeline.loaded, EngineConfig(max_running=2)))
+
+    async def run():
+        producing = asyncio.Event()
+
+        async def stream(i):
+            async for _ in aeng.generate(sources[i], SamplingParams(max_tokens=2000 - sources[i].prompt_len,
+                                                                    ignore_eos=True)):
+                producing.set()
+
+        jobs = [asyncio.ensure_future(stream(i)) for i in range(4)]  # two run, two wait
+        await asyncio.wait_for(producing.wait(), 120)
+        aeng.check_health()  # alive and well
+        t0 = time.monotonic()
+
+        def broken(*_):
+            raise ValueError("list.remove(x): x not in list")
+
+        monkeypatch.setattr(aeng.engine, "fail_all", broken)
+        monkeypatch.setattr(aeng.engine, "step_tokens", lambda: broken())
+        results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 30)
+        ended_in = time.monotonic() - t0
+        with pytest.raises(EngineDead):
+            await _drain(aeng.generate(sources[0], SamplingParams(max_tokens=2)))
+        return results, ended_in
+
+    try:
+        results, ended_in = asyncio.run(run())
+    finally:
+        aeng.shutdown()
+    assert all(isinstance(r, EngineDead) and "ValueError: list.remove" in str(r) for r in results), results
+    assert ended_in < 10
+    with pytest.raises(EngineDead):
+        aeng.check_health()
+    assert aeng.queue_room() == 0

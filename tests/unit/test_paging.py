@@ -281,3 +281,56 @@ def test_cross_page_layout_is_the_pool_a_block_table_indexes():
         n = min(size, 21 - i * size)
         torch.testing.assert_close(k_pool[page, :n], cross[1, 0, :, i * size : i * size + n].transpose(0, 1))
         torch.testing.assert_close(v_pool[page, :n], cross[1, 1, :, i * size : i * size + n].transpose(0, 1))
+
+
+def test_n_completions_at_capacity_never_exceed_max_running(tiny_pipeline, cases):
+    """8 requests of n = 8 into max_running 16 with a pool so small that siblings preempt each other: a request
+    takes its n running slots (and n worst cases of the swap space) from admission, though its siblings fork only
+    after its prompt's last chunk, so at most two requests run at once, never more than 16 sequences; every request
+    finishes, every completion equals the same completion of every other request (same prompt and seed, whatever was
+    preempted), and completion i equals a lone request seeded seed + i."""
+    loaded, src = tiny_pipeline.loaded, cases[3][0]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True, n=8)
+    probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=4)).kv
+    prompt_pages = probe.pages_needed(src.prompt_len, src.num_kept)
+    # A third request's prompt fits (only max_running may hold it back), two requests' 16 growing completions do not.
+    pool = 3 * prompt_pages + 4
+    engine = LLMEngine(loaded, EngineConfig(kv_budget_bytes=pool * probe.blocks.page_bytes, block_size=4,
+                                            kv_watermark=0.0, max_running=16))
+    seqs = [engine.add_request(src, params) for _ in range(8)]
+    assert engine.count_admissible() == 2  # 2 x 8 slots
+    peak = 0
+    while engine.has_work():
+        engine.step()
+        st = engine.stats()
+        assert st.running <= engine.scheduler.running_slots() <= 16
+        peak = max(peak, st.running)
+    st = engine.stats()
+    assert peak == 16 and st.preemptions > 0, (peak, st.preemptions)
+    assert st.kv_used_bytes == st.swap_used_bytes == engine.scheduler.swap.committed == 0 and engine.num_requests == 0
+    outputs = [[s.output_ids for s in [seq] + seq.siblings] for seq in seqs]
+    assert all(len(o) == 8 and all(len(ids) == 8 for ids in o) for o in outputs)
+    assert all(o == outputs[0] for o in outputs)
+    for i in (0, 7):
+        (alone,) = LLMEngine(loaded).generate([src], params.model_copy(update={"n": 1, "seed": 3 + i}))
+        assert outputs[0][i] == alone.output_ids
+
+
+def test_a_full_swap_space_leaves_the_scheduler_consistent(tiny_pipeline, cases):
+    """If a preemption's copy did not fit the swap space (the admission rule makes it impossible: forced here by
+    shrinking the space under running sequences), the step raises with the victim still running with its pages, so
+    failing every request afterwards frees everything (it raised ValueError once: the victim was out of the running
+    list yet RUNNING)."""
+    loaded, sources = tiny_pipeline.loaded, [c[0] for c in cases[:4]]
+    engine = _overcommitted_engine(loaded, sources, 30)
+    for s in sources:
+        engine.add_request(s, SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.step()
+    engine.scheduler.swap.limit_bytes = 0
+    with pytest.raises(RuntimeError, match="swap space full"):
+        for _ in range(60):
+            engine.step()
+    assert all(s.pages is not None for s in engine.scheduler.running)
+    outs = engine.fail_all(RuntimeError("step failed"))
+    assert len(outs) == len(sources) and all(o.finish_reason == "error" for o in outs)
+    assert engine.stats().kv_used_bytes == 0 and not engine.has_work() and engine.scheduler.swap.committed == 0

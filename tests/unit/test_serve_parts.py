@@ -90,3 +90,54 @@ def test_stage_watch_ends_a_wait_when_its_stage_has_no_replica():
         assert watch.report()["stages"]["DecoderPool"] == "unavailable"
 
     asyncio.run(run())
+
+
+def test_front_door_admission_holds_its_share_of_the_decoder_room():
+    """The ingress's admission (deployments/admission.py) without a cluster: places held against the reported queue
+    room, split between ingress replicas; a refusal at once (wait 0) or after a bounded wait; a place given back
+    wakes a waiter; a stale report counts as no room; no report yet admits (the decoder decides)."""
+    import time
+
+    from deployments.admission import DecoderRoom, NoRoom
+
+    async def run():
+        room = DecoderRoom("crosstrim", wait_s=0.0, timeout_s=0.05)
+        room.task = asyncio.get_running_loop().create_future()  # no poller: the test sets the reports
+        room.polled.set()
+        now = time.monotonic()
+        room.reports = {"d1": (3, now), "d2": (2, now)}
+        for _ in range(5):
+            await room.admit()
+        t0 = time.perf_counter()
+        with pytest.raises(NoRoom):
+            await room.admit()
+        assert time.perf_counter() - t0 < 0.1  # at once: no stage call, no wait
+        room.ingresses = 2  # another ingress replica: this one may hold ceil(5 / 2) = 3
+        room.release(), room.release()
+        assert room.held == 3
+        with pytest.raises(NoRoom):
+            await room.admit()
+        room.reports["d2"] = (2, now - 60)  # silent for a minute: its room is not counted
+        assert room.room() == 3 and room.share() == 2
+        room.ingresses, room.wait_s = 1, 5.0
+        room.reports = {"d1": (3, time.monotonic())}
+        waiter = asyncio.ensure_future(room.admit())  # 3 held of 3: waits for a place
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        room.release()
+        await asyncio.wait_for(waiter, 5)
+        assert room.held == 3 and room.counts["refused_at_ingress"] == 2 and room.counts["admitted"] == 6
+        room.wait_s = 0.2
+        t0 = time.perf_counter()
+        with pytest.raises(NoRoom):
+            await room.admit()
+        assert 0.2 <= time.perf_counter() - t0 < 2
+        fresh = DecoderRoom("crosstrim", timeout_s=0.05)
+        fresh.task = asyncio.get_running_loop().create_future()
+        await fresh.admit()  # no report came: admitted, the decoder being the last line of defense
+        room.refused_by_decoder(2)
+        report = room.report()
+        assert report["refused_at_decoder"] == 1 and report["stage_calls_for_refused"] == 2
+        assert report["stage_calls_per_refused"] == pytest.approx(2 / 4)
+
+    asyncio.run(run())
