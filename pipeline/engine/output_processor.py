@@ -24,6 +24,7 @@ class StepToken:
     logprob: float = 0.0  # log p(token), when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None  # the exception's name, with finish_reason "error"
+    cached_tokens: int = 0  # prompt rows taken from the prefix cache
 
 
 class CompletionStream:
@@ -61,6 +62,7 @@ class CompletionStream:
             request_id=step.request_id, new_token_ids=list(step.token_ids), new_text=new_text,
             finished=self.finished, finish_reason=reason, prompt_tokens=step.prompt_tokens,
             completion_tokens=step.completion_tokens, index=step.index, error=step.error,
+            cached_tokens=step.cached_tokens,
         )
         if step.token_ids and self.params.logprobs:  # the model's distribution (before sampling filters), as OpenAI
             out.logprobs = [step.logprob]

@@ -118,12 +118,16 @@ class Scheduler:
         worst = self._worst_pages(seq)
         if not self.swap.admits(worst, seq.params.n):
             return None
-        pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+        cached = self.kv.prefix_hit(seq.page_hashes, seq.prompt_len)  # its prefill starts after these pages
+        pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark(), cached)
         if pages is None:
             return None  # no skipping ahead: a large request is not starved by small ones
         self.waiting.popleft()
         self.swap.commit(worst)  # its n - 1 siblings commit when forked
         seq.pages, seq.status = pages, Status.RUNNING
+        seq.prefilled = seq.cached_tokens = len(cached) * self.kv.block_size
+        if self.kv.prefix is not None:
+            self.kv.prefix.count(seq.prompt_len, seq.cached_tokens)
         self.running.append(seq)
         return seq
 
@@ -131,7 +135,8 @@ class Scheduler:
         """Dry run: how many waiting sequences the next admission would take, with nothing allocated."""
         free, n, committed = self.kv.blocks.free_pages - self._watermark(), 0, 0
         for seq in self.waiting:
-            free -= self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens)
+            free -= self.kv.admission_pages(self._first_tokens(seq), seq.cross_tokens,
+                                            self.kv.prefix_hit(seq.page_hashes, seq.prompt_len))
             worst = self._worst_pages(seq)
             if (free < 0 or len(self.running) + n + seq.params.n > self.cfg.max_running
                     or not self.swap.admits(worst, seq.params.n, committed)):

@@ -1,0 +1,121 @@
+"""Prefix caching: the pages' bookkeeping (held, cached and free, LRU eviction), and exactness: every request's
+tokens with the cache equal its tokens without it, with chunked prefill, preemption and swap, n > 1, trimming on
+and off, two images and evictions forced by a small pool; cache salts separate."""
+
+import pytest
+
+from pipeline.config import EngineConfig, TrimConfig
+from pipeline.engine.block_manager import BlockManager
+from pipeline.engine.llm_engine import LLMEngine
+from pipeline.engine.prefix_cache import PrefixCache, page_hashes
+from pipeline.engine.sampling import SamplingParams
+from pipeline.model.inputs import prepare_prompt
+from pipeline.types import DecodeRequest
+
+SYSTEM = "You answer questions about pictures. Be brief, be exact, and say when you are unsure. " * 3
+
+
+def _messages(question: str, images: int) -> list[dict]:
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def requests(tiny_pipeline, imgs):
+    """Image prompts behind one system prompt (untrimmed, trimmed, two images) and a growing text-only chat."""
+    pipe = tiny_pipeline
+    cfg = pipe.loaded.cfg
+
+    def prepared(question, names):
+        return prepare_prompt(pipe.loaded.processor, _messages(question, len(names)), [imgs[n] for n in names],
+                              cfg.max_images, cfg.max_prompt_tokens)
+
+    out = [pipe.trim(prepared("what colour is it", ["1tile"]), TrimConfig(policy="none")),
+           pipe.trim(prepared("count the shapes", ["4tile"]), TrimConfig(k_ratio=0.15)),
+           pipe.trim(prepared("which is larger", ["2tile", "4tile"]), TrimConfig(policy="mass", mass=0.5))]
+    turn = prepared("tell me a story", []).input_ids.tolist()
+    out += [DecodeRequest(turn), DecodeRequest(turn + turn[-12:]), DecodeRequest(turn + turn[-12:] + turn[-9:])]
+    return out
+
+
+PARAMS = [SamplingParams(max_tokens=6),
+          SamplingParams(max_tokens=6, temperature=0.9, top_k=50, seed=3, n=2, ignore_eos=True)]
+
+
+def _tokens(seqs) -> list[list[list[int]]]:
+    return [[s.output_ids for s in [seq] + seq.siblings] for seq in seqs]
+
+
+def _run(engine: LLMEngine, requests, params, rounds: int = 2):
+    """Every request `rounds` times, a round after the other (later rounds find the earlier ones' pages)."""
+    return [engine.generate(requests, params) for _ in range(rounds)]
+
+
+def test_pages_cached_free_evicted_lru_and_shared_once():
+    prefix = PrefixCache(block_size=2, model_id="m")
+    blocks = BlockManager(6, page_bytes=1, prefix=prefix)
+    a = blocks.allocate(3)
+    h = prefix.hashes([1, 2, 3, 4, 5, 6], 6, None)
+    blocks.register(h, a)
+    assert prefix.match(h) == a and prefix.match(prefix.hashes([1, 2, 3, 4, 5, 6], 6, "salt")) == []
+    assert prefix.match(prefix.hashes([1, 2, 9, 9], 4, None)) == a[:1]  # the chain stops at the first difference
+    blocks.free(a)
+    assert blocks.free_pages == 6 and blocks.unheld_cached == 3  # kept, counted free
+    blocks.share(a[:2])  # a hit revives them: held again, not evictable
+    assert blocks.used == 2 and blocks.unheld_cached == 1
+    b = blocks.allocate(4)  # 3 empty pages + the LRU unheld cached one (a[2], the chain's tail)
+    assert a[2] in b and prefix.match(h) == a[:2] and prefix.evictions == 1
+    blocks.free(b)
+    blocks.free(a[:2])
+    assert blocks.used == 0 and blocks.unheld_cached == 2
+    blocks.reset_prefix()
+    assert blocks.unheld_cached == 0 and prefix.match(h) == [] and blocks.free_pages == 6
+    assert page_hashes([1, 2, 3], 2, b"r", 3) == page_hashes([1, 2, 7], 2, b"r", 3)  # full pages only
+
+
+def test_cached_tokens_equal_uncached_everywhere(tiny_pipeline, requests):
+    """Greedy and seeded n = 2, chunked prefill (a 16-row step budget): tokens equal the cache-off engine's;
+    later rounds take the system prompt and the chat's history from the cache (never the last row)."""
+    loaded = tiny_pipeline.loaded
+    cfg = EngineConfig(block_size=4, step_token_budget=16)
+    off = LLMEngine(loaded, cfg.model_copy(update={"prefix_caching": False}))
+    on = LLMEngine(loaded, cfg)
+    for params in PARAMS:
+        (expected,) = _run(off, requests, params, rounds=1)
+        rounds = _run(on, requests, params)
+        for seqs in rounds:
+            assert _tokens(seqs) == _tokens(expected)
+        hit = rounds[1]
+        assert all(0 < s.cached_tokens < s.prompt_len for s in hit)
+        assert all(s.cached_tokens <= s.image.prefix_len for s in hit if s.image is not None)
+    assert on.kv.blocks.used == 0 and on.kv.prefix.cached_pages > 0
+
+
+def test_exact_with_preemption_swap_and_evictions(tiny_pipeline, requests):
+    """A pool that holds about two requests: sequences preempt and swap, cached pages are evicted and re-made."""
+    loaded = tiny_pipeline.loaded
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    probe = LLMEngine(loaded, EngineConfig(block_size=4, kv_budget_bytes=2**20))
+    need = max(probe.kv_bytes_for(r, params) for r in requests)
+    cfg = EngineConfig(block_size=4, kv_budget_bytes=int(need * 1.8), kv_watermark=0.0)
+    off = LLMEngine(loaded, cfg.model_copy(update={"prefix_caching": False}))
+    on = LLMEngine(loaded, cfg)
+    (expected,) = _run(off, requests, params, rounds=1)
+    for seqs in _run(on, requests, params, rounds=3):
+        assert _tokens(seqs) == _tokens(expected)
+    assert on.scheduler.preemptions > 0 and on.kv.prefix.evictions > 0 and on.kv.prefix.hit_tokens > 0
+    assert on.kv.blocks.used == 0
+
+
+def test_cache_salt_separates(tiny_pipeline, requests):
+    engine = LLMEngine(tiny_pipeline.loaded, EngineConfig(block_size=4))
+    text = requests[3]
+
+    def cached(salt):
+        (seq,) = engine.generate([text], SamplingParams(max_tokens=2, cache_salt=salt))
+        return seq.cached_tokens
+
+    assert cached("alice") == 0 and cached("bob") == 0 and cached(None) == 0
+    assert cached("alice") > 0 and cached("bob") > 0 and cached(None) > 0
+    engine.reset_prefix_cache()
+    assert cached("alice") == 0
