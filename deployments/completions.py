@@ -44,7 +44,7 @@ class TextRenderer:
         choices = [{"index": c.index, "text": c.text, "logprobs": self._logprobs(c.logprobs, 0),
                     "finish_reason": c.finish_reason} for c in acc.completions]
         extra = {"token_ids": [c.token_ids for c in acc.completions]} if self.req.return_token_ids else {}
-        return self._response(choices, usage=usage(acc.prompt_tokens, acc.completion_tokens), **extra)
+        return self._response(choices, usage=usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens), **extra)
 
     def opening(self) -> list[dict]:
         return []
@@ -54,7 +54,7 @@ class TextRenderer:
             return None
         logprobs = self._logprobs(token_logprobs(out), self.offsets[c.index]) if out.new_token_ids else None
         self.offsets[c.index] += len(out.new_text)
-        extra = {"usage": usage(out.prompt_tokens, c.completion_tokens)} if self.continuous_usage else {}
+        extra = {"usage": usage(out.prompt_tokens, c.completion_tokens, out.cached_tokens)} if self.continuous_usage else {}
         choice = {"index": c.index, "text": out.new_text, "logprobs": logprobs,
                   "finish_reason": out.finish_reason if out.finished else None}
         return self._response([choice], **extra)
@@ -63,4 +63,4 @@ class TextRenderer:
         return self._response([{"index": c.index, "text": "", "logprobs": None, "finish_reason": "error"}])
 
     def usage_chunk(self, acc: Accumulator) -> dict:
-        return self._response([], usage=usage(acc.prompt_tokens, acc.completion_tokens))
+        return self._response([], usage=usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens))

@@ -374,6 +374,10 @@ class LLMEngine:
                          finish_reason=reason, logprob=sampled.logprob, top_logprobs=sampled.top_logprobs,
                          cached_tokens=seq.cached_tokens)
 
+    def prefix_digest(self) -> dict | None:
+        """The prefix cache's pages in short form, for routing by prefix (None: no prefix cache)."""
+        return None if self.kv.prefix is None else self.kv.prefix.digest()
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix page (vLLM's reset_prefix_cache); pages sequences hold stay theirs. Returns
         how many pages were cached."""

@@ -29,6 +29,19 @@ def page_hashes(token_ids: list[int], block_size: int, root: bytes, rows: int) -
     return out
 
 
+def route_key(page_hash: bytes) -> int:
+    """A page hash's first 8 bytes: what replicas report to the router (a false match only misroutes)."""
+    return int.from_bytes(page_hash[:8], "little")
+
+
+def cached_prefix_pages(digest: dict, token_ids: list[int], salt: str | None) -> int:
+    """How many leading full pages of a prompt a cache's digest (PrefixCache.digest) holds: the deepest page of
+    the chain it holds (a page's hash covers every page before it)."""
+    keys = set(digest["pages"])
+    hashes = page_hashes(token_ids, digest["block_size"], namespace(digest["model_id"], salt), len(token_ids) - 1)
+    return next((i + 1 for i in range(len(hashes) - 1, -1, -1) if route_key(hashes[i]) in keys), 0)
+
+
 class PrefixCache:
     """hash -> page for the pages registered, and the LRU order of the ones no sequence holds (free to reuse:
     the block manager counts them free and evicts them when it runs out of empty pages)."""
@@ -51,6 +64,13 @@ class PrefixCache:
 
     def hashes(self, token_ids: list[int], rows: int, salt: str | None) -> list[bytes]:
         return page_hashes(token_ids, self.block_size, namespace(self.model_id, salt), rows)
+
+    def digest(self) -> dict:
+        """What a router needs to tell whether this cache holds a request's prefix: the page size, the model, and
+        the short form (route_key) of every cached page's hash (read off the step thread: list() of a dict of
+        bytes keys runs without a switch of threads)."""
+        return {"block_size": self.block_size, "model_id": self.model_id,
+                "pages": [route_key(h) for h in list(self.page_of)]}
 
     def match(self, hashes: list[bytes]) -> list[int]:
         """Pages of the longest cached prefix of `hashes`."""
