@@ -61,10 +61,11 @@ class KVCache:
         tokens = table.self_written * self.num_self + table.cross_tokens * self.num_cross
         return tokens * layout.token_elems * layout.itemsize
 
-    def admission_pages(self, self_tokens: int, cross_tokens: int, cached: list[int] = ()) -> int:
+    def admission_pages(self, self_tokens: int, cross_tokens: int, cached: list[int] = (),
+                        counted: set[int] = frozenset()) -> int:
         """Free pages an allocation takes when its first pages are the prefix cache's `cached` ones: a cached page
-        counts once, whoever holds it (taking one no one holds uses up a free page)."""
-        revived = sum(1 for p in cached if self.blocks.refs[p] == 0)
+        counts once, whoever holds it (taking one no one holds, and not in `counted`, uses up a free page)."""
+        revived = sum(1 for p in cached if self.blocks.refs[p] == 0 and p not in counted)
         return self.pages_needed(self_tokens, cross_tokens) - len(cached) + revived
 
     # --- pages of one sequence ---------------------------------------------------------------------------

@@ -133,10 +133,11 @@ class Scheduler:
 
     def count_admissible(self) -> int:
         """Dry run: how many waiting sequences the next admission would take, with nothing allocated."""
-        free, n, committed = self.kv.blocks.free_pages - self._watermark(), 0, 0
+        free, n, committed, cached = self.kv.blocks.free_pages - self._watermark(), 0, 0, set()
         for seq in self.waiting:
-            free -= self.kv.admission_pages(self._first_tokens(seq), seq.cross_tokens,
-                                            self.kv.prefix_hit(seq.page_hashes, seq.prompt_len))
+            hit = self.kv.prefix_hit(seq.page_hashes, seq.prompt_len)
+            free -= self.kv.admission_pages(self._first_tokens(seq), seq.cross_tokens, hit, cached)
+            cached.update(hit)  # a cached page counts once
             worst = self._worst_pages(seq)
             if (free < 0 or len(self.running) + n + seq.params.n > self.cfg.max_running
                     or not self.swap.admits(worst, seq.params.n, committed)):

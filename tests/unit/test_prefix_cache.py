@@ -3,6 +3,7 @@ tokens with the cache equal its tokens without it, with chunked prefill, preempt
 and off, two images and evictions forced by a small pool; cache salts separate."""
 
 import pytest
+import torch
 
 from pipeline.config import EngineConfig, TrimConfig
 from pipeline.engine.block_manager import BlockManager
@@ -111,6 +112,25 @@ def test_exact_with_preemption_swap_and_evictions(tiny_pipeline, requests):
     assert on.kv.blocks.used == 0
 
 
+def test_admission_counts_a_cached_page_once(tiny_pipeline, requests):
+    """A pool that holds three of a prompt alone holds more of it once its pages are cached (the dry run agrees)."""
+    loaded, text, params = tiny_pipeline.loaded, requests[3], SamplingParams(max_tokens=2)
+    probe = LLMEngine(loaded, EngineConfig(block_size=4, kv_budget_bytes=2**20)).kv
+    cfg = EngineConfig(block_size=4, kv_budget_bytes=3 * probe.bytes_needed(text.prompt_len + 2, 0), kv_watermark=0.0)
+    admitted = {}
+    for caching in (False, True):
+        engine = LLMEngine(loaded, cfg.model_copy(update={"prefix_caching": caching}))
+        engine.generate([text], params)
+        for _ in range(8):
+            engine.add_request(text, params)
+        counted = engine.count_admissible()
+        engine.step()
+        admitted[caching] = engine.stats().running
+        assert counted == admitted[caching]
+        engine.abort_all()
+    assert admitted[False] == 3 and admitted[True] > 3
+
+
 def test_cache_salt_separates(tiny_pipeline, requests):
     engine = LLMEngine(tiny_pipeline.loaded, EngineConfig(block_size=4))
     text = requests[3]
@@ -121,5 +141,9 @@ def test_cache_salt_separates(tiny_pipeline, requests):
 
     assert cached("alice") == 0 and cached("bob") == 0 and cached(None) == 0
     assert cached("alice") > 0 and cached("bob") > 0 and cached(None) > 0
+    # The first token's logits from the cached rows equal a prefill of every row (within 1e-4; tokens above).
+    uncached = LLMEngine(tiny_pipeline.loaded, EngineConfig(block_size=4, prefix_caching=False))
+    torch.testing.assert_close(engine.prefill_logits(text), uncached.prefill_logits(text), atol=1e-4, rtol=0)
+    assert engine.kv.prefix.hit_tokens > 0
     engine.reset_prefix_cache()
     assert cached("alice") == 0
