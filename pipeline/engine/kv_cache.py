@@ -4,6 +4,7 @@ its kv_layer (its ordinal among the self or the cross layers), a token position 
 
 import itertools
 
+import numpy as np
 import torch
 
 from pipeline.engine.arena import ArenaLayout
@@ -67,6 +68,19 @@ class KVCache:
         counts once, whoever holds it (taking one no one holds, and not in `counted`, uses up a free page)."""
         revived = sum(1 for p in cached if self.blocks.refs[p] == 0 and p not in counted)
         return self.pages_needed(self_tokens, cross_tokens) - len(cached) + revived
+
+    def written_bytes_held(self, tables: list[PageTable]) -> int:
+        """Bytes of K/V written in the pages these tables hold, a page several of them share (n > 1 siblings, a
+        cached prefix) counted once, as the pool holds it."""
+        size, written, cross = self.block_size, np.zeros(self.blocks.num_pages, dtype=np.int64), {}
+        for t in tables:
+            full, rest = divmod(t.self_written, size)
+            written[t.self_pages[:full]] = size
+            if rest:
+                written[t.self_pages[full]] = max(int(written[t.self_pages[full]]), rest)
+            cross[t.allocation] = t.cross_tokens  # forks share their cross pages: the same allocation
+        tokens = int(written.sum()) * self.num_self + sum(cross.values()) * self.num_cross
+        return tokens * self.layout.token_elems * self.layout.itemsize
 
     # --- pages of one sequence ---------------------------------------------------------------------------
     def allocate(self, self_tokens: int, cross_tokens: int, watermark: int = 0,

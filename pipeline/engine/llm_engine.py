@@ -394,7 +394,7 @@ class LLMEngine:
         return EngineStats(**cache, prompt_rows_computed=self.prompt_rows,
             running=len(sched.running), waiting=len(sched.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
-            kv_written_bytes=sum(self.kv.written_bytes(s.pages) for s in sched.running),
+            kv_written_bytes=self.kv.written_bytes_held([s.pages for s in sched.running]),
             swapped=len(sched.swapped), swap_used_bytes=sched.swap.used_bytes, preemptions=sched.preemptions,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
