@@ -181,6 +181,7 @@ class Sampling(_Wire):
     guided_grammar: str | None = None
     trim: TrimOverride | Literal["topk_union", "budget", "mass", "none"] | None = None
     return_token_ids: bool = False
+    cache_salt: str | None = Field(None, min_length=1)  # vLLM's: only requests with the same salt share cached pages
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: each prompt token's logprob, rank, top k
 
     @model_validator(mode="after")
@@ -274,7 +275,7 @@ class DetokenizeRequest(_Wire):
 # Request fields that map one-to-one onto SamplingParams fields of the same name; a field left out (None) takes
 # SamplingParams' default.
 SAMPLING_FIELDS = ("temperature", "top_p", "seed", "ignore_eos", "n", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "min_p", "min_tokens", "logit_bias", "stop_token_ids")
+                   "repetition_penalty", "min_p", "min_tokens", "logit_bias", "stop_token_ids", "cache_salt")
 
 
 def sampling_fields(req: Sampling, default_max_tokens: int) -> dict:

@@ -49,8 +49,10 @@ class ChatRenderer(ChunkStream):
         self.tool_names, self.forced = tool_calling(req)
         self.as_content: set[int] = set()  # streamed completions known to be text, not a call
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {**usage(prompt_tokens, completion_tokens), "prompt_tokens_details": {"image_tokens": self.image_tokens}}
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+        out = usage(prompt_tokens, completion_tokens, cached_tokens)
+        out["prompt_tokens_details"]["image_tokens"] = self.image_tokens
+        return out
 
     def _message(self, c: Completion) -> tuple[dict, str | None]:
         """The assistant message and finish reason of a finished completion: its tool calls, or its text."""
@@ -82,7 +84,7 @@ class ChatRenderer(ChunkStream):
             scores["prompt_logprobs"] = self.token_bytes.prompt_logprobs(acc.prompt_logprobs or [])
         return {
             "id": self.rid, "object": "chat.completion", "created": int(time.time()), "model": self.model,
-            "choices": choices, "usage": self.usage(acc.prompt_tokens, acc.completion_tokens),
+            "choices": choices, "usage": self.usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens),
             **self.extra(token_ids[0] if len(token_ids) == 1 else token_ids), **scores,
         }
 
@@ -98,7 +100,7 @@ class ChatRenderer(ChunkStream):
 
     def chunk(self, c: Completion, out: RequestOutput) -> dict | None:
         """The chunk for one decoder output of completion `c` (None: nothing to send)."""
-        extra = {"usage": self.usage(out.prompt_tokens, c.completion_tokens)} if self.continuous_usage else {}
+        extra = {"usage": self.usage(out.prompt_tokens, c.completion_tokens, out.cached_tokens)} if self.continuous_usage else {}
         if self.tool_names and c.index not in self.as_content:
             return self._held(c, out, extra)
         logprobs = token_logprobs(out) if self.req.logprobs and out.new_token_ids else None
@@ -128,4 +130,4 @@ class ChatRenderer(ChunkStream):
 
     def usage_chunk(self, acc: Accumulator) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model,
-                "choices": [], "usage": self.usage(acc.prompt_tokens, acc.completion_tokens)}
+                "choices": [], "usage": self.usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens)}

@@ -108,7 +108,8 @@ class TextRenderer(ChunkStream):
         rows = rows + token_logprobs(out) + ([stop] if stop else [])
         logprobs = self._logprobs(rows, self.offsets[c.index]) if rows else None
         self.offsets[c.index] += len(head) + len(out.new_text)
-        extra = {"usage": usage(out.prompt_tokens, c.completion_tokens)} if self.continuous_usage else {}
+        extra = ({"usage": usage(out.prompt_tokens, c.completion_tokens, out.cached_tokens)}
+                 if self.continuous_usage else {})
         choice = {"index": self.offset + c.index, "text": head + out.new_text, "logprobs": logprobs,
                   "finish_reason": out.finish_reason if out.finished else None}
         return self._response([choice], **extra)
@@ -122,7 +123,8 @@ class TextRenderer(ChunkStream):
 
 
 def _usage(accs: list[Accumulator]) -> dict:
-    return usage(sum(a.prompt_tokens for a in accs), sum(a.completion_tokens for a in accs))
+    return usage(sum(a.prompt_tokens for a in accs), sum(a.completion_tokens for a in accs),
+                 sum(a.cached_tokens for a in accs))
 
 
 def text_body(renders: list[TextRenderer], accs: list[Accumulator]) -> dict:

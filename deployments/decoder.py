@@ -49,6 +49,9 @@ class DecoderPool:
             ("kv_used_bytes", "Bytes of the KV pages held"), ("kv_budget_bytes", "KV budget of the replica"),
             ("kv_written_bytes", "Bytes of K/V written in the held pages"),
             ("swapped", "Sequences preempted to host memory"), ("preemptions", "Preemptions since start"),
+            ("prefix_cached_pages", "KV pages in the prefix cache (held or evictable)"),
+            ("prefix_hit_rate", "Prompt tokens taken from the prefix cache / prompt tokens admitted"),
+            ("prompt_rows_computed", "Prompt rows prefilled since start (cached rows are not computed)"),
         )}
 
     def check_health(self) -> None:
@@ -117,7 +120,7 @@ class DecoderPool:
             self.avg_request_kv_bytes = s.kv_used_bytes / s.running
         for name in self.gauges:
             self.gauges[name].set(getattr(s, name))
-        return dataclasses.asdict(s)
+        return {**dataclasses.asdict(s), "prefix_hit_rate": s.prefix_hit_rate}
 
     def _snapshot(self) -> dict:
         """The engine's stats with this replica's peaks and admission limits: what /stats shows for it."""
@@ -136,6 +139,10 @@ class DecoderPool:
     async def load_stats(self) -> dict:
         return self.loaded.load_stats()
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache (POST /reset_prefix_cache fans this out); returns the pages it held."""
+        return await self.engine.reset_prefix_cache()
+
     async def reset_peaks(self) -> None:
         self.peak_running = self.peak_batch = 0
 
@@ -149,5 +156,6 @@ class DecoderPool:
             "capacity": self.cfg.max_running + self.cfg.max_waiting if alive else 0,  # a dead engine takes nothing
             "queue_room": self.engine.queue_room(),  # requests it would still queue: the ingress's admission
             "avg_request_kv_bytes": self.avg_request_kv_bytes,
+            "prefix": self.engine.prefix_digest(),  # the router prefers a replica that holds a request's prefix
             "engine": s,  # for /stats, which sums the pool's replicas
         }

@@ -29,7 +29,7 @@ from .http_app import ApiError, make_app
 from .limits import Guard
 from .metrics import scrape
 from .preprocess import Preprocessor
-from .replicas import aggregate, routing_stats
+from .replicas import aggregate, each_replica, routing_stats
 from .responses import Accumulator, DecoderStream, TokenBytes, chunks, collect, drain, events, merged, sse_events
 from .responses_api import ResponsesRequest, to_chat
 from .responses_renderer import ResponsesRenderer, response_id
@@ -117,6 +117,14 @@ class Ingress:
                 "encoder_cache": encoder,
                 "stage_batches": {"encoder": [s["batches"] for s in encoders],
                                   "trimmer": [s["batches"] for s in trimmers]}}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(self) -> dict:
+        """vLLM's: every decoder replica forgets its prefix cache (pages running requests hold stay theirs)."""
+        app = serve.get_replica_context().app_name
+        answers = await each_replica(app, "DecoderPool", "reset_prefix_cache", self.cfg.health_timeout_s)
+        pages = [n for n in answers.values() if n is not None]
+        return {"status": "ok", "replicas": len(pages), "pages": sum(pages)}
 
     @app.get("/v1/models/{model_id}", responses=api.error_responses(401, 404))
     async def model(self, model_id: str) -> dict:

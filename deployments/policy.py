@@ -90,7 +90,7 @@ BOTH = {  # both endpoints: OpenAI's sampling fields, vLLM's sampling extras, th
     "priority": ignored("vLLM: scheduling order only (this engine admits first come, first served)"),
     "request_id": ignored("vLLM: the server makes its own id"),
     "session_id": ignored("vLLM: routing hint"),
-    "cache_salt": ignored("vLLM: salts a prefix cache this engine does not have"),
+    "cache_salt": done("vLLM: only requests with the same salt share prefix-cached pages"),
     "stream_interval": ignored("vLLM: how many tokens a chunk groups; every token is sent as it comes"),
     "kv_transfer_params": refused("no disaggregated KV transfer"),
     "ec_transfer_params": refused("no disaggregated encoder cache"),

@@ -9,7 +9,8 @@ from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
 # Summed over replicas; the rest are per-replica gauges for which the pool's worst (max) is the useful figure.
 SUMMED = ("running", "waiting", "kv_used_bytes", "kv_budget_bytes", "tokens_generated", "steps", "decode_steps",
           "decode_rows", "last_batch_size", "peak_running", "peak_batch", "kv_written_bytes", "swapped",
-          "preemptions")
+          "preemptions", "prompt_rows_computed", "prefix_cached_tokens", "prefix_queried_tokens",
+          "prefix_cached_pages", "prefix_unheld_pages", "prefix_evictions")
 
 
 def replica_actor_names(app: str, deployment: str) -> list[str]:
@@ -17,18 +18,24 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-async def replica_stats(app: str, deployment: str, timeout_s: float = 2.0) -> dict[str, dict | None]:
-    """Each live replica's `record_routing_stats()` by actor name; None for one that does not answer in time."""
+async def each_replica(app: str, deployment: str, method: str, timeout_s: float = 2.0) -> dict:
+    """Each live replica's answer to `method()` (no arguments) by actor name; None for one that does not answer in
+    time."""
     names = await asyncio.to_thread(replica_actor_names, app, deployment)
 
-    async def one(name: str) -> dict | None:
+    async def one(name: str):
         try:
             actor = ray.get_actor(name, namespace="serve")
-            return await asyncio.wait_for(actor.record_routing_stats.remote(), timeout_s)
+            return await asyncio.wait_for(getattr(actor, method).remote(), timeout_s)
         except Exception:  # starting, stopping or dead: not part of the pool's figures now
             return None
 
     return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+
+
+async def replica_stats(app: str, deployment: str, timeout_s: float = 2.0) -> dict[str, dict | None]:
+    """Each live replica's `record_routing_stats()` by actor name; None for one that does not answer in time."""
+    return await each_replica(app, deployment, "record_routing_stats", timeout_s)
 
 
 async def routing_stats(app: str, deployment: str, timeout_s: float = 2.0) -> list[dict]:
@@ -42,4 +49,6 @@ def aggregate(engine_stats: list[dict]) -> dict:
     for key in sorted({k for s in engine_stats for k in s}):
         values = [s[key] for s in engine_stats if key in s]
         out[key] = sum(values) if key in SUMMED else max(values)
+    if out.get("prefix_queried_tokens"):  # the pool's hit rate: of every prompt row admitted, the cached share
+        out["prefix_hit_rate"] = out["prefix_cached_tokens"] / out["prefix_queried_tokens"]
     return out

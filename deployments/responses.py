@@ -62,7 +62,7 @@ class Accumulator:
 
     def __init__(self, n: int):
         self.completions = [Completion(i) for i in range(n)]
-        self.prompt_tokens = 0
+        self.prompt_tokens = self.cached_tokens = 0
         self.prompt_logprobs: list[PromptLogprob | None] | None = None  # with prompt_logprobs: from completion 0
 
     def add(self, out: RequestOutput) -> Completion:
@@ -74,7 +74,7 @@ class Accumulator:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         c.finished, c.finish_reason, c.completion_tokens = out.finished, out.finish_reason, out.completion_tokens
-        self.prompt_tokens = out.prompt_tokens
+        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
         return c
 
     @property
@@ -90,9 +90,11 @@ class Accumulator:
         return sum(c.completion_tokens for c in self.completions)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens the prefix cache gave (not computed again)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class TokenBytes:

@@ -65,3 +65,6 @@ class EngineConfig(_Strict):
     # decode steps replayed from CUDA graphs captured at bucketed batch sizes; None: on when the model is on CUDA.
     # Never on CPU (there is nothing to capture).
     cuda_graphs: bool | None = None
+    # Prefix caching (docs/prefix_caching.md): full self-attention pages of text-only prompts and of image prompts'
+    # rows before the first image, keyed by content, shared and kept (evicted least recently used) after use.
+    prefix_caching: bool = True

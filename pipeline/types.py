@@ -272,6 +272,7 @@ class RequestOutput:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.prompt_tokens_details)
     logprobs: list[float] = field(default_factory=list)  # the model's log-probability of each new token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # a position: (token, logprob)s
     index: int = 0  # which of the request's n completions

@@ -10,6 +10,7 @@ from importlib.metadata import entry_points
 import torch
 
 from pipeline.bench import pipeline as bench_pipeline
+from pipeline.bench import prefix as bench_prefix
 from pipeline.bench.realistic import run_realistic
 from pipeline.bench.sources import hf_batch, prepare_sources, write_json
 from pipeline.config import EngineConfig
@@ -20,7 +21,7 @@ from pipeline.quality.reference import trim_generated
 
 def add_args(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (decoder: engine vs HF generate at one KV budget; "
-                                              "pipeline: the three stages in process; e2e: Serve app)")
+                                              "pipeline: the three stages in process; prefix: prefix caching; e2e: Serve app)")
     bench = p.add_subparsers(dest="bench", required=True)
     d = bench.add_parser("decoder", help="decoder engine on the bench model preset")
     d.add_argument("--json", dest="json_path", default="bench-results/decoder.json")
@@ -40,6 +41,7 @@ def add_args(sub) -> None:
                    help="torch threads for every system in the run (default: torch's); 1 on a shared machine, "
                         "where a second busy process makes 2-thread GEMMs ~10x slower")
     bench_pipeline.add_pipeline_args(bench)
+    bench_prefix.add_prefix_args(bench)
     for ep in entry_points(group="crosstrim.bench"):  # benches of other packages (the Serve app's: loadtests/)
         RUNNERS[ep.name] = ep.load()(bench)
 
@@ -52,6 +54,8 @@ def run(args) -> int:
         return run_decoder(args)
     if args.bench == "pipeline":
         return bench_pipeline.run(args)
+    if args.bench == "prefix":
+        return bench_prefix.run(args)
     return RUNNERS[args.bench](args)
 
 

@@ -99,6 +99,17 @@ class AsyncLLMEngine:
     def set_limits(self, max_running: int, max_waiting: int) -> None:
         self.engine.set_limits(max_running, max_waiting)
 
+    def prefix_digest(self) -> dict | None:
+        return self.engine.prefix_digest()
+
+    async def reset_prefix_cache(self) -> int:
+        """LLMEngine.reset_prefix_cache on the step thread (between steps); the pages the cache held."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(("reset", lambda n: loop.call_soon_threadsafe(done.set_result, n)))
+        self._wake.set()
+        return await done
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -118,6 +129,9 @@ class AsyncLLMEngine:
                 continue
             if kind == "fault":
                 raise item
+            if kind == "reset":
+                item(self.engine.reset_prefix_cache())
+                continue
             with self._lock:
                 self._pending -= 1
             try:

@@ -4,23 +4,27 @@ its kv_layer (its ordinal among the self or the cross layers), a token position 
 
 import itertools
 
+import numpy as np
 import torch
 
 from pipeline.engine.arena import ArenaLayout
 from pipeline.engine.block_manager import BlockManager
 from pipeline.engine.page_table import PageTable
+from pipeline.engine.prefix_cache import PrefixCache
 
 
 class KVCache:
     def __init__(self, budget_bytes: int, num_layers: int, cross_layers: list[int], kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, block_size: int = 16, cross_layout: str = "run",
-                 placement: list[int] | None = None, devices: list | None = None):
-        """placement[i]: the index in `devices` of layer i's device (None: every layer on `device`)."""
+                 placement: list[int] | None = None, devices: list | None = None, prefix_model: str | None = None):
+        """placement[i]: the index in `devices` of layer i's device (None: every layer on `device`);
+        prefix_model: the model's id, to key a prefix cache of self-attention pages by (None: no prefix cache)."""
         devices = [torch.device(d) for d in (devices or [device])]
         self.device = devices[0]
         self.layout = ArenaLayout(budget_bytes, num_layers, cross_layers, kv_heads, head_dim, dtype, devices,
                                   block_size, cross_layout, placement or [0] * num_layers)
-        self.blocks = BlockManager(self.layout.num_pages, self.layout.page_bytes)
+        self.prefix = None if prefix_model is None else PrefixCache(self.layout.block_size, prefix_model)
+        self.blocks = BlockManager(self.layout.num_pages, self.layout.page_bytes, self.prefix)
         self.kv_layer = self.layout.kv_layer  # layer index -> kv_layer
         self.block_size, self.cross_block_size = self.layout.block_size, self.layout.cross_block_size
         self.num_self, self.num_cross = self.layout.num_self, self.layout.num_cross
@@ -58,16 +62,40 @@ class KVCache:
         tokens = table.self_written * self.num_self + table.cross_tokens * self.num_cross
         return tokens * layout.token_elems * layout.itemsize
 
+    def admission_pages(self, self_tokens: int, cross_tokens: int, cached: list[int] = (),
+                        counted: set[int] = frozenset()) -> int:
+        """Free pages an allocation takes when its first pages are the prefix cache's `cached` ones: a cached page
+        counts once, whoever holds it (taking one no one holds, and not in `counted`, uses up a free page)."""
+        revived = sum(1 for p in cached if self.blocks.refs[p] == 0 and p not in counted)
+        return self.pages_needed(self_tokens, cross_tokens) - len(cached) + revived
+
+    def written_bytes_held(self, tables: list[PageTable]) -> int:
+        """Bytes of K/V written in the pages these tables hold, a page several of them share (n > 1 siblings, a
+        cached prefix) counted once, as the pool holds it."""
+        size, written, cross = self.block_size, np.zeros(self.blocks.num_pages, dtype=np.int64), {}
+        for t in tables:
+            full, rest = divmod(t.self_written, size)
+            written[t.self_pages[:full]] = size
+            if rest:
+                written[t.self_pages[full]] = max(int(written[t.self_pages[full]]), rest)
+            cross[t.allocation] = t.cross_tokens  # forks share their cross pages: the same allocation
+        tokens = int(written.sum()) * self.num_self + sum(cross.values()) * self.num_cross
+        return tokens * self.layout.token_elems * self.layout.itemsize
+
     # --- pages of one sequence ---------------------------------------------------------------------------
-    def allocate(self, self_tokens: int, cross_tokens: int, watermark: int = 0) -> PageTable | None:
-        """Pages for the first `self_tokens` positions and every kept visual token; None if they do not fit."""
+    def allocate(self, self_tokens: int, cross_tokens: int, watermark: int = 0,
+                 cached: list[int] = ()) -> PageTable | None:
+        """Pages for the first `self_tokens` positions and every kept visual token, the first self pages shared
+        from the prefix cache (`cached`, see prefix_hit); None if they do not fit."""
         n_self = -(-self_tokens // self.block_size)
         n_cross = -(-cross_tokens // self.cross_block_size)
-        if not self.blocks.can_allocate(n_self + n_cross, watermark):
+        if not self.blocks.can_allocate(self.admission_pages(self_tokens, cross_tokens, cached), watermark):
             return None
+        self.blocks.share(list(cached))  # first: held now, so the allocations below cannot evict them
         table = PageTable(self.block_size, self.device, next(self._allocations),
                           cross_pages=self.blocks.allocate(n_cross), cross_tokens=cross_tokens)
-        table.self_pages = self.blocks.allocate(n_self)
+        table.self_pages = list(cached) + self.blocks.allocate(n_self - len(cached),
+                                                                after=cached[-1] if cached else None)
         table.reindex()
         table.cross_views = [self.layout.cross_chunks(table, arena) for arena in self.arenas]
         table.cross_rows = self.layout.cross_rows(table)
@@ -95,6 +123,18 @@ class KVCache:
             table.self_pages[last] = page
         table.reindex()
         return True
+
+    def prefix_hit(self, hashes: list[bytes], prompt_len: int) -> list[int]:
+        """The cached pages a prompt may start with: the longest cached run of its page hashes, never its last row
+        (its logits give the first token)."""
+        if self.prefix is None:
+            return []
+        return self.prefix.match(hashes[: (prompt_len - 1) // self.block_size])
+
+    def register(self, table: PageTable, hashes: list[bytes], rows: int) -> None:
+        """The sequence's pages fully written among its first `rows` positions into the prefix cache."""
+        n = min(rows // self.block_size, len(hashes))
+        self.blocks.register(hashes[:n], table.self_pages[:n])
 
     def fork(self, table: PageTable) -> PageTable:
         """A second holder of every page (n > 1): the image's and the prompt's K/V are stored once."""

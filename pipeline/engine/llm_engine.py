@@ -49,6 +49,16 @@ class EngineStats:
     last_batch_size: int
     decode_steps: int  # cumulative: the mean decode batch over a window is the ratio of two differences
     decode_rows: int
+    prompt_rows_computed: int = 0  # cumulative prompt rows the prefill ran (cached rows are not run)
+    prefix_cached_tokens: int = 0  # cumulative prompt rows taken from the prefix cache
+    prefix_queried_tokens: int = 0  # cumulative prompt rows of admitted prompts (with the cache on)
+    prefix_cached_pages: int = 0  # pages in the prefix cache now (held or not)
+    prefix_unheld_pages: int = 0  # of which no sequence holds: free, evicted least recently used first
+    prefix_evictions: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_cached_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
 class LLMEngine:
@@ -63,6 +73,7 @@ class LLMEngine:
             self.cfg.kv_budget_bytes, tc.num_hidden_layers, loaded.cross_layers, tc.num_key_value_heads,
             tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device, block_size, layout,
             placement=loaded.placement, devices=loaded.devices,  # a layer's K/V on its layer's device
+            prefix_model=f"{loaded.cfg.source}|{loaded.dtype}" if self.cfg.prefix_caching else None,
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)
@@ -81,6 +92,7 @@ class LLMEngine:
         self._grammars: GrammarCache | None = None  # built on the first structured request (xgrammar's vocab scan)
         self._grammars_lock = threading.Lock()
         self.tokens_generated = self.steps = self.last_batch_size = self.decode_steps = self.decode_rows = 0
+        self.prompt_rows = 0  # prompt rows prefilled (computed, not taken from the prefix cache)
         self.last_step_ms = 0.0
 
     def set_limits(self, max_running: int, max_waiting: int) -> None:
@@ -95,6 +107,10 @@ class LLMEngine:
         """A sequence for a decode request; checked (InvalidRequest if it could never run), not queued."""
         seq = Sequence.from_request(request_id or uuid.uuid4().hex, request, params)
         self.scheduler.check(seq)
+        # A request scoring its prompt (prompt_logprobs) needs every row's hidden state: it neither reads nor fills
+        # the prefix cache (as vLLM).
+        if self.kv.prefix is not None and params.prompt_logprobs is None:
+            seq.page_hashes = self.kv.prefix.hashes(seq.prompt_token_ids, seq.cacheable_rows, params.cache_salt)
         params.check_vocab(self.sampler.vocab_size)
         if params.structured is not None:
             self.grammars.compiled(params.structured)  # a bad spec is refused here; compiled once, cached
@@ -211,6 +227,7 @@ class LLMEngine:
         outputs, rows, logits = [], [], []  # rows to sample, and their logits in parts (rows_i, V)
         plan = self.scheduler.schedule()
         if plan.prefill:
+            self.prompt_rows += sum(c.end - c.start for c in plan.prefill)
             outputs += self._prefill(plan.prefill, rows, logits)
         batch = plan.decode
         if batch:
@@ -257,6 +274,7 @@ class LLMEngine:
         for i in range(1, seq.params.n):  # n > 1: siblings share the prompt's and image's pages
             child = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, seq.image)
             child.index, child.arrival, child.prefilled = i, seq.arrival, seq.prefilled
+            child.cached_tokens = seq.cached_tokens
             self.scheduler.fork(seq, child)
             seq.siblings.append(child)
         for s in [seq] + seq.siblings:
@@ -277,7 +295,7 @@ class LLMEngine:
         seq = self.add_request(request, SamplingParams(max_tokens=1))
         try:
             assert self.scheduler.admit_next() is seq, "the request does not fit the KV budget"
-            _, prompt_logits = self.runner.prefill([PrefillChunk(seq, 0, seq.prompt_len)])
+            _, prompt_logits = self.runner.prefill([PrefillChunk(seq, seq.prefilled, seq.prompt_len)])
             return prompt_logits[0]
         finally:
             self.abort(seq.request_id)
@@ -339,7 +357,7 @@ class LLMEngine:
             self.scheduler.finish(seq, "error")
         self._forget_if_done(seq)
         return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), [],
-                         finish_reason="error", error=type(exc).__name__)
+                         finish_reason="error", error=type(exc).__name__, cached_tokens=seq.cached_tokens)
 
     def _forget_if_done(self, seq: Sequence) -> None:
         """Drop the request once every one of its n completions has finished."""
@@ -381,14 +399,29 @@ class LLMEngine:
         return StepToken(seq.request_id, seq.index, seq.params, seq.prompt_len, len(seq.output_ids), new_ids,
                          finish_reason=reason, logprob=sampled.logprob, top_logprobs=sampled.top_logprobs,
                          prompt_logprobs=seq.prompt_logprobs if first else None,
-                         stop_token_id=token if reason == "stop" else None)
+                         stop_token_id=token if reason == "stop" else None, cached_tokens=seq.cached_tokens)
+
+    def prefix_digest(self) -> dict | None:
+        """The prefix cache's pages in short form, for routing by prefix (None: no prefix cache)."""
+        return None if self.kv.prefix is None else self.kv.prefix.digest()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix page (vLLM's reset_prefix_cache); pages sequences hold stay theirs. Returns
+        how many pages were cached."""
+        n = 0 if self.kv.prefix is None else self.kv.prefix.cached_pages
+        self.kv.blocks.reset_prefix()
+        return n
 
     def stats(self) -> EngineStats:
-        sched = self.scheduler
-        return EngineStats(
+        sched, prefix = self.scheduler, self.kv.prefix
+        cache = {} if prefix is None else dict(
+            prefix_cached_tokens=prefix.hit_tokens, prefix_queried_tokens=prefix.queried_tokens,
+            prefix_cached_pages=prefix.cached_pages, prefix_unheld_pages=len(prefix.unheld),
+            prefix_evictions=prefix.evictions)
+        return EngineStats(**cache, prompt_rows_computed=self.prompt_rows,
             running=len(sched.running), waiting=len(sched.waiting),
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
-            kv_written_bytes=sum(self.kv.written_bytes(s.pages) for s in sched.running),
+            kv_written_bytes=self.kv.written_bytes_held([s.pages for s in sched.running]),
             swapped=len(sched.swapped), swap_used_bytes=sched.swap.used_bytes, preemptions=sched.preemptions,
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,

@@ -26,6 +26,7 @@ class StepToken:
     error: str | None = None  # the exception's name, with finish_reason "error"
     prompt_logprobs: list[PromptLogprob | None] | None = None  # on completion 0's first step, when the request asked
     stop_token_id: int | None = None  # the stop token that ended it (not in token_ids; its logprob is `logprob`)
+    cached_tokens: int = 0  # prompt rows taken from the prefix cache
 
 
 class CompletionStream:
@@ -63,7 +64,7 @@ class CompletionStream:
             request_id=step.request_id, new_token_ids=list(step.token_ids), new_text=new_text,
             finished=self.finished, finish_reason=reason, prompt_tokens=step.prompt_tokens,
             completion_tokens=step.completion_tokens, index=step.index, error=step.error,
-            prompt_logprobs=step.prompt_logprobs, stop_token_id=step.stop_token_id,
+            prompt_logprobs=step.prompt_logprobs, stop_token_id=step.stop_token_id, cached_tokens=step.cached_tokens,
         )
         if (step.token_ids or step.stop_token_id is not None) and self.params.logprobs:
             # the model's distribution (before sampling filters), as OpenAI; a stop token's too (the legacy

@@ -124,6 +124,7 @@ class Prefiller:
         self._score_prompt(ordered, rows, h)
         for c in ordered:
             c.seq.pages.self_written = c.seq.prefilled = c.end
+            self.kv.register(c.seq.pages, c.seq.page_hashes, c.end)  # its full cacheable pages, now written
         done = [i for i, c in enumerate(ordered) if c.end == c.seq.prompt_len]
         last = torch.tensor([rows.spans[i][1] - 1 for i in done], dtype=torch.long, device=h.device)
         logits = self._head(h[0, last]).float().to(self.device)
@@ -157,14 +158,15 @@ class Prefiller:
 
     def _write_resumed(self, c: PrefillChunk) -> None:
         """An image chunk's K/V from its resume state: the earlier layers' self K/V of its rows, and, with its
-        first chunk, every cross layer's K/V of the kept tokens."""
+        first chunk (which starts after the rows the prefix cache gave it), every cross layer's K/V of the kept
+        tokens."""
         cache, resume, table = self.kv, c.seq.resume, c.seq.pages
         slots = table.self_slots(c.start, c.end)
         for i in range(self.first):  # (layers, 2, KVH, S, hd) -> each layer's pages (rows, 2, KVH, hd)
             view = cache.self_layer(cache.kv_layer[i])
             view[slots.to(view.device)] = resume.self_kv[i][:, :, c.start : c.end].permute(2, 0, 1, 3).to(
                 view.device, view.dtype)
-        if c.start == 0:
+        if c.start == c.seq.cached_tokens:
             if isinstance(resume.cross, CrossKV):
                 kv = resume.cross.kv
             else:  # the kept tokens' features: project every cross-attention layer's K/V here

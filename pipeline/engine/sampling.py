@@ -41,6 +41,8 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # each prompt token's logprob and this many likeliest
     n: int = Field(1, ge=1, le=16)  # completions of one prompt, sharing its prompt and image KV pages
     structured: StructuredOutput | None = None  # the output's grammar (JSON schema, regex, choice, EBNF; xgrammar)
+    # vLLM's: requests share prefix-cached pages only when their salts are equal (None is a salt of its own)
+    cache_salt: str | None = Field(None, min_length=1)
 
     @field_validator("temperature")
     @classmethod

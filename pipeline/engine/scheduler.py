@@ -138,41 +138,56 @@ class Scheduler:
         return sum(s.completions_held for s in self.running)
 
     def admit_next(self) -> Sequence | None:
-        """The first waiting sequence, running with pages for its prompt, if it fits (and none is preempted)."""
-        if not self.waiting or not self._fits(self.waiting[0], self._room()):
+        """The first waiting sequence, running with pages for its prompt, if it fits (and none is preempted); its
+        prefill starts after the cached pages its prompt begins with (prefix_cache.py)."""
+        if not self.waiting:
+            return None
+        seq = self.waiting[0]
+        cached = self.kv.prefix_hit(seq.page_hashes, seq.prompt_len)
+        if not self._fits(seq, self._room(), cached):
             return None  # no skipping ahead: a large request is not starved by small ones
-        seq = self.waiting.popleft()
-        seq.pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+        self.waiting.popleft()
+        seq.pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark(), cached)
         assert seq.pages is not None, "_fits checked the same pages and watermark"
         self.swap.commit(self._worst_pages(seq), seq.params.n)  # all n worst cases: its siblings fork later
         seq.status = Status.RUNNING
+        seq.prefilled = seq.cached_tokens = len(cached) * self.kv.block_size
+        if self.kv.prefix is not None:
+            self.kv.prefix.count(seq.prompt_len, seq.cached_tokens)
         self.running.append(seq)
         return seq
 
     def count_admissible(self) -> int:
-        """Dry run of admit_next: how many waiting sequences the next admission would take, with nothing allocated."""
-        room, count = self._room(), 0
+        """Dry run of admit_next: how many waiting sequences the next admission would take, with nothing allocated
+        (a cached page that an earlier one takes counts once)."""
+        room, count, taken = self._room(), 0, set()
         for seq in self.waiting:
-            if not self._fits(seq, room):
+            cached = self.kv.prefix_hit(seq.page_hashes, seq.prompt_len)
+            if not self._fits(seq, room, cached, taken):
                 break
             worst = self._worst_pages(seq)
-            room = Room(room.free - self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens),
-                        room.slots + seq.params.n, room.committed + seq.params.n * worst, max(room.largest, worst))
+            room = Room(room.free - self._pages_taken(seq, cached, taken), room.slots + seq.params.n,
+                        room.committed + seq.params.n * worst, max(room.largest, worst))
+            taken.update(cached)
             count += 1
         return count
 
     def _room(self) -> Room:
         return Room(self.kv.blocks.free_pages, self.running_slots(), self.swap.committed, self.swap.largest)
 
-    def _fits(self, seq: Sequence, room: Room) -> bool:
+    def _pages_taken(self, seq: Sequence, cached: list[int], counted: set[int] = frozenset()) -> int:
+        """Free pages the sequence's admission takes: its prompt's (or, reserved, its worst case's) and its kept
+        tokens' pages, less the cached ones it shares (one no one holds, and not in `counted`, takes a free page)."""
+        return self.kv.admission_pages(self._first_tokens(seq), seq.cross_tokens, cached, counted)
+
+    def _fits(self, seq: Sequence, room: Room, cached: list[int] = (), counted: set[int] = frozenset()) -> bool:
         """The one admission rule (admit_next and count_admissible): nothing preempted waits to resume; the n
-        completions fit max_running; the prompt's (or, reserved, the worst case's) and the kept tokens' pages fit
-        the free pool above the watermark (none for an idle engine); the n worst cases fit what the swap space
-        allows (swap.SwapSpace)."""
+        completions fit max_running; the pages it takes fit the free pool above the watermark (none for an idle
+        engine); the n worst cases fit what the swap space allows (swap.SwapSpace)."""
         worst, n = self._worst_pages(seq), seq.params.n
         watermark = self.watermark_pages if room.slots else 0
         return (not self.swapped and room.slots + n <= self.cfg.max_running
-                and self.kv.pages_needed(self._first_tokens(seq), seq.cross_tokens) + watermark <= room.free
+                and self._pages_taken(seq, cached, counted) + watermark <= room.free
                 and room.committed + n * worst <= self.swap.limit(max(room.largest, worst)))
 
     def fork(self, seq: Sequence, child: Sequence) -> None:

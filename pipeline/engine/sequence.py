@@ -31,6 +31,10 @@ class Sequence:
         self.cross_sees_all = image is None or bool(self.cross_mask.all())
         self.resume: ResumeState | None = None  # the prefill's input, read chunk by chunk, dropped after the last
         self.prefilled = 0  # prompt rows whose K/V is in its pages: the (chunked) prefill's progress
+        # Prefix caching: hashes of its cacheable full pages (its text-only prompt's, or its rows before the first
+        # image token), and the prompt rows it took from the cache at admission (its prefill starts after them).
+        self.page_hashes: list[bytes] = []
+        self.cached_tokens = 0
         self.status = Status.WAITING
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -55,6 +59,12 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def cacheable_rows(self) -> int:
+        """Prompt rows whose K/V depends on their tokens alone: all of a text-only prompt, the blind prefix of an
+        image prompt (after the first image token the K/V depends on the image, and on the trimming)."""
+        return self.prompt_len if self.image is None else self.image.prefix_len
 
     @property
     def prefilling(self) -> bool:

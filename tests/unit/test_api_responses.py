@@ -60,7 +60,7 @@ def test_continuous_usage_on_every_chunk():
     chunks = _sse(renderer, req, _outputs("abcdef"))
     usages = [ch["usage"]["completion_tokens"] for ch in chunks if "usage" in ch]
     assert usages == [1, 2, 3, 3]  # each output's count, then the closing usage chunk
-    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"image_tokens": TRIM.visual_tokens}
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"image_tokens": TRIM.visual_tokens, "cached_tokens": 4}
 
 
 def test_text_completion_body_and_stream():

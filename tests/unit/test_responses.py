@@ -48,7 +48,7 @@ class Tokens:
 
 def out(index, ids, text, finished=False, reason=None, completion_tokens=0):
     return RequestOutput("r", ids, text, finished, reason, prompt_tokens=7, completion_tokens=completion_tokens,
-                         logprobs=[-0.5] * len(ids), top_logprobs=[[(i, -0.5)] for i in ids], index=index)
+                         cached_tokens=4, logprobs=[-0.5] * len(ids), top_logprobs=[[(i, -0.5)] for i in ids], index=index)
 
 
 # Two completions interleaved, as the decoder yields them.
@@ -82,7 +82,8 @@ def test_json_body_per_index():
     assert [len(c["logprobs"]["content"]) for c in body["choices"]] == [3, 2]
     assert body["choices"][0]["logprobs"]["content"][1] == {"token": "t2", "logprob": -0.5, "top_logprobs": [[2, -0.5]]}
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
-                             "prompt_tokens_details": {"image_tokens": 130}}  # the trim summary's visual tokens
+                             "prompt_tokens_details": {"image_tokens": 130,  # the trim summary's visual tokens
+                                                       "cached_tokens": 4}}  # from the prefix cache
     assert body["token_ids"] == [[1, 2, 3], [5, 6]] and body["trim"]["kept_tokens"] == 49
 
 

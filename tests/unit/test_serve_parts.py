@@ -34,6 +34,27 @@ def test_router_prefers_most_free_kv():
         == ["b", "a"]
 
 
+def test_router_prefers_the_replica_holding_the_prefix_while_its_kv_allows():
+    from deployments.router import rank_by_free_kv
+    from pipeline.engine.prefix_cache import PrefixCache
+
+    system, question = list(range(100, 164)), [7, 8, 9]
+    cache = PrefixCache(block_size=16, model_id="m")
+    cache.register(cache.hashes(system, len(system), None), list(range(4)))  # a holds the system prompt
+
+    def replica(rid, free, digest=None):
+        return SimpleNamespace(replica_id=rid, routing_stats=dict(
+            requests=1, capacity=8, avg_request_kv_bytes=100, kv_free_bytes=free, prefix=digest))
+
+    order = lambda prompt, *rs: [r.replica_id for r in rank_by_free_kv(list(rs), {}, prompt)]  # noqa: E731
+    a, b = replica("a", 300, cache.digest()), replica("b", 900, PrefixCache(16, "m").digest())
+    assert order((system + question, None), b, a) == ["a", "b"]  # a holds it and fits the request
+    assert order((system + question, "salted"), b, a) == ["b", "a"]  # another salt shares nothing
+    assert order(([1] * 67, None), b, a) == ["b", "a"]  # another prefix: free KV decides
+    assert order(None, b, a) == ["b", "a"]
+    assert order((system + question, None), b, replica("a", 50, cache.digest())) == ["b", "a"]  # a is full
+
+
 def test_feature_cache_is_bounded_in_bytes():
     from deployments.encoder import FeatureCache
 
