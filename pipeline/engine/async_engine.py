@@ -66,6 +66,9 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def pressure(self) -> float:
+        return self.engine.pressure()
+
     def kv_bytes_per_token(self) -> float:
         return self.engine.kv_bytes_per_token()
 

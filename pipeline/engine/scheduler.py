@@ -38,6 +38,7 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()  # preempted, first to resume first
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.preemptions = 0
+        self.sheds = self.shed_tokens = 0
         self.watermark_pages = int(cfg.kv_watermark * kv.blocks.num_pages)
         self.swap = SwapSpace(cfg.swap_budget_bytes, kv.blocks.page_bytes, kv.blocks.num_pages)
 
@@ -71,6 +72,8 @@ class Scheduler:
             if seq.status != Status.RUNNING or seq.prefilling:
                 continue  # preempted just now for an earlier-admitted sequence, or still prefilling (pages held)
             while not self.kv.grow(seq.pages, seq.num_tokens):  # room for the token fed this step
+                if self._shed():  # elastic: free running sequences' least important cross pages before preempting
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -171,6 +174,25 @@ class Scheduler:
 
     def _watermark(self) -> int:
         return self.watermark_pages if self.running else 0  # an idle engine admits whatever fits alone
+
+    def _shed(self) -> bool:
+        """Shed the running sequence with the most cross pages above its floor (ties: the latest admitted) down to its
+        floor, in one go; False when no page can be freed that way (docs/elastic.md). Its worst case shrinks: the
+        swap space's commitment too."""
+        pages = [self.kv.pages_needed(0, s.cross_tokens) - self.kv.pages_needed(0, s.cross_tokens - s.sheddable_tokens)
+                 for s in self.running]
+        best = max(range(len(pages)), key=lambda i: (pages[i], i), default=None)
+        if best is None or pages[best] == 0:
+            return False
+        seq = self.running[best]
+        keep, worst = seq.cross_tokens - seq.sheddable_tokens, self._worst_pages(seq)
+        self.kv.shed_cross(seq.pages, keep)
+        self.shed_tokens += seq.cross_tokens - keep
+        seq.shed_to(keep)
+        self.swap.release(worst)
+        self.swap.commit(self._worst_pages(seq))
+        self.sheds += 1
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
