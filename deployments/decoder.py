@@ -46,6 +46,9 @@ class DecoderPool:
             ("kv_used_bytes", "Bytes of the KV pages held"), ("kv_budget_bytes", "KV budget of the replica"),
             ("kv_written_bytes", "Bytes of K/V written in the held pages"),
             ("swapped", "Sequences preempted to host memory"), ("preemptions", "Preemptions since start"),
+            ("sheds", "Sequences shed to their elastic floor since start"),
+            ("shed_tokens", "Kept visual tokens dropped by sheds since start"),
+            ("kv_pressure", "KV pages held plus those queued requests need, over all pages"),
         )}
 
     def reconfigure(self, user_config: dict) -> None:
@@ -104,6 +107,10 @@ class DecoderPool:
 
     async def stats(self) -> dict:
         return self._snapshot()
+
+    async def pressure(self) -> float:
+        """The engine's KV pressure (LLMEngine.pressure): what an elastic trim policy reads (docs/elastic.md)."""
+        return self.engine.pressure()
 
     async def kv_bytes_per_token(self) -> float:
         """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""

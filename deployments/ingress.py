@@ -27,6 +27,7 @@ from .http_app import ApiError, make_app
 from .limits import Guard
 from .metrics import scrape
 from .preprocess import Preprocessor
+from .pressure import PoolPressure
 from .replicas import aggregate, routing_stats
 from .responses import Accumulator, DecoderStream, TokenBytes, collect, events
 from .settings import IngressSettings
@@ -58,6 +59,7 @@ class Ingress:
         log.info("ingress: API keys %s (%d keys from $%s)", "on" if self.guard.keys else "off", len(self.guard.keys),
                  cfg.api_key_env)
         self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
+        self.pressure = PoolPressure(self.decoder_calls)  # what elastic trim policies read
         self.watch = StageWatch(serve.get_replica_context().app_name)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -201,6 +203,8 @@ class Ingress:
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc)) from exc
+        if trim_cfg.policy == "elastic" and prepared.num_images:  # the pool's pressure travels with the request
+            trim_cfg = trim_cfg.model_copy(update={"pressure": await self.pressure.read()})
         room = self.cfg.engine.max_model_len - len(prepared.input_ids)
         asked = req.max_tokens or getattr(req, "max_completion_tokens", None)
         if asked is None and 0 < room < params.max_tokens:

@@ -9,7 +9,7 @@ from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
 # Summed over replicas; the rest are per-replica gauges for which the pool's worst (max) is the useful figure.
 SUMMED = ("running", "waiting", "kv_used_bytes", "kv_budget_bytes", "tokens_generated", "steps", "decode_steps",
           "decode_rows", "last_batch_size", "peak_running", "peak_batch", "kv_written_bytes", "swapped",
-          "preemptions")
+          "preemptions", "sheds", "shed_tokens")
 
 
 def replica_actor_names(app: str, deployment: str) -> list[str]:

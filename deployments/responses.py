@@ -40,6 +40,8 @@ class Completion:
     finished: bool = False
     finish_reason: str | None = None
     completion_tokens: int = 0
+    kept_tokens_end: int | None = None  # elastic: kept visual tokens when it finished
+    shed_at: int | None = None  # elastic: the output token from which it attended to fewer
 
     @property
     def text(self) -> str:
@@ -59,6 +61,8 @@ class Accumulator:
         c.token_ids += out.new_token_ids
         c.logprobs += token_logprobs(out)
         c.finished, c.finish_reason, c.completion_tokens = out.finished, out.finish_reason, out.completion_tokens
+        if out.kept_tokens_end is not None:
+            c.kept_tokens_end, c.shed_at = out.kept_tokens_end, out.shed_at
         self.prompt_tokens = out.prompt_tokens
         return c
 

@@ -276,6 +276,10 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # a position: (token, logprob)s
     index: int = 0  # which of the request's n completions
     error: str | None = None  # set (with finish_reason "error") when this request alone failed in the engine
+    # On a finished output of a request with an image (elastic trimming, docs/elastic.md): its kept visual tokens at
+    # the end, and the output token from which it attended to fewer (None: never shed).
+    kept_tokens_end: int | None = None
+    shed_at: int | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 import torch
 
+from pipeline.bench import elastic as bench_elastic
 from pipeline.bench import pipeline as bench_pipeline
 from pipeline.bench.realistic import run_realistic
 from pipeline.bench.sources import hf_batch, prepare_sources, write_json
@@ -40,6 +41,7 @@ def add_args(sub) -> None:
                    help="torch threads for every system in the run (default: torch's); 1 on a shared machine, "
                         "where a second busy process makes 2-thread GEMMs ~10x slower")
     bench_pipeline.add_pipeline_args(bench)
+    bench_elastic.add_args(bench)
     for ep in entry_points(group="crosstrim.bench"):  # benches of other packages (the Serve app's: loadtests/)
         RUNNERS[ep.name] = ep.load()(bench)
 
@@ -52,6 +54,8 @@ def run(args) -> int:
         return run_decoder(args)
     if args.bench == "pipeline":
         return bench_pipeline.run(args)
+    if args.bench == "elastic":
+        return bench_elastic.run(args)
     return RUNNERS[args.bench](args)
 
 

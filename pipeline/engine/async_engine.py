@@ -54,6 +54,9 @@ class AsyncLLMEngine:
                 if stopped_by_text(step, out):
                     self._inbox.put(("finish", (seq.request_id, step.index)))
                     self._wake.set()
+                if out.finished and seq.image is not None:  # what shedding left it (docs/elastic.md)
+                    finisher = seq if step.index == 0 else seq.siblings[step.index - 1]
+                    out.kept_tokens_end, out.shed_at = finisher.cross_tokens, finisher.shed_at
                 done += out.finished
                 finished = done == params.n  # every one of the n completions
                 yield out
