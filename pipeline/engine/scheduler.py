@@ -122,6 +122,8 @@ class Scheduler:
         if not self.swap.admits(worst, seq.params.n):
             return None
         pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
+        while pages is None and self._shed():  # elastic: shed running sequences to their floor rather than queue
+            pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark())
         if pages is None:
             return None  # no skipping ahead: a large request is not starved by small ones
         self.waiting.popleft()

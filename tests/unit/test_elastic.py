@@ -178,3 +178,78 @@ def test_shed_cross_keeps_the_first_tokens_and_frees_the_tail(layout):
     kv.release(table)
     kv.release(other)
     assert kv.blocks.used == 0
+
+
+def test_request_trim_fields_and_opt_out():
+    """The request's `trim` merges over the deployment default: opt in by name, set bounds, opt out."""
+    from deployments import api
+    from pipeline.errors import InvalidRequest
+
+    default = TrimConfig(floor_fraction=0.3)
+    assert api.to_trim_config("elastic", default).policy == "elastic"
+    assert api.to_trim_config("elastic", default).floor_fraction == 0.3
+    cfg = api.to_trim_config(api.TrimOverride(policy="elastic", ceiling_fraction=0.8, elastic=False), default)
+    assert cfg.sheddable is False and cfg.model_copy(update={"pressure": 1.0}).elastic_fraction() == 0.8
+    with pytest.raises(InvalidRequest, match="floor_fraction"):
+        api.to_trim_config(api.TrimOverride(policy="elastic", floor_fraction=0.9, ceiling_fraction=0.5), default)
+
+
+def test_pool_pressure_is_cached_and_a_silent_pool_reads_full():
+    import asyncio
+
+    from deployments.pressure import PoolPressure
+
+    class Call:
+        def __init__(self, fail=False):
+            self.calls, self.fail = 0, fail
+
+        async def remote(self):
+            self.calls += 1
+            if self.fail:
+                raise RuntimeError("no replica")
+            return 0.42
+
+    class Pool:
+        def __init__(self, fail=False):
+            self.pressure = Call(fail)
+
+    async def main():
+        pool, broken = Pool(), Pool(fail=True)
+        reader = PoolPressure(pool, period_s=60)
+        got = await asyncio.gather(*(reader.read() for _ in range(5)))
+        assert got == [0.42] * 5 and pool.pressure.calls == 1  # one call shared, then cached
+        assert await PoolPressure(broken).read() == 1.0
+
+    asyncio.run(main())
+
+
+def test_response_trim_reports_the_shed():
+    from deployments.chat import ChatRenderer
+    from deployments.responses import Completion
+    from deployments.stream import TrimSummary
+
+    summary = TrimSummary(130, 130, 1.0, 10, 10, "kv", 1, 1, 0.1, chosen_fraction=1.0, pressure=0.2, floor_tokens=28)
+    render = ChatRenderer.__new__(ChatRenderer)
+    render.trim, render.req = summary.as_dict(), type("R", (), {"return_token_ids": False})()
+    done = Completion(0, kept_tokens_end=28, shed_at=3)
+    trim = render.extra([], done)["trim"]
+    assert trim["kept_tokens"] == 130 and trim["kept_tokens_end"] == 28 and trim["shed_at"] == 3
+    assert trim["chosen_fraction"] == 1.0 and trim["pressure"] == 0.2
+    assert "kept_tokens_end" not in render.extra([], Completion(0))["trim"]
+
+
+def test_bench_elastic_writes_its_results(tmp_path):
+    """`crosstrim bench elastic` at a toy size: every setting at every load, the issue's keys, a figure."""
+    import json
+
+    from pipeline.cli import main
+
+    out, fig = tmp_path / "elastic.json", tmp_path / "elastic.png"
+    assert main(["bench", "elastic", "--requests", "6", "--loads", "1,4", "--json", str(out), "--figure", str(fig)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert {(r["setting"], r["load"]) for r in rows} == {(s, ld) for s in ("untrimmed", "fixed default", "fixed floor",
+                                                                          "elastic") for ld in (1.0, 4.0)}
+    for r in rows:
+        assert {"setting", "load", "accuracy", "goodput", "ttft_p99_s", "refused", "preempted", "shed"} <= set(r)
+    assert fig.stat().st_size > 0 and set(result["verdict"]) >= {"not_dominated_at_load"}
