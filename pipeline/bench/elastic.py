@@ -14,12 +14,16 @@ from pipeline.engine.sampling import SamplingParams
 from pipeline.inprocess import Pipeline
 from pipeline.quality.synthetic import generate_samples
 
-SETTINGS = {  # name -> the trim config every request of the run gets
-    "untrimmed": TrimConfig(policy="none"),
-    "fixed default": TrimConfig(),  # topk_union at the default k_ratio
-    "fixed floor": TrimConfig(policy="target", target_fraction=0.21),
-    "elastic": TrimConfig(policy="elastic", floor_fraction=0.21, ceiling_fraction=1.0),
-}
+
+def settings(floor: float) -> dict[str, TrimConfig]:
+    """name -> the trim config every request of the run gets"""
+    return {"untrimmed": TrimConfig(policy="none"),
+            "fixed default": TrimConfig(),  # topk_union at the default k_ratio
+            "fixed floor": TrimConfig(policy="target", target_fraction=floor),
+            "elastic": TrimConfig(policy="elastic", floor_fraction=floor, ceiling_fraction=1.0)}
+
+
+SETTINGS = settings(0.21)
 
 
 def add_args(bench) -> None:
@@ -36,6 +40,7 @@ def add_args(bench) -> None:
     p.add_argument("--step-ms", type=float, default=25.0, help="simulated cost of one engine step")
     p.add_argument("--slo-ttft-s", type=float, default=0.25, help="goodput counts correct answers within this TTFT")
     p.add_argument("--seed", type=int, default=777)
+    p.add_argument("--floor", type=float, default=0.21, help="the fixed floor's and elastic's floor fraction")
 
 
 def run(args) -> int:
@@ -68,7 +73,7 @@ def run(args) -> int:
         for _ in samples:
             t += rng.expovariate(load * capacity)
             arrivals.append(t)
-        for name, cfg in SETTINGS.items():
+        for name, cfg in settings(args.floor).items():
             r = simulate(pipe, engine_cfg, prepared, visuals, samples, arrivals, cfg, args, cache)
             results.append({"setting": name, "load": load, "offered_rps": round(load * capacity, 3), **r})
             print(f"load {load:>4}x {name:>14}: accuracy {r['accuracy']:.3f} goodput {r['goodput']:.2f}/s "
@@ -78,7 +83,7 @@ def run(args) -> int:
            "kv_budget_bytes": budget, "untrimmed_slots": args.untrimmed_slots, "capacity_rps": round(capacity, 3),
            "requests_per_load": args.requests, "max_tokens": args.max_tokens, "max_waiting": args.max_waiting,
            "slo_ttft_s": args.slo_ttft_s, "settings": {k: v.model_dump(exclude_defaults=True)
-                                                       for k, v in SETTINGS.items()},
+                                                       for k, v in settings(args.floor).items()},
            "wall_s": round(time.perf_counter() - t0, 1), "results": results, "verdict": verdict(results)}
     write_json(args.json_path, out)
     if args.figure:

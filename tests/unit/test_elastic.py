@@ -115,27 +115,30 @@ def test_pipeline_reads_its_engines_pressure(tiny_pipeline, imgs):
     assert image.pressure == 0 and image.chosen_fraction == 0.6
 
 
-def _overcommitted(loaded, sources, max_tokens, block_size=4):
-    """A pool that admits every prompt at once but holds only a quarter of their growth."""
+def _overcommitted(loaded, sources, max_tokens, tight: str = "growth", block_size=4):
+    """tight "growth": a pool that admits every prompt at once but holds only a quarter of their growth; "admission":
+    one that holds the first two prompts and everybody's growth, so the others are admitted only if pages are shed."""
     probe = LLMEngine(loaded, EngineConfig(kv_budget_bytes=2**20, block_size=block_size)).kv
-    prompts = sum(probe.pages_needed(s.prompt_len, s.num_kept) for s in sources)
-    growth = sum(probe.pages_needed(s.prompt_len + max_tokens, s.num_kept) for s in sources) - prompts
-    return LLMEngine(loaded, EngineConfig(kv_budget_bytes=(prompts + growth // 4) * probe.blocks.page_bytes,
+    prompts = [probe.pages_needed(s.prompt_len, s.num_kept) for s in sources]
+    growth = sum(probe.pages_needed(s.prompt_len + max_tokens, s.num_kept) for s in sources) - sum(prompts)
+    pages = sum(prompts) + growth // 4 if tight == "growth" else sum(prompts[:2]) + growth
+    return LLMEngine(loaded, EngineConfig(kv_budget_bytes=pages * probe.blocks.page_bytes,
                                           block_size=block_size, kv_watermark=0.0, swap_budget_bytes=2**30))
 
 
-@pytest.mark.parametrize("image_names", [["4tile"], ["1tile", "4tile"]], ids=["one", "two"])
-def test_shed_sequence_equals_masking_reference(tiny_pipeline, imgs, image_names):
-    """Elastic requests admitted at the ceiling into a pool too small for their growth: the engine sheds (instead of
-    preempting), and every sequence's tokens equal the masking reference with its shed tokens masked from the
-    step it was shed on; a non-elastic request beside them is never shed."""
+@pytest.mark.parametrize("tight,image_names", [("growth", ["4tile"]), ("growth", ["1tile", "4tile"]),
+                                               ("admission", ["4tile"])], ids=["growth-one", "growth-two", "admission"])
+def test_shed_sequence_equals_masking_reference(tiny_pipeline, imgs, tight, image_names):
+    """Elastic requests admitted at the ceiling into a pool too small for their growth (or for all of them at once):
+    the engine sheds (instead of preempting, or holding admission), and every sequence's tokens equal the masking
+    reference with its shed tokens masked from the step it was shed on; a non-elastic request is never shed."""
     pipe, model = tiny_pipeline, tiny_pipeline.loaded.model
     images = [imgs[n] for n in image_names]
     max_new = 24
     cfgs = [ELASTIC.model_copy(update={"pressure": 0.0})] * 3 + [TrimConfig(policy="target", target_fraction=0.6)]
     prepared = [pipe.prepare(p, images) for p in PROMPTS[:3]] + [pipe.prepare(PROMPTS[3], images)]
     requests = [pipe.trim(p, c) for p, c in zip(prepared, cfgs)]
-    engine = _overcommitted(pipe.loaded, requests, max_new)
+    engine = _overcommitted(pipe.loaded, requests, max_new, tight)
     params = SamplingParams(max_tokens=max_new)
     seqs = [engine.add_request(r, params) for r in requests]
     while engine.has_work():
