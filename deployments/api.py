@@ -89,11 +89,16 @@ class TrimOverride(_Wire):
     """The request's `trim` extension as an object: {"k_ratio": R}, {"enabled": false}, or TrimConfig fields."""
 
     enabled: bool | None = None
-    policy: Literal["topk_union", "target", "budget", "mass", "none"] | None = None
+    policy: Literal["topk_union", "target", "budget", "mass", "none", "elastic"] | None = None
     k_ratio: float | None = None
     target_fraction: float | None = None
     budget_tokens: int | None = None
     mass: float | None = None
+    # elastic (docs/elastic.md): the kept fraction follows the decoder pool's KV pressure between these; `elastic:
+    # false` opts out (the ceiling, never shed)
+    floor_fraction: float | None = None
+    ceiling_fraction: float | None = None
+    elastic: bool | None = None
 
 
 class FunctionDef(_Wire):
@@ -179,7 +184,7 @@ class Sampling(_Wire):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    trim: TrimOverride | Literal["topk_union", "budget", "mass", "none"] | None = None
+    trim: TrimOverride | Literal["topk_union", "budget", "mass", "none", "elastic"] | None = None
     return_token_ids: bool = False
     cache_salt: str | None = Field(None, min_length=1)  # vLLM's: only requests with the same salt share cached pages
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: each prompt token's logprob, rank, top k

@@ -63,8 +63,13 @@ class ChatRenderer(ChunkStream):
                        "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
         return {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
 
-    def extra(self, token_ids) -> dict:
-        extra = {"trim": self.trim}
+    def extra(self, token_ids, done: Completion | None = None) -> dict:
+        """The response's extensions; `trim` with what shedding left the finished completion `done` (kept at
+        admission: kept_tokens; at the end: kept_tokens_end; shed_at: the output token from which it changed)."""
+        trim = self.trim
+        if trim is not None and done is not None and done.kept_tokens_end is not None:
+            trim = {**trim, "kept_tokens_end": done.kept_tokens_end, "shed_at": done.shed_at}
+        extra = {"trim": trim}
         if self.req.return_token_ids:
             extra["token_ids"] = token_ids
         return extra
@@ -85,7 +90,7 @@ class ChatRenderer(ChunkStream):
         return {
             "id": self.rid, "object": "chat.completion", "created": int(time.time()), "model": self.model,
             "choices": choices, "usage": self.usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens),
-            **self.extra(token_ids[0] if len(token_ids) == 1 else token_ids), **scores,
+            **self.extra(token_ids[0] if len(token_ids) == 1 else token_ids, acc.completions[0]), **scores,
         }
 
     def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None,
@@ -106,7 +111,7 @@ class ChatRenderer(ChunkStream):
         logprobs = token_logprobs(out) if self.req.logprobs and out.new_token_ids else None
         delta = {"content": out.new_text} if out.new_text else {}
         if out.finished:
-            return self._chunk(c.index, delta, out.finish_reason, logprobs, **self.extra(c.token_ids), **extra)
+            return self._chunk(c.index, delta, out.finish_reason, logprobs, **self.extra(c.token_ids, c), **extra)
         if delta or logprobs:
             return self._chunk(c.index, delta, logprobs=logprobs, **extra)
         return None
@@ -118,7 +123,7 @@ class ChatRenderer(ChunkStream):
             message, finish_reason = self._message(c)
             delta = ({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
                      if message.get("tool_calls") else {"content": c.text})
-            return self._chunk(c.index, delta, finish_reason, logprobs, **self.extra(c.token_ids), **extra)
+            return self._chunk(c.index, delta, finish_reason, logprobs, **self.extra(c.token_ids, c), **extra)
         if may_be_call(c.text, self.forced):
             return None
         self.as_content.add(c.index)  # plain text after all: what was held goes out now, the rest as it comes

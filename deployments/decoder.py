@@ -52,6 +52,9 @@ class DecoderPool:
             ("prefix_cached_pages", "KV pages in the prefix cache (held or evictable)"),
             ("prefix_hit_rate", "Prompt tokens taken from the prefix cache / prompt tokens admitted"),
             ("prompt_rows_computed", "Prompt rows prefilled since start (cached rows are not computed)"),
+            ("sheds", "Sequences shed to their elastic floor since start"),
+            ("shed_tokens", "Kept visual tokens dropped by sheds since start"),
+            ("kv_pressure", "KV pages held plus those queued requests need, over all pages"),
         )}
 
     def check_health(self) -> None:
@@ -131,6 +134,10 @@ class DecoderPool:
         """The snapshot; raises (EngineDead) if the engine has stopped, so the ingress's /health says 503."""
         self.engine.check_health()
         return self._snapshot()
+
+    async def pressure(self) -> float:
+        """The engine's KV pressure (LLMEngine.pressure): what an elastic trim policy reads (docs/elastic.md)."""
+        return self.engine.pressure()
 
     async def kv_bytes_per_token(self) -> float:
         """KV bytes a sequence reserves per token of prompt + max_tokens (the ingress's per-key accounting)."""

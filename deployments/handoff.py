@@ -49,4 +49,7 @@ class Handoff:
             shipped_bytes=self.nbytes,
             shipped_cross_bytes=self.cross_bytes,
             hop_ms=round((received_at - self.sent_at) * 1e3, 3),
+            chosen_fraction=image.chosen_fraction,
+            pressure=image.pressure,
+            floor_tokens=image.floor_tokens,
         )

@@ -29,6 +29,7 @@ from .http_app import ApiError, make_app
 from .limits import Guard
 from .metrics import scrape
 from .preprocess import Preprocessor
+from .pressure import PoolPressure
 from .replicas import aggregate, each_replica, routing_stats
 from .responses import Accumulator, DecoderStream, TokenBytes, chunks, collect, drain, events, merged, sse_events
 from .responses_api import ResponsesRequest, to_chat
@@ -63,6 +64,7 @@ class Ingress:
         log.info("ingress: API keys %s (%d keys from $%s)", "on" if self.guard.keys else "off", len(self.guard.keys),
                  cfg.api_key_env)
         self.kv_bytes_per_token: float | None = None  # from the decoder, on the first request that needs it
+        self.pressure = PoolPressure(self.decoder_calls)  # what elastic trim policies read
         self.watch = StageWatch(serve.get_replica_context().app_name)
         self.revision = git_revision()
         self.admission = DecoderRoom(serve.get_replica_context().app_name, cfg.admission_wait_s)
@@ -295,6 +297,8 @@ class Ingress:
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
         except InvalidRequest as exc:
             raise ApiError.invalid(exc) from exc
+        if trim_cfg.policy == "elastic" and prepared.num_images:  # the pool's pressure travels with the request
+            trim_cfg = trim_cfg.model_copy(update={"pressure": await self.pressure.read()})
         params = api.fit_max_tokens(req, params, len(prepared.input_ids), self.cfg.engine.max_model_len)
         await self._hold_kv(client, params.n * (len(prepared.input_ids) + params.max_tokens))  # n worst cases
         stages = STAGES if prepared.num_images else TEXT_STAGES

@@ -10,7 +10,7 @@ from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
 SUMMED = ("running", "waiting", "kv_used_bytes", "kv_budget_bytes", "tokens_generated", "steps", "decode_steps",
           "decode_rows", "last_batch_size", "peak_running", "peak_batch", "kv_written_bytes", "swapped",
           "preemptions", "prompt_rows_computed", "prefix_cached_tokens", "prefix_queried_tokens",
-          "prefix_cached_pages", "prefix_unheld_pages", "prefix_evictions")
+          "prefix_cached_pages", "prefix_unheld_pages", "prefix_evictions", "sheds", "shed_tokens")
 
 
 def replica_actor_names(app: str, deployment: str) -> list[str]:

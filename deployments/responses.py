@@ -51,6 +51,8 @@ class Completion:
     finish_reason: str | None = None
     completion_tokens: int = 0
     stop: TokenLogprob | None = None  # the stop token that ended it, with logprobs asked (not in the text)
+    kept_tokens_end: int | None = None  # elastic: kept visual tokens when it finished
+    shed_at: int | None = None  # elastic: the output token from which it attended to fewer
 
     @property
     def text(self) -> str:
@@ -74,6 +76,8 @@ class Accumulator:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         c.finished, c.finish_reason, c.completion_tokens = out.finished, out.finish_reason, out.completion_tokens
+        if out.kept_tokens_end is not None:
+            c.kept_tokens_end, c.shed_at = out.kept_tokens_end, out.shed_at
         self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
         return c
 

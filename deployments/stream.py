@@ -18,6 +18,11 @@ class TrimSummary:
     shipped_bytes: int  # every tensor byte of the hop, resume state included
     shipped_cross_bytes: int  # the visual part of it
     hop_ms: float  # trimmer sent -> decoder received, wall clock
+    # elastic trimming (docs/elastic.md): the kept fraction chosen, the pool's KV pressure it was chosen at, and the
+    # floor the decoder may shed it down to; None for the fixed policies
+    chosen_fraction: float | None = None
+    pressure: float | None = None
+    floor_tokens: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -26,7 +26,7 @@ class ModelConfig(_Strict):
 class TrimConfig(_Strict):
     """Which visual tokens the cross-attention layers keep (the Trimmed-Llama selection and ablations)."""
 
-    policy: Literal["topk_union", "target", "budget", "mass", "random", "none"] = "topk_union"
+    policy: Literal["topk_union", "target", "budget", "mass", "random", "none", "elastic"] = "topk_union"
     k_ratio: float = Field(0.15, gt=0.0, le=1.0)  # topk_union: per head, keep ceil(k_ratio * tokens)
     # target: per image exactly ceil(target_fraction * tokens), the per-head top-k union with k searched for it
     target_fraction: float = Field(0.5, gt=0.0, le=1.0)
@@ -34,10 +34,44 @@ class TrimConfig(_Strict):
     mass: float = Field(0.5, gt=0.0, le=1.0)  # mass: per head, fewest tokens holding this share of attention
     seed: int = 0  # random: a control keeping budget_tokens tokens chosen at random
     trim_first_layer: bool = False  # also recompute the first cross-attention layer from the kept tokens only
+    # elastic (docs/elastic.md): per image exactly ceil(f * tokens), as `target`, with f following the decoder pool's
+    # KV pressure p: ceiling_fraction while p <= pressure_low, floor_fraction once p >= pressure_high, linear between;
+    # a running sequence may later be shed down to its floor when the engine runs out of pages.
+    floor_fraction: float = Field(0.21, gt=0.0, le=1.0)
+    ceiling_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    pressure_low: float = Field(0.5, ge=0.0, le=1.0)
+    pressure_high: float = Field(0.9, ge=0.0, le=1.0)
+    elastic: bool = True  # False (a request's opt-out): an elastic policy keeps its ceiling and is never shed
+    # The pool's pressure the request saw: (KV pages in use + pages its queued requests need) / pages, set by whoever
+    # sends the request (the ingress from the decoder pool, Pipeline and the batch job from their engine). None: 0.
+    pressure: float | None = Field(None, ge=0.0)
+
+    @model_validator(mode="after")
+    def _elastic_bounds(self) -> "TrimConfig":
+        if self.floor_fraction > self.ceiling_fraction:
+            raise ValueError(f"floor_fraction {self.floor_fraction} is above ceiling_fraction {self.ceiling_fraction}")
+        if self.pressure_low >= self.pressure_high:
+            raise ValueError(f"pressure_low {self.pressure_low} must be below pressure_high {self.pressure_high}")
+        return self
 
     @property
     def enabled(self) -> bool:
         return self.policy != "none"
+
+    @property
+    def sheddable(self) -> bool:
+        """Its sequences may be shed down to floor_fraction in flight."""
+        return self.policy == "elastic" and self.elastic
+
+    def elastic_fraction(self) -> float:
+        """The kept fraction an elastic policy picks at `pressure` (the ceiling when opted out)."""
+        p = self.pressure or 0.0
+        if not self.elastic or p <= self.pressure_low:
+            return self.ceiling_fraction
+        if p >= self.pressure_high:
+            return self.floor_fraction
+        t = (p - self.pressure_low) / (self.pressure_high - self.pressure_low)
+        return self.ceiling_fraction + t * (self.floor_fraction - self.ceiling_fraction)
 
 
 class EngineConfig(_Strict):

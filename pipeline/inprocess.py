@@ -36,14 +36,23 @@ class Pipeline:
 
     def trim(self, prepared: PreparedPrompt, trim: TrimConfig | None = None, ship: str = "kv") -> DecodeRequest:
         """The decode request of a prepared prompt: encoded and trimmed when it has images."""
-        return run_stages(prepared, self.encoder.encode, partial(self.trimmer.trim, cfg=trim, ship=ship))
+        return run_stages(prepared, self.encoder.encode, partial(self.trimmer.trim, cfg=self.with_pressure(trim),
+                                                                 ship=ship))
 
     def trim_many(self, prepared: list[PreparedPrompt], trim: TrimConfig | None = None,
                   ship: str = "kv") -> list[DecodeRequest | Exception]:
         """trim() of many prompts, each stage run once over all of them (results equal one at a time); a prompt
         that fails gets its exception in its place, the others their decode requests."""
+        trim = self.with_pressure(trim)
         return run_stages_batched(prepared, self.encoder.encode_batch,
                                   lambda prompts, visuals: self.trimmer.trim_batch(prompts, visuals, [trim] * len(prompts), ship))
+
+    def with_pressure(self, trim: TrimConfig | None) -> TrimConfig:
+        """An elastic policy reads this engine's KV pressure now, unless the caller fixed one (docs/elastic.md)."""
+        trim = trim or self.trimmer.cfg
+        if trim.policy != "elastic" or trim.pressure is not None:
+            return trim
+        return trim.model_copy(update={"pressure": self.engine.pressure()})
 
     def generate(self, prompt: str, images: list[Image.Image], params: SamplingParams | None = None,
                  trim: TrimConfig | None = None) -> Generation:

@@ -97,6 +97,11 @@ class ImageState:
     tokens_per_image: int  # tiles * patches: global position = image * tokens_per_image + index
     # Rows before the first image token see no image: they get no cross-attention output (Meta's reference).
     prefix_len: int = 0
+    # Elastic trimming (docs/elastic.md): the kept tokens are stored best first and the decoder may shed the tail
+    # down to floor_tokens (None: never shed); the fraction the trimmer chose and the pool's pressure it saw.
+    floor_tokens: int | None = None
+    chosen_fraction: float | None = None
+    pressure: float | None = None
 
     @property
     def kept_positions(self) -> torch.Tensor:
@@ -119,6 +124,12 @@ class ImageState:
     @property
     def kept_fraction(self) -> float:
         return sum(self.kept_tokens) / sum(self.visual_tokens)
+
+    def first(self, n: int) -> "ImageState":
+        """The state after shedding all but the first (most important) n kept tokens."""
+        kept_image = self.kept_image[:n]
+        return dataclasses.replace(self, kept_image=kept_image, kept_index=self.kept_index[:n],
+                                   kept_tokens=torch.bincount(kept_image, minlength=len(self.visual_tokens)).tolist())
 
     @property
     def nbytes(self) -> int:
@@ -283,6 +294,10 @@ class RequestOutput:
     # The stop token (EOS or stop_token_ids) that ended the completion: not in new_token_ids nor the text; with
     # logprobs, its logprob is the one entry of `logprobs`
     stop_token_id: int | None = None
+    # On a finished output of a request with an image (elastic trimming, docs/elastic.md): its kept visual tokens at
+    # the end, and the output token from which it attended to fewer (None: never shed).
+    kept_tokens_end: int | None = None
+    shed_at: int | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 import torch
 
+from pipeline.bench import elastic as bench_elastic
 from pipeline.bench import pipeline as bench_pipeline
 from pipeline.bench import prefix as bench_prefix
 from pipeline.bench.realistic import run_realistic
@@ -42,6 +43,7 @@ def add_args(sub) -> None:
                         "where a second busy process makes 2-thread GEMMs ~10x slower")
     bench_pipeline.add_pipeline_args(bench)
     bench_prefix.add_prefix_args(bench)
+    bench_elastic.add_args(bench)
     for ep in entry_points(group="crosstrim.bench"):  # benches of other packages (the Serve app's: loadtests/)
         RUNNERS[ep.name] = ep.load()(bench)
 
@@ -56,6 +58,8 @@ def run(args) -> int:
         return bench_pipeline.run(args)
     if args.bench == "prefix":
         return bench_prefix.run(args)
+    if args.bench == "elastic":
+        return bench_elastic.run(args)
     return RUNNERS[args.bench](args)
 
 

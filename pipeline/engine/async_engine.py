@@ -61,6 +61,9 @@ class AsyncLLMEngine:
                 if stopped_by_text(step, out):
                     self._inbox.put(("finish", (seq.request_id, step.index)))
                     self._wake.set()
+                if out.finished and seq.image is not None:  # what shedding left it (docs/elastic.md)
+                    finisher = seq if step.index == 0 else seq.siblings[step.index - 1]
+                    out.kept_tokens_end, out.shed_at = finisher.cross_tokens, finisher.shed_at
                 done += out.finished
                 finished = done == params.n  # every one of the n completions
                 yield out
@@ -92,6 +95,10 @@ class AsyncLLMEngine:
     def _dead(self) -> EngineDead:
         cause = "it was shut down" if self.error is None else f"{type(self.error).__name__}: {self.error}"
         return EngineDead(f"the decoder engine stopped ({cause}); try again")
+
+    def pressure(self) -> float:
+        """The KV pressure elastic trimming reads, from the stats the step thread published (no cross-thread reads)."""
+        return self._stats.kv_pressure
 
     def kv_bytes_per_token(self) -> float:
         return self.engine.kv_bytes_per_token()

@@ -142,6 +142,27 @@ class KVCache:
         self.blocks.share(table.cross_pages)
         return table.copy()
 
+    def shed_cross(self, table: PageTable, keep_tokens: int) -> int:
+        """Elastic shedding: keep the first `keep_tokens` kept tokens (stored best first: trimmer._select) and free
+        the cross pages past them. "page" layout (every page laid out alone): no copy. "run" layout: a run of pages
+        is laid out as a whole (layers, 2, KVH, T, hd), so its last pages hold part of every token; the kept tokens
+        are copied once into the run's first pages. The table's views and rows follow, and a new allocation serial
+        drops batched reads cached for the old set (attention.py). Returns the pages freed."""
+        keep_pages = -(-keep_tokens // self.cross_block_size)
+        freed = table.cross_pages[keep_pages:]
+        kept = None
+        if self.layout.cross_layout == "run":
+            kept = [self.layout.read_arena(table, a)[:, :, :, :keep_tokens].clone() for a in range(len(self.arenas))]
+        self.blocks.free(freed)
+        table.cross_pages, table.cross_tokens = table.cross_pages[:keep_pages], keep_tokens
+        table.allocation = next(self._allocations)
+        table.cross_views = [self.layout.cross_chunks(table, arena) for arena in self.arenas]
+        table.cross_rows = self.layout.cross_rows(table)
+        for chunks, part in zip(table.cross_views, kept or []):
+            for chunk, piece in zip(chunks, part.split([c.shape[3] for c in chunks], dim=3)):
+                chunk.copy_(piece)
+        return len(freed)
+
     def release(self, table: PageTable) -> None:
         self.blocks.free(table.self_pages)
         self.blocks.free(table.cross_pages)

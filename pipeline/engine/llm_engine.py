@@ -43,6 +43,9 @@ class EngineStats:
     swapped: int  # preempted sequences waiting to resume
     swap_used_bytes: int  # host bytes their K/V holds (at most EngineConfig.swap_budget_bytes)
     preemptions: int
+    sheds: int  # elastic: running sequences shed to their floor (docs/elastic.md)
+    shed_tokens: int  # kept visual tokens those sheds dropped
+    kv_pressure: float  # (pages held + pages queued and preempted sequences need) / pages: what elastic trimming reads
     tokens_generated: int
     steps: int
     last_step_ms: float
@@ -191,6 +194,15 @@ class LLMEngine:
     @property
     def kv_budget_bytes(self) -> int:
         return self.kv.capacity_bytes
+
+    def pressure(self) -> float:
+        """The KV pressure elastic trimming follows (docs/elastic.md): pages held plus the pages the queued requests'
+        prompts and kept tokens and the preempted sequences need, over all pages (above 1: more is asked than fits).
+        Read on the step thread (AsyncLLMEngine publishes it with the stats)."""
+        sched, kv = self.scheduler, self.kv
+        need = sum(kv.pages_needed(s.prompt_len, s.cross_tokens) * s.params.n for s in sched.waiting)
+        need += sum(kv.pages_needed(s.num_tokens, s.cross_tokens) for s in sched.swapped)
+        return round((kv.blocks.used + need) / max(kv.blocks.num_pages, 1), 4)
 
     def count_admissible(self) -> int:
         """Dry run: how many waiting requests the next step would admit."""
@@ -423,6 +435,7 @@ class LLMEngine:
             kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
             kv_written_bytes=self.kv.written_bytes_held([s.pages for s in sched.running]),
             swapped=len(sched.swapped), swap_used_bytes=sched.swap.used_bytes, preemptions=sched.preemptions,
+            sheds=sched.sheds, shed_tokens=sched.shed_tokens, kv_pressure=self.pressure(),
             tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
             last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
         )

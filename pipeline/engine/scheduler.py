@@ -50,6 +50,7 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()  # preempted, first to resume first
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.preemptions = 0
+        self.sheds = self.shed_tokens = 0
         self.watermark_pages = int(cfg.kv_watermark * kv.blocks.num_pages)
         self.swap = SwapSpace(cfg.swap_budget_bytes, kv.blocks.page_bytes, kv.blocks.num_pages)
 
@@ -94,6 +95,8 @@ class Scheduler:
             if seq.status != Status.RUNNING or seq.prefilling:
                 continue  # preempted just now for an earlier-admitted sequence, or still prefilling (pages held)
             while not self.kv.grow(seq.pages, seq.num_tokens):  # room for the token fed this step
+                if self._shed():  # elastic: free running sequences' least important cross pages before preempting
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -144,8 +147,11 @@ class Scheduler:
             return None
         seq = self.waiting[0]
         cached = self.kv.prefix_hit(seq.page_hashes, seq.prompt_len)
-        if not self._fits(seq, self._room(), cached):
-            return None  # no skipping ahead: a large request is not starved by small ones
+        if self.swapped or self.running_slots() + seq.params.n > self.cfg.max_running:
+            return None  # what shedding cannot help
+        while not self._fits(seq, self._room(), cached):
+            if not self._shed():  # elastic: shed running sequences to their floor rather than queue
+                return None  # no skipping ahead: a large request is not starved by small ones
         self.waiting.popleft()
         seq.pages = self.kv.allocate(self._first_tokens(seq), seq.cross_tokens, self._watermark(), cached)
         assert seq.pages is not None, "_fits checked the same pages and watermark"
@@ -222,6 +228,25 @@ class Scheduler:
 
     def _watermark(self) -> int:
         return self.watermark_pages if self.running else 0  # an idle engine admits whatever fits alone (as _fits)
+
+    def _shed(self) -> bool:
+        """Shed the running sequence with the most cross pages above its floor (ties: the latest admitted) down to its
+        floor, in one go; False when no page can be freed that way (docs/elastic.md). Its worst case shrinks: the
+        swap space's commitment too."""
+        pages = [self.kv.pages_needed(0, s.cross_tokens) - self.kv.pages_needed(0, s.cross_tokens - s.sheddable_tokens)
+                 for s in self.running]
+        best = max(range(len(pages)), key=lambda i: (pages[i], i), default=None)
+        if best is None or pages[best] == 0:
+            return False
+        seq = self.running[best]
+        keep, worst = seq.cross_tokens - seq.sheddable_tokens, self._worst_pages(seq)
+        self.kv.shed_cross(seq.pages, keep)
+        self.shed_tokens += seq.cross_tokens - keep
+        seq.shed_to(keep)
+        self.swap.release(worst)  # n == 1 (siblings share cross pages: never shed)
+        self.swap.commit(self._worst_pages(seq))
+        self.sheds += 1
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         # The copy first: if it raised (a full swap space: the admission rule makes it impossible), the sequence

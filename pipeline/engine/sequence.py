@@ -49,6 +49,8 @@ class Sequence:
         self.logit_mask: TokenMask | None = None  # a per-row constraint (structured output) the sampler applies
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
+        self.kept_at_admission = 0 if image is None else image.num_kept
+        self.shed_at: int | None = None  # elastic: the output token from which it attends to fewer kept tokens
 
     @classmethod
     def from_request(cls, request_id: str, request: DecodeRequest, params: SamplingParams) -> "Sequence":
@@ -93,6 +95,22 @@ class Sequence:
     @property
     def cross_tokens(self) -> int:
         return 0 if self.image is None else self.image.num_kept
+
+    @property
+    def sheddable_tokens(self) -> int:
+        """Kept tokens it may still shed (elastic, decoding, its pages its own): down to its floor, once."""
+        image = self.image
+        if (image is None or image.floor_tokens is None or self.shed_at is not None or self.prefilling
+                or self.params.n > 1 or self.status != Status.RUNNING):
+            return 0
+        return max(image.num_kept - image.floor_tokens, 0)
+
+    def shed_to(self, keep: int) -> None:
+        """Attend to its first `keep` kept tokens (the most important) from its next token on."""
+        self.image = self.image.first(keep)
+        self.cross_mask = self.cross_mask[:keep]
+        self.cross_sees_all = bool(self.cross_mask.all())
+        self.shed_at = len(self.output_ids)
 
     @property
     def finished(self) -> bool:

@@ -93,6 +93,19 @@ def select_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
     return torch.unique(ranked[keep])
 
 
+def importance_order(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """kept (k,) positions -> the same positions best first, in the order select_budget merges the per-head rankings
+    (a token's best rank over heads, ties to the earlier head, then the earlier token). So the first m of a
+    `target`, `budget` or `topk_union` selection are exactly what `target` keeps at m tokens: dropping the tail of
+    this order (shedding, pipeline/engine/kv_cache.py) leaves what a harder trim would have kept."""
+    heads, n = scores.shape
+    ranks = torch.empty_like(scores, dtype=torch.long)
+    ranks.scatter_(1, _ranked(scores), torch.arange(n).expand(heads, n))  # ranks[h, t]: t's rank in head h
+    best, head = ranks[:, kept].min(dim=0)  # min returns the first head reaching the best rank
+    key = best * heads + head
+    return kept[torch.sort(key, stable=True).indices]
+
+
 def select_tokens(scores: torch.Tensor, cfg: TrimConfig) -> torch.Tensor:
     """scores (H, N) for one image's non-padding tokens -> sorted kept positions in [0, N)."""
     n = scores.shape[1]
@@ -102,6 +115,8 @@ def select_tokens(scores: torch.Tensor, cfg: TrimConfig) -> torch.Tensor:
         return select_topk_union(scores, topk_count(cfg.k_ratio, n))
     if cfg.policy == "target":
         return select_target(scores, cfg.target_fraction)
+    if cfg.policy == "elastic":  # `target` at the fraction the pool's pressure picks
+        return select_target(scores, cfg.elastic_fraction())
     if cfg.policy == "budget":
         return select_budget(scores, cfg.budget_tokens)
     if cfg.policy == "mass":

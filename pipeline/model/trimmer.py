@@ -18,7 +18,7 @@ from pipeline.model.layers import (
 )
 from pipeline.model.loaded import LoadedModel
 from pipeline.model.placement import module_device, moved
-from pipeline.model.selection import ROW_CHUNK, chunk_scores, select_tokens
+from pipeline.model.selection import ROW_CHUNK, chunk_scores, importance_order, select_tokens, topk_count
 from pipeline.types import (
     CROSS_KINDS,
     CrossKV,
@@ -129,33 +129,49 @@ class Trimmer:
                 self_kv=self_kv[..., slot.rows, :] if alone else self_kv[..., slot.rows, :].clone(),
                 cross=cross,
             )
-            out.append(DecodeRequest(ids[j].tolist(), self._image_state(visual, slot, kj, k[j]), resume))
+            out.append(DecodeRequest(ids[j].tolist(), self._image_state(visual, slot, kj, k[j], cfgs[j]), resume))
         return out
 
     def _select(self, scores: torch.Tensor, visual: VisualFeatures, cfg: TrimConfig, slot: _Slot) -> torch.Tensor:
         """One prompt's kept tokens (positions among its images' tokens), chosen per image among the valid ones;
-        scores (H, its images * tokens_per_image)."""
+        scores (H, its images * tokens_per_image). Stored best first (importance_order), so a sequence's least
+        important kept tokens sit in its last cross pages, which shedding frees (docs/elastic.md). Several images
+        are interleaved by relative rank (image i's r-th of m_i at r / m_i, ties to the earlier image): any prefix
+        keeps about the same share of every image, and each image's own tokens stay best first. The order changes
+        no number: cross-attention has no positions on the visual side."""
         n, dev = slot.tokens_per_image, scores.device
-        kept = []
+        kept, keys = [], []
         for i in range(visual.features.shape[0]):
             valid = visual.token_valid[i].to(dev).nonzero().squeeze(1)
-            local = select_tokens(scores[:, i * n + valid].cpu(), cfg).to(dev)
+            image_scores = scores[:, i * n + valid].cpu()
+            local = importance_order(image_scores, select_tokens(image_scores, cfg)).to(dev)
             kept.append(i * n + valid[local])
-        return torch.cat(kept)
+            keys.append(torch.arange(len(local), dtype=torch.float64) / len(local))
+        if len(kept) == 1:
+            return kept[0]
+        order = torch.sort(torch.cat(keys), stable=True).indices.to(dev)  # stable: ties to the earlier image
+        return torch.cat(kept)[order]
 
-    def _image_state(self, visual: VisualFeatures, slot: _Slot, kept: torch.Tensor, k: torch.Tensor) -> ImageState:
+    def _image_state(self, visual: VisualFeatures, slot: _Slot, kept: torch.Tensor, k: torch.Tensor,
+                     cfg: TrimConfig) -> ImageState:
         images = visual.features.shape[0]
         kept_image = kept // slot.tokens_per_image
+        visual_tokens = visual.token_valid.sum(dim=1).tolist()
+        elastic = cfg.policy == "elastic"
+        floor = sum(topk_count(cfg.floor_fraction, n) for n in visual_tokens) if cfg.sheddable else None
         return ImageState(
             kept_image=kept_image,
             kept_index=kept % slot.tokens_per_image,
             row_visibility=slot.row_visibility,
-            visual_tokens=visual.token_valid.sum(dim=1).tolist(),
+            visual_tokens=visual_tokens,
             kept_tokens=torch.bincount(kept_image, minlength=images).tolist(),
             # one token's K and V in every cross-attention layer
             kv_bytes_per_visual_token=len(self.loaded.cross_layers) * 2 * k.shape[0] * k.shape[2] * k.element_size(),
             tokens_per_image=slot.tokens_per_image,
             prefix_len=slot.prefix,
+            floor_tokens=None if floor is None else min(floor, len(kept)),
+            chosen_fraction=round(cfg.elastic_fraction(), 6) if elastic else None,
+            pressure=cfg.pressure if elastic else None,
         )
 
     def _run_to_first_cross(self, ids: list[torch.Tensor], slots: list[_Slot]):

@@ -79,25 +79,36 @@ def reference_select(model, prompt: PreparedPrompt, cfg: TrimConfig) -> torch.Te
 
 
 @contextmanager
-def _dropped_masked(model, prompt: PreparedPrompt, cfg: TrimConfig):
+def _dropped_masked(model, prompt: PreparedPrompt, cfg: TrimConfig, shed: tuple[int, torch.Tensor] | None = None):
     """While the context lasts, the tokens `cfg` drops are masked in every cross-attention layer after the first,
-    and in the first one too once decoding. Nothing is masked for a prompt without images or with trimming off."""
+    and in the first one too once decoding. Nothing is masked for a prompt without images or with trimming off.
+    shed = (t, still): elastic shedding's reference (docs/elastic.md): from output token t on (the forward that
+    computes it), every visual token outside `still` (global positions) is masked too."""
     handles = []
     if prompt.num_images and cfg.enabled:
         keep = reference_select(model, prompt, cfg)
         tiles = prompt.cross_attention_mask.shape[-1]
         dropped = ~keep & prompt.token_valid(len(keep) // prompt.num_images // tiles).reshape(-1)
+        after_shed = dropped.clone()
+        if shed is not None:
+            after_shed[~torch.isin(torch.arange(len(keep)), shed[1])] = True
         text = model.model.language_model
         first = text.cross_attention_layers[0]
+        forwards = [-1]  # forward calls of the language model so far, less one: call t computes output token t
+
+        def count(module, args, kwargs):
+            forwards[0] += 1
 
         def mask_dropped(module, args, kwargs):
             mask = kwargs["cross_attention_mask"]
             if module.layer_idx == first and mask.shape[2] > 1:
                 return None  # the first layer's prefill sees every token: that is where scores come from
-            mask = mask.masked_fill(dropped[None, None, None, :], torch.finfo(mask.dtype).min)
+            masked = after_shed if shed is not None and forwards[0] >= shed[0] else dropped
+            mask = mask.masked_fill(masked[None, None, None, :], torch.finfo(mask.dtype).min)
             kwargs["cross_attention_mask"] = mask
             return args, kwargs
 
+        handles.append(text.register_forward_pre_hook(count, with_kwargs=True))
         for layer in text.layers:
             if isinstance(layer, MllamaCrossAttentionDecoderLayer):
                 handles.append(layer.register_forward_pre_hook(mask_dropped, with_kwargs=True))
@@ -109,11 +120,12 @@ def _dropped_masked(model, prompt: PreparedPrompt, cfg: TrimConfig):
 
 
 @torch.inference_mode()
-def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_tokens: int) -> list[int]:
-    """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked. Switches `model`
-    to Meta's reference (in place)."""
+def reference_generate(model, prompt: PreparedPrompt, cfg: TrimConfig, max_new_tokens: int,
+                       shed: tuple[int, torch.Tensor] | None = None) -> list[int]:
+    """Greedy token ids (EOS included, no padding) of HF generate with the dropped tokens masked (and, with `shed`,
+    the shed ones from its step on: _dropped_masked). Switches `model` to Meta's reference (in place)."""
     follow_reference(model)
-    with _dropped_masked(model, prompt, cfg):
+    with _dropped_masked(model, prompt, cfg, shed):
         out = model.generate(**prompt.hf_inputs(), max_new_tokens=max_new_tokens, do_sample=False)
     return trim_generated(out[0, prompt.input_ids.numel() :].tolist(), model)
 
