@@ -8,9 +8,10 @@ import logging
 import queue
 import threading
 
-from pipeline.engine.llm_engine import EngineStats, LLMEngine
+from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.output_processor import CompletionStream, stopped_by_text
 from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.stats import EngineStats
 from pipeline.errors import EngineDead, Overloaded
 from pipeline.types import DecodeRequest
 

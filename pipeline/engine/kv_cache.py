@@ -131,6 +131,12 @@ class KVCache:
             return []
         return self.prefix.match(hashes[: (prompt_len - 1) // self.block_size])
 
+    def reset_prefix(self) -> int:
+        """Forget every cached prefix page; pages sequences hold stay theirs. How many pages were cached."""
+        n = 0 if self.prefix is None else self.prefix.cached_pages
+        self.blocks.reset_prefix()
+        return n
+
     def register(self, table: PageTable, hashes: list[bytes], rows: int) -> None:
         """The sequence's pages fully written among its first `rows` positions into the prefix cache."""
         n = min(rows // self.block_size, len(hashes))

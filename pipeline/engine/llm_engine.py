@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +21,7 @@ from pipeline.engine.sampler import Sampled, Sampler, SampleRow
 from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.scheduler import PrefillChunk, Scheduler
 from pipeline.engine.sequence import Sequence
+from pipeline.engine.stats import EngineStats, kv_pressure
 from pipeline.engine.structured import GrammarCache, apply_bitmask
 from pipeline.engine.token_mask import allocate_bitmask
 from pipeline.model.loaded import LoadedModel
@@ -31,37 +31,6 @@ from pipeline.types import DecodeRequest, RequestOutput
 # tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
 CUDA_PAGE = 256
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    kv_used_bytes: int  # bytes of the KV pages held
-    kv_budget_bytes: int  # bytes of every KV page
-    kv_written_bytes: int  # bytes of K/V actually written in the held pages (utilisation = written / used)
-    swapped: int  # preempted sequences waiting to resume
-    swap_used_bytes: int  # host bytes their K/V holds (at most EngineConfig.swap_budget_bytes)
-    preemptions: int
-    sheds: int  # elastic: running sequences shed to their floor (docs/elastic.md)
-    shed_tokens: int  # kept visual tokens those sheds dropped
-    kv_pressure: float  # (pages held + pages queued and preempted sequences need) / pages: what elastic trimming reads
-    tokens_generated: int
-    steps: int
-    last_step_ms: float
-    last_batch_size: int
-    decode_steps: int  # cumulative: the mean decode batch over a window is the ratio of two differences
-    decode_rows: int
-    prompt_rows_computed: int = 0  # cumulative prompt rows the prefill ran (cached rows are not run)
-    prefix_cached_tokens: int = 0  # cumulative prompt rows taken from the prefix cache
-    prefix_queried_tokens: int = 0  # cumulative prompt rows of admitted prompts (with the cache on)
-    prefix_cached_pages: int = 0  # pages in the prefix cache now (held or not)
-    prefix_unheld_pages: int = 0  # of which no sequence holds: free, evicted least recently used first
-    prefix_evictions: int = 0
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_cached_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
 class LLMEngine:
@@ -196,13 +165,8 @@ class LLMEngine:
         return self.kv.capacity_bytes
 
     def pressure(self) -> float:
-        """The KV pressure elastic trimming follows (docs/elastic.md): pages held plus the pages the queued requests'
-        prompts and kept tokens and the preempted sequences need, over all pages (above 1: more is asked than fits).
-        Read on the step thread (AsyncLLMEngine publishes it with the stats)."""
-        sched, kv = self.scheduler, self.kv
-        need = sum(kv.pages_needed(s.prompt_len, s.cross_tokens) * s.params.n for s in sched.waiting)
-        need += sum(kv.pages_needed(s.num_tokens, s.cross_tokens) for s in sched.swapped)
-        return round((kv.blocks.used + need) / max(kv.blocks.num_pages, 1), 4)
+        """The KV pressure elastic trimming follows (stats.kv_pressure; AsyncLLMEngine publishes it with the stats)."""
+        return kv_pressure(self.scheduler, self.kv)
 
     def count_admissible(self) -> int:
         """Dry run: how many waiting requests the next step would admit."""
@@ -418,27 +382,14 @@ class LLMEngine:
         return None if self.kv.prefix is None else self.kv.prefix.digest()
 
     def reset_prefix_cache(self) -> int:
-        """Forget every cached prefix page (vLLM's reset_prefix_cache); pages sequences hold stay theirs. Returns
-        how many pages were cached."""
-        n = 0 if self.kv.prefix is None else self.kv.prefix.cached_pages
-        self.kv.blocks.reset_prefix()
-        return n
+        """vLLM's reset_prefix_cache (KVCache.reset_prefix): how many pages were cached."""
+        return self.kv.reset_prefix()
 
     def stats(self) -> EngineStats:
-        sched, prefix = self.scheduler, self.kv.prefix
-        cache = {} if prefix is None else dict(
-            prefix_cached_tokens=prefix.hit_tokens, prefix_queried_tokens=prefix.queried_tokens,
-            prefix_cached_pages=prefix.cached_pages, prefix_unheld_pages=len(prefix.unheld),
-            prefix_evictions=prefix.evictions)
-        return EngineStats(**cache, prompt_rows_computed=self.prompt_rows,
-            running=len(sched.running), waiting=len(sched.waiting),
-            kv_used_bytes=self.kv.used_bytes, kv_budget_bytes=self.kv.capacity_bytes,
-            kv_written_bytes=self.kv.written_bytes_held([s.pages for s in sched.running]),
-            swapped=len(sched.swapped), swap_used_bytes=sched.swap.used_bytes, preemptions=sched.preemptions,
-            sheds=sched.sheds, shed_tokens=sched.shed_tokens, kv_pressure=self.pressure(),
-            tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
-            last_batch_size=self.last_batch_size, decode_steps=self.decode_steps, decode_rows=self.decode_rows,
-        )
+        return EngineStats.of(self.scheduler, self.kv, prompt_rows_computed=self.prompt_rows,
+                              tokens_generated=self.tokens_generated, steps=self.steps, last_step_ms=self.last_step_ms,
+                              last_batch_size=self.last_batch_size, decode_steps=self.decode_steps,
+                              decode_rows=self.decode_rows)
 
     def generate(self, requests: list[DecodeRequest], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Offline: run every request to completion, continuously batched; sequences in input order."""

@@ -90,7 +90,8 @@ def test_several_prompts_in_one_body_and_one_stream():
     asyncio.run(both())
     full = text_body(renders, accs)
     assert [(c["index"], c["text"]) for c in full["choices"]] == [(0, "abt1"), (1, "abt2"), (2, "cdt2"), (3, "cdt3")]
-    assert full["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    assert full["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
     accs = [Accumulator(2) for _ in prompts]
     items = merged([chunks(s, a, r) for s, a, r in zip(streams(), accs, renders)])
