@@ -20,7 +20,7 @@ from pipeline.model.loader import load_model
 
 from .handoff import Handoff
 from .settings import DecoderSettings
-from .stream import StageError
+from .stream import Queued, StageError
 
 log = logging.getLogger("ray.serve")
 
@@ -82,8 +82,9 @@ class DecoderPool:
             engine.shutdown()
 
     async def generate(self, handoff: Handoff, params: SamplingParams, request_id: str):
-        """Yields DecoderItems (deployments/stream.py): a TrimSummary first when the request has an image, then
-        the engine's RequestOutputs; a failure of this request ends the stream with one StageError."""
+        """Yields DecoderItems (deployments/stream.py): a TrimSummary first when the request has an image, Queued
+        once the engine counts it, then the engine's RequestOutputs; a failure of this request ends the stream with
+        one StageError."""
         request = handoff.request()
         if request.image is not None:
             yield handoff.summary(request, received_at=time.time())
@@ -95,12 +96,15 @@ class DecoderPool:
             except InvalidRequest as exc:
                 yield StageError(400, str(exc))
                 return
-        stream = self.engine.generate(request, params, request_id)
+        stream = self.engine.generate(request, params, request_id, ack=True)
         del handoff, request  # the engine drops the big resume tensors after the prefill; hold no other reference
         failed = StageError(500, f"the decoder failed on request {request_id}")
         async with contextlib.aclosing(stream):  # an abandoned stream frees its KV at once
             try:
                 async for out in stream:
+                    if out is None:  # the engine's ack: its queue_room counts this request from now on
+                        yield Queued()
+                        continue
                     if out.error is not None:  # this request alone failed in the engine; the rest go on
                         yield failed
                         break

@@ -17,7 +17,7 @@ from pipeline.orchestration import run_stages
 from pipeline.types import PreparedPrompt, RequestOutput
 
 from . import api, validation
-from .admission import DecoderRoom, NoRoom
+from .admission import DecoderRoom, NoRoom, Place
 from .availability import STAGES, TEXT_STAGES, StageUnavailable, StageWatch
 from .chat import ChatRenderer, completion_id
 from .completions import TextPrompt, TextRenderer, text_body, text_completion_id, text_ending
@@ -35,7 +35,7 @@ from .responses import Accumulator, DecoderStream, TokenBytes, chunks, collect, 
 from .responses_api import ResponsesRequest, to_chat
 from .responses_renderer import ResponsesRenderer, response_id
 from .settings import IngressSettings
-from .stream import StageError, TrimSummary
+from .stream import Queued, StageError, TrimSummary
 from .version import git_revision, package_version
 
 TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -68,6 +68,7 @@ class Ingress:
         self.watch = StageWatch(serve.get_replica_context().app_name)
         self.revision = git_revision()
         self.admission = DecoderRoom(serve.get_replica_context().app_name, cfg.admission_wait_s)
+        self.guard.admission = self.admission  # GuardMiddleware takes each request's place before reading its body
 
     def reconfigure(self, user_config: dict) -> None:
         """In place (deployments/settings.py): the defaults and waits every request reads, for the ones after it."""
@@ -276,22 +277,33 @@ class Ingress:
     # ---- the pipeline
 
     async def _start(self, req, rid: str, client, prepare) -> DecoderStream:
-        """Admit (a place in the decoder pool's queue, else 503 at once: deployments/admission.py), preprocess
-        (`prepare`: SamplingParams, PreparedPrompt, image keys) and send the request down the stages; the decoder
-        stream from its first output (errors before the first token become HTTP statuses here, before any byte is
-        sent). A replica lost before the first token: sent once more (another replica, or the replacement), then
-        503. The place is held until that first output (or the failure): the request has left the queue then."""
+        """Admit (a place in the decoder pool's queue, else 503 at once: deployments/admission.py; GuardMiddleware
+        took it before the body was read), preprocess (`prepare`: SamplingParams, PreparedPrompt, image keys) and
+        send the request down the stages; the decoder stream from its first output (errors before the first token
+        become HTTP statuses here, before any byte is sent). A replica lost before the first token: sent once more
+        (another replica, or the replacement), then 503. The place is handed over when the decoder's engine has the
+        request (the next report counts it), and given back at once if the request fails first."""
         self._check_model(req.model)
+        place = await self._place(client)
         try:
-            await self.admission.admit()
+            return await self._admitted(req, rid, client, prepare, place)
+        except BaseException:
+            place.release()
+            raise
+
+    async def _place(self, client):
+        """The place GuardMiddleware took for this request (the first engine request of it to ask), else one taken
+        now (a completions request's further prompts; no middleware)."""
+        place = getattr(client, "place", None)
+        if place is not None:
+            delattr(client, "place")
+            return place
+        try:
+            return await self.admission.admit()
         except NoRoom as exc:
             raise ApiError(503, str(exc), self.cfg.retry_after_s) from None
-        try:
-            return await self._admitted(req, rid, client, prepare)
-        finally:
-            self.admission.release()
 
-    async def _admitted(self, req, rid: str, client, prepare) -> DecoderStream:
+    async def _admitted(self, req, rid: str, client, prepare, place: Place) -> DecoderStream:
         try:
             params, prepared, keys = await prepare()
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
@@ -310,7 +322,7 @@ class Ingress:
                 raise ApiError(503, str(StageUnavailable(down)), self.cfg.retry_after_s)
             items = self._send(prepared, keys, params, trim_cfg, rid)
             try:
-                trim, first = await self._head(items, stages)
+                trim, first = await self._head(items, stages, place)
             except asyncio.CancelledError:
                 items.cancel()
                 raise
@@ -329,12 +341,18 @@ class Ingress:
                 raise ApiError.of(first, self.cfg.retry_after_s)
             return DecoderStream(items, first, trim)
 
-    async def _head(self, items, stages) -> tuple[TrimSummary | None, RequestOutput | StageError]:
-        """The decoder's TrimSummary (image requests) and its first output; each wait ends if a stage stays down."""
-        first = await self.watch.first(items, stages, self.cfg.stage_wait_s)
-        if not isinstance(first, TrimSummary):
-            return None, first
-        return first, await self.watch.first(items, stages, self.cfg.stage_wait_s)
+    async def _head(self, items, stages, place: Place) -> tuple[TrimSummary | None, RequestOutput | StageError]:
+        """The decoder's TrimSummary (image requests) and its first output or error, handing the place over at
+        Queued (at the latest, at the first output); each wait ends if a stage stays down."""
+        trim = None
+        while isinstance(item := await self.watch.first(items, stages, self.cfg.stage_wait_s), TrimSummary | Queued):
+            if isinstance(item, Queued):
+                place.handed_over()
+            else:
+                trim = item
+        if isinstance(item, RequestOutput):
+            place.handed_over()
+        return trim, item
 
     def _send(self, prepared: PreparedPrompt, keys: list[str], params: SamplingParams, trim_cfg, rid: str):
         """Chain the stages by handle: each stage's result goes to the next through the object store,

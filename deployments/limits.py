@@ -1,7 +1,8 @@
 """The ingress's ASGI guard, run before FastAPI reads a byte of the body: API key (401), per-key concurrency (429),
-a body limit (413: from Content-Length before reading, or, for a chunked body, as soon as the bytes received pass it)
-and a body-read timeout (408), so a client that sends a huge body or half a body and then silence costs a small,
-bounded amount and never blocks the others."""
+front-door admission (503: a place in the decoder pool's queue, deployments/admission.py), a body limit (413: from
+Content-Length before reading, or, for a chunked body, as soon as the bytes received pass it) and a body-read timeout
+(408), so a client that sends a huge body or half a body and then silence, or comes when the decoders are full, costs
+a small, bounded amount and never blocks the others."""
 
 import asyncio
 import json
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from starlette.exceptions import HTTPException
 
 from . import api
+from .admission import DecoderRoom, NoRoom
 from .auth import KeyLedger, authenticate, bearer, load_keys
 from .config import AppConfig
 
@@ -18,6 +20,8 @@ OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redir
 # What per-key concurrency counts: every endpoint that does work (a new one joins here). The KV hold weighs a
 # completion request by its cost (n x (prompt + max_tokens) tokens: Ingress._hold_kv).
 PER_KEY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"})
+# What takes a place in the decoder pool's queue before its body is read (the handler finds it in request.state.place).
+ADMITTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Guard:
     body_read_timeout_s: float = 10.0
     retry_after_s: int = 1
     ledger: KeyLedger = field(default_factory=KeyLedger)
+    admission: DecoderRoom | None = None  # the replica's front door (None: the handler admits, or nothing does)
 
     @classmethod
     def from_config(cls, cfg: AppConfig) -> "Guard":
@@ -95,12 +100,20 @@ class GuardMiddleware:
                                     {"Retry-After": str(guard.retry_after_s)})
         state = scope.setdefault("state", {})
         state["client_key"] = key
+        place = None
         try:
+            if guard.admission is not None and path in ADMITTED_PATHS and scope["method"] == "POST":
+                try:  # before the body is read or parsed: a refusal costs no parsing, preprocessing or stage call
+                    state["place"] = place = await guard.admission.admit()
+                except NoRoom as exc:
+                    return await send_error(send, 503, str(exc), {"Retry-After": str(guard.retry_after_s)})
             await self.app(scope, limited_receive(receive, guard, scope["method"]), send)
         finally:
             if counted:
                 guard.ledger.leave(key)
             guard.ledger.release_kv(key, state.pop("kv_bytes", 0))
+            if place is not None:
+                place.release()  # the request ended (or failed, or its client left): given back if still held
 
 
 def limited_receive(receive, guard: Guard, method: str):

@@ -1,4 +1,5 @@
-"""What DecoderPool.generate yields to the ingress: a TrimSummary first (image requests), RequestOutputs, a StageError."""
+"""What DecoderPool.generate yields to the ingress: a TrimSummary first (image requests), Queued, RequestOutputs, a
+StageError."""
 
 from dataclasses import asdict, dataclass
 
@@ -29,6 +30,11 @@ class TrimSummary:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The decoder's engine has the request: its reports count it from now on (the ingress gives back its place)."""
+
+
+@dataclass(frozen=True)
 class StageError:
     """A stage's failure as a client sees it (status, message, never internals); also what `faults.classify` returns."""
 
@@ -37,6 +43,7 @@ class StageError:
     retryable: bool = False  # the replica was lost: sending the request again may succeed
 
 
-# The decoder's stream: [TrimSummary] RequestOutput* [StageError]. A StageError ends it; RequestOutput.error is never
-# set in it (the decoder turns an engine failure into a StageError).
-DecoderItem = TrimSummary | RequestOutput | StageError
+# The decoder's stream: [TrimSummary] [Queued] RequestOutput* [StageError]. Queued comes before any RequestOutput
+# (a request refused before the engine took it gets none); a StageError ends the stream; RequestOutput.error is
+# never set in it (the decoder turns an engine failure into a StageError).
+DecoderItem = TrimSummary | Queued | RequestOutput | StageError

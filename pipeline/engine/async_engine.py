@@ -35,7 +35,10 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._loop, name="crosstrim-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request: DecodeRequest, params: SamplingParams, request_id: str | None = None):
+    async def generate(self, request: DecodeRequest, params: SamplingParams, request_id: str | None = None,
+                       ack: bool = False):
+        """The request's RequestOutputs as its completions progress; with `ack`, None first, once the engine counts
+        the request (its queue_room no longer offers the request's place: the ingress's admission waits for this)."""
         seq = self.engine.make_sequence(request, params, request_id)  # raises InvalidRequest at once
         del request  # the engine drops the big tensors after prefill; this frame must not pin them
         with self._lock:
@@ -52,6 +55,8 @@ class AsyncLLMEngine:
         finished, done = False, 0
         streams = [CompletionStream(self.engine.tokenizer, params) for _ in range(params.n)]  # text, per completion
         try:
+            if ack:  # None first: the request is in the engine's count now (queue_room no longer offers its place)
+                yield None
             while not finished:
                 step = await q.get()
                 if isinstance(step, BaseException):

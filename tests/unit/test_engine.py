@@ -469,3 +469,27 @@ def test_a_dead_step_loop_fails_its_streams_and_says_so(tiny_pipeline, sources, 
     with pytest.raises(EngineDead):
         aeng.check_health()
     assert aeng.queue_room() == 0
+
+
+def test_generate_acks_once_the_engine_counts_the_request(tiny_pipeline, sources):
+    """With `ack`, generate yields None first, by when the engine's queue_room no longer offers the request's place:
+    what the decoder sends as Queued, after which the ingress's admission gives its own place back (at the next
+    report). Here the request waits behind a running one (max_running 1), so the count is still visible."""
+    aeng = AsyncLLMEngine(LLMEngine(tiny_pipeline.loaded, EngineConfig(max_running=1, max_waiting=4)))
+
+    async def run():
+        long = aeng.generate(sources[2], SamplingParams(max_tokens=200, ignore_eos=True))
+        await anext(long)  # running: it holds the only running slot
+        room = aeng.queue_room()
+        queued = aeng.generate(sources[1], SamplingParams(max_tokens=3, ignore_eos=True), ack=True)
+        assert await anext(queued) is None
+        assert aeng.queue_room() == room - 1  # counted (pending or waiting) from the ack on
+        await long.aclose()  # the running one goes: the queued one runs
+        out = await asyncio.wait_for(anext(queued), 60)
+        assert out is not None and out.new_token_ids
+        await queued.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        aeng.shutdown()

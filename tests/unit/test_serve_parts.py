@@ -127,14 +127,13 @@ def test_front_door_admission_holds_its_share_of_the_decoder_room():
         room.polled.set()
         now = time.monotonic()
         room.reports = {"d1": (3, now), "d2": (2, now)}
-        for _ in range(5):
-            await room.admit()
+        places = [await room.admit() for _ in range(5)]
         t0 = time.perf_counter()
         with pytest.raises(NoRoom):
             await room.admit()
         assert time.perf_counter() - t0 < 0.1  # at once: no stage call, no wait
         room.ingresses = 2  # another ingress replica: this one may hold ceil(5 / 2) = 3
-        room.release(), room.release()
+        places[0].release(), places[1].release(), places[1].release()  # again: nothing (idempotent)
         assert room.held == 3
         with pytest.raises(NoRoom):
             await room.admit()
@@ -145,7 +144,7 @@ def test_front_door_admission_holds_its_share_of_the_decoder_room():
         waiter = asyncio.ensure_future(room.admit())  # 3 held of 3: waits for a place
         await asyncio.sleep(0.05)
         assert not waiter.done()
-        room.release()
+        places[2].release()
         await asyncio.wait_for(waiter, 5)
         assert room.held == 3 and room.counts["refused_at_ingress"] == 2 and room.counts["admitted"] == 6
         room.wait_s = 0.2
@@ -160,5 +159,148 @@ def test_front_door_admission_holds_its_share_of_the_decoder_room():
         report = room.report()
         assert report["refused_at_decoder"] == 1 and report["stage_calls_for_refused"] == 2
         assert report["stage_calls_per_refused"] == pytest.approx(2 / 4)
+
+    asyncio.run(run())
+
+
+def test_a_place_goes_back_once_a_report_taken_after_its_hand_over_arrives(monkeypatch):
+    """A request's place is held until the decoder's engine has it (handed over) AND a poll that started after that
+    has answered: the poll answering meanwhile was taken before, so it did not count the request yet. A place never
+    handed over stays held (the request is in no report); one handed over long ago goes back even if polls fail.
+    (Held until the first output instead, a request admitted to `running` and still prefilling was counted twice.)"""
+
+    import deployments.admission as admission
+    from deployments.admission import STALE_S, DecoderRoom
+
+    gates: list[asyncio.Event] = []
+
+    async def replica_stats(app, deployment, timeout_s):
+        gates.append(gate := asyncio.Event())
+        await gate.wait()  # the test says when this poll's reports arrive
+        return {"d1": {"queue_room": 4}}
+
+    monkeypatch.setattr(admission, "replica_stats", replica_stats)
+    monkeypatch.setattr(admission, "replica_actor_names", lambda app, deployment: ["ingress-1"])
+
+    async def answer(n: int):
+        """Let poll n answer, and wait until poll n + 1 has started."""
+        while len(gates) <= n:
+            await asyncio.sleep(0.001)
+        gates[n].set()
+        while len(gates) <= n + 1:
+            await asyncio.sleep(0.001)
+
+    async def run():
+        room = DecoderRoom("crosstrim", period_s=0.0, timeout_s=5.0)
+        room.ensure_started()
+        await answer(0)
+        held, kept = await room.admit(), await room.admit()
+        assert room.held == 2 and room.share() == 4
+        held.handed_over()  # the decoder said Queued while poll 1 was already on its way
+        held.handed_over()  # again: the first time counts
+        await answer(1)
+        assert held in room.places and room.held == 2  # poll 1 was taken before the hand-over
+        await answer(2)
+        assert held.released and room.places == {kept}  # poll 2 started after it: its report counts the request
+        kept.release(), kept.release()
+        assert room.held == 0
+        late = await room.admit()
+        late.handed_over()
+        late.handed_at -= STALE_S + 1  # handed over long ago, no poll answered since (the controller restarting)
+        await room.admit()
+        assert late.released and room.held == 1
+        room.task.cancel()
+
+    asyncio.run(run())
+
+
+def test_the_front_door_refuses_before_the_body_is_read():
+    """GuardMiddleware takes the request's place before reading the body: with no room, the 503 (OpenAI's error
+    shape, Retry-After) comes although the body never arrives; a 401 stays a 401; /tokenize takes no place; an
+    admitted request finds its place in the scope's state and gives it back when it ends, fails or its client
+    leaves."""
+    import json
+    import time
+
+    from deployments.admission import DecoderRoom
+    from deployments.limits import Guard, GuardMiddleware
+
+    async def run():
+        room = DecoderRoom("crosstrim", timeout_s=0.05)
+        room.task = asyncio.get_running_loop().create_future()  # no poller: the test sets the reports
+        room.polled.set()
+        room.reports = {"d1": (0, time.monotonic())}
+        seen = []
+
+        async def app(scope, receive, send):
+            seen.append(scope["state"].get("place"))
+            if scope["path"] == "/v1/completions":
+                assert room.held == 1
+                raise RuntimeError("the handler failed")
+            if scope["path"] == "/v1/responses":
+                raise asyncio.CancelledError  # the client went away
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        async def never():  # a body that never comes
+            await asyncio.Event().wait()
+
+        async def call(guard, path, headers=()):
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers),
+                     "client": ("10.0.0.1", 1)}
+            await asyncio.wait_for(GuardMiddleware(app, lambda: guard)(scope, never, send), 1.0)
+            status = sent[0]["status"]
+            return status, dict(sent[0]["headers"]), json.loads(sent[1]["body"]) if status != 200 else None
+
+        guard = Guard(retry_after_s=3, admission=room)
+        status, headers, body = await call(guard, "/v1/chat/completions")
+        assert status == 503 and headers[b"retry-after"] == b"3" and body["error"]["code"] == 503
+        assert "no room" in body["error"]["message"] and seen == [] and room.counts["refused_at_ingress"] == 1
+        keyed = Guard(keys=("sk-1",), admission=room)
+        assert (await call(keyed, "/v1/chat/completions"))[0] == 401
+        assert (await call(guard, "/tokenize"))[0] == 200 and seen == [None]
+        room.reports = {"d1": (5, time.monotonic())}
+        assert (await call(guard, "/v1/chat/completions"))[0] == 200
+        with pytest.raises(RuntimeError):
+            await call(guard, "/v1/completions")
+        with pytest.raises(asyncio.CancelledError):
+            await call(guard, "/v1/responses")
+            assert len(seen) == 4 and all(p.released for p in seen[1:]) and room.held == 0
+
+    asyncio.run(run())
+
+
+def test_the_ingress_hands_the_place_over_at_queued():
+    """Ingress._head reads the decoder's stream up to the first output or error: the place is handed over at Queued
+    (the decoder's engine has the request), not kept until the first token; a request refused before it is not."""
+    from deployments.admission import DecoderRoom
+    from deployments.ingress import Ingress
+    from deployments.stream import Queued, StageError, TrimSummary
+    from pipeline.types import RequestOutput
+
+    summary = TrimSummary(10, 5, 0.5, 1, 2, "kv", 3, 1, 0.1)
+    first = RequestOutput.__new__(RequestOutput)
+
+    async def stream(*items):
+        for item in items:
+            yield item
+
+    async def run():
+        room = DecoderRoom("crosstrim")
+        room.task = asyncio.get_running_loop().create_future()
+        watch = SimpleNamespace(first=lambda items, stages, grace_s: items.__anext__())
+        ingress = SimpleNamespace(watch=watch, cfg=SimpleNamespace(stage_wait_s=1.0))
+        head = Ingress.func_or_class._head
+        got, places = [], []
+        for items in ([summary, Queued(), first], [Queued(), first], [summary, StageError(503, "full")]):
+            places.append(place := await room.admit())
+            got.append(await head(ingress, stream(*items), (), place))
+        assert got == [(summary, first), (None, first), (summary, StageError(503, "full"))]
+        assert [p.handed_at is not None for p in places] == [True, True, False]
 
     asyncio.run(run())
