@@ -2,11 +2,11 @@
 reading its body, preprocessing it or calling any stage, so a refused request costs the encoder and the trimmer
 nothing (GuardMiddleware takes the place: deployments/limits.py).
 
-Each decoder replica reports how many more requests its engine would queue (`queue_room`: max_waiting less the
-waiting and the ones on their way). A request admitted here holds a `Place` from admission until the decoder's engine
-has it (the decoder's `Queued`: `Place.handed_over`) AND a report taken after that has arrived: from then on the
-report counts the request (waiting) or no longer needs to (running: it has left the queue for good; preempted
-sequences are swapped, never re-queued), so holding the place too would count it twice. A request that fails or ends
+Each decoder replica reports how many more requests its engine would hold (`queue_room`: max_waiting less the
+waiting and the ones on their way, plus the free running slots while nothing waits). A request admitted here holds a
+`Place` from admission until the decoder's engine has it (the decoder's `Queued`: `Place.handed_over`) AND a report
+taken after that has arrived: from then on the report counts the request (waiting, or in a running slot), so holding
+the place too would count it twice. A request that fails or ends
 first gives its place back then (`Place.release`, idempotent). Places are held optimistically per ingress replica,
 against reports refreshed every `period_s`: a request still in the encoder or trimmer is in no report, so each
 ingress replica takes at most its share of the pool's room (room / ingress replicas, rounded up). The decoder still
@@ -72,8 +72,9 @@ class DecoderRoom(Poller):
     # ---- the view
 
     def room(self) -> int | None:
-        """The pool's queue room at the last reports (None before the first)."""
-        if not self.polled.is_set():
+        """The pool's queue room at the last reports (None before the first, or while the pool has no replica: one
+        being replaced, which requests wait for up to stage_wait_s, as they would without front-door admission)."""
+        if not self.polled.is_set() or not self.reports:
             return None
         now = time.monotonic()
         return sum(room for room, at in self.reports.values() if now - at < STALE_S)

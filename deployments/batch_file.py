@@ -137,7 +137,10 @@ class BatchFileRunner:
             if isinstance(req, api.Chat):
                 prepared, _ = await self.preprocessor.prepare(req.messages, tool_dicts(req))
             else:
-                prepared, _ = await self.preprocessor.prepare_text(req.prompt)
+                if len(req.prompts) > 1:  # the endpoint's several prompts are several engine requests
+                    raise InvalidRequest("a batch line holds one prompt; give each prompt a line of its own",
+                                         param="prompt")
+                prepared, _ = await self.preprocessor.prepare_text(req.prompts[0])
             trim_cfg = api.to_trim_config(req.trim, self.cfg.trim)
             line.params = api.fit_max_tokens(req, params, len(prepared.input_ids), self.cfg.engine.max_model_len)
             line.request = await asyncio.to_thread(self._stages, prepared, trim_cfg)

@@ -78,9 +78,11 @@ class Scheduler:
         return self.queue_room(pending) > 0
 
     def queue_room(self, pending: int = 0) -> int:
-        """How many more sequences may wait, with `pending` more already on their way (negative: over, after
-        max_waiting was lowered)."""
-        return self.cfg.max_waiting - len(self.waiting) - pending
+        """How many more requests the engine would hold, with `pending` more already on their way: the queue's
+        max_waiting places, plus the free running slots while nothing waits (nothing blocks admission then, so the
+        next ones run rather than queue); negative: over, after max_waiting was lowered."""
+        free_running = 0 if self.waiting else max(0, self.cfg.max_running - self.running_slots())
+        return self.cfg.max_waiting + free_running - len(self.waiting) - pending
 
     def add(self, seq: Sequence) -> None:
         self.check(seq)

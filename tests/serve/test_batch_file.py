@@ -25,12 +25,16 @@ def line(custom_id, url: str, body) -> str:
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
 
 
+HOP = ("hop_ms", "ship", "shipped_bytes", "shipped_cross_bytes")
+
+
 def comparable(body: dict) -> tuple[dict, list[float]]:
-    """A response body without what differs between two calls (ids, timestamps, the hop's wall-clock time), and its
-    log-probabilities apart: equal within 1e-4, as float sums in another batch composition give them."""
+    """A response body without what differs between two calls (ids, timestamps, the trimmer -> decoder hop's figures:
+    the batch job has no hop and the shared app may ship features), and its log-probabilities apart: equal within
+    1e-4, as float sums in another batch composition give them."""
     out = {k: v for k, v in body.items() if k not in ("id", "created")}
     if out.get("trim"):
-        out["trim"] = {k: v for k, v in out["trim"].items() if k != "hop_ms"}
+        out["trim"] = {k: v for k, v in out["trim"].items() if k not in HOP}
     floats = []
 
     def split(x):
@@ -73,7 +77,8 @@ def test_openai_batch_file_answers_each_line_as_the_endpoints_do(serve_app, aws_
                  line("embeddings", "/v1/embeddings", {"input": "x"}),
                  json.dumps({"custom_id": "get", "method": "GET", "url": CHAT, "body": {}}),
                  line("streamed", CHAT, chat("hi", max_tokens=2, stream=True)),
-                 "[1, 2]"]
+                 "[1, 2]",
+                 line("two-prompts", TEXT, {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 2})]
     aws_env.put_object(Bucket=BUCKET, Key="batch/in.jsonl", Body=("\n".join(text) + "\n").encode())
     args = serve_app.config["applications"][0]["args"]
     config = tmp_path / "batch.yaml"
@@ -95,6 +100,8 @@ def test_openai_batch_file_answers_each_line_as_the_endpoints_do(serve_app, aws_
         assert by_id[cid]["response"] is None and what in by_id[cid]["error"]["message"]
     streamed = by_id["streamed"]["response"]
     assert streamed["status_code"] == 400 and "stream" in streamed["body"]["error"]["message"]
+    two = by_id["two-prompts"]["response"]  # one prompt a line: the endpoint's several prompts are several requests
+    assert two["status_code"] == 400 and two["body"]["error"]["param"] == "prompt", two
 
     with httpx.Client(base_url=serve_app.url, timeout=300) as http:
         for cid, (url, body) in good.items():

@@ -354,7 +354,7 @@ def test_hostile_strings_and_tool_calls_are_400_naming_the_field(app):
     http, bad = app.http, "a\ud800b"
     cases = [
         ("/v1/completions", {"prompt": bad, "max_tokens": 2}, "prompt"),
-        ("/v1/completions", {"prompt": [bad], "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"prompt": [bad], "max_tokens": 2}, "prompt[0]"),
         ("/v1/completions", {"prompt": "hi", "stop": [bad], "max_tokens": 2}, "stop[0]"),
         ("/tokenize", {"prompt": bad}, "prompt"),
         ("/tokenize", {"messages": []}, "messages"),  # found by the in-process fuzz: the template's IndexError

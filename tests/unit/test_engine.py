@@ -403,6 +403,7 @@ def test_stats_read_while_the_engine_steps(tiny_pipeline, sources):
             except Exception as exc:  # noqa: BLE001 - what the race raised
                 errors.append(exc)
             reads[0] += 1
+            time.sleep(0.001)  # a reader that never sleeps starves the step thread of the GIL (minutes on 2 cores)
 
     async def run():
         return await asyncio.gather(*(_drain(aeng.generate(sources[i % 6], SamplingParams(

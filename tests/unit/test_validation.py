@@ -243,7 +243,7 @@ def test_tokenize_and_detokenize_do_not_wait_on_image_preprocessing(pre):
 
 
 def test_fuzz_validation_and_text_preprocessing_raise_only_invalid_request(pre):
-    """In process, the serve fuzz's bodies (tests/serve/test_hardening.py: all of Unicode, tool calls, grammars with
+    """In process, the serve fuzz's bodies (tests/serve/test_fuzz.py: all of Unicode, tool calls, grammars with
     the fields that fight them) through what the ingress runs before any stage: schema, validation layer, text
     tokenising and the chat template. A body is refused (ValidationError: FastAPI's 400; InvalidRequest: ours) or
     prepared; any other exception would be a 500."""
@@ -251,7 +251,7 @@ def test_fuzz_validation_and_text_preprocessing_raise_only_invalid_request(pre):
     from hypothesis import strategies as st
     from pydantic import ValidationError
 
-    from tests.serve import test_hardening as serve_fuzz
+    from tests.serve import test_fuzz as serve_fuzz
 
     outcomes = {"schema": 0, "invalid": 0, "prepared": 0}
 
@@ -275,7 +275,8 @@ def test_fuzz_validation_and_text_preprocessing_raise_only_invalid_request(pre):
 
     async def text(req):
         await validation.sampling_params(req, pre.vocab, 8)
-        await pre.prepare_text(req.prompt)
+        for prompt in req.prompts:  # as the ingress: one engine request a prompt
+            await pre.prepare_text(prompt)
 
     async def tokenize(req):
         validation.check_request(req)
