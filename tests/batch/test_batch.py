@@ -323,6 +323,7 @@ def test_stages_in_process_turn_failures_into_error_rows():
     assert decode(states).to_pylist() == out[:1]
 
 
+@pytest.mark.slow  # docs/testing.md: its command
 def test_decoder_actor_killed_mid_job(local_ray, tmp_path):
     """kill -9 of the decoder actor while it decodes: Ray Data restarts it and re-runs its batch; the job
     completes with every input row exactly once and no error rows."""

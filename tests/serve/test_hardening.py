@@ -233,6 +233,7 @@ def post_chunked(port: int, chunks) -> tuple[int, bytes, int]:
     return int(head.split(b" ")[1]), body, sent
 
 
+@pytest.mark.slow  # docs/testing.md: its command
 def test_idle_half_sent_connections_do_not_starve_others(app):
     """300 connections on one key announce a 100 kB body, send a part, then go silent. The per-key guard refuses all
     but PER_KEY_CONCURRENT of them at once with 429, before reading a byte of their bodies; /health and a normal

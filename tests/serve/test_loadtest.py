@@ -134,6 +134,7 @@ def test_locust_counts_malformed_streams_as_failures(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bench e2e
 
+@pytest.mark.slow  # docs/testing.md: its command
 def test_bench_e2e_point_and_report(serve_app, tmp_path):
     """One locust point as `crosstrim bench e2e` runs it, an HF generate batch, and the Markdown + plot."""
     from loadtests.bench_e2e.constants import MARKERS, PROMPT, TILES, workload

@@ -275,9 +275,10 @@ def test_concurrent_requests_are_batched(serve_app, http, images):
 
 
 def test_48_long_requests_all_succeed_and_run_16_at_once(serve_app, http, images):
-    """KV in pages: 48 concurrent image requests asking max_tokens 1024 all succeed, the decoder runs max_running
-    (16) of them at once, and every KV byte is free afterwards. Each decodes all 1024 tokens (ignore_eos), so
-    they overlap whatever the machine's speed and the pool fills as tokens come (some are preempted and resumed)."""
+    """KV in pages: 48 concurrent image requests asking max_tokens 256 all succeed (the front door admits what
+    the pool holds: max_running + max_waiting), the decoder runs max_running (16) of them at once, and every KV byte
+    is free afterwards. Each decodes all 256 tokens (ignore_eos), so they overlap whatever the machine's speed.
+    (A pool that runs out of pages through Serve: the elastic test below; preemption's exactness: test_paging.)"""
     from ray import serve
 
     engine = serve_app.config["applications"][0]["args"]["engine"]
@@ -285,10 +286,10 @@ def test_48_long_requests_all_succeed_and_run_16_at_once(serve_app, http, images
     urls = [data_url(images[k]) for k in ("batch", "exact", "exact2", "cache")]
 
     async def run():
-        # A request waits for two waves of 16 x 1024 tokens before its own: no read timeout (a busy machine made
+        # A request waits for two waves of 16 x 256 tokens before its own: no read timeout (a busy machine made
         # 120 s a flaky verdict); the run fails only if the decoder stops producing tokens.
         async with httpx.AsyncClient(base_url=serve_app.url, timeout=httpx.Timeout(60, read=None)) as c:
-            bodies = [{**chat("where is the yellow square?", urls[i % 4], max_tokens=1024), "ignore_eos": True}
+            bodies = [{**chat("where is the yellow square?", urls[i % 4], max_tokens=256), "ignore_eos": True}
                       for i in range(48)]
             return await while_decoding(asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies)),
                                         http)
@@ -298,6 +299,46 @@ def test_48_long_requests_all_succeed_and_run_16_at_once(serve_app, http, images
     stats = decoder_stats(http)
     assert stats["peak_running"] == engine["max_running"] == 16, stats
     assert stats["kv_used_bytes"] == stats["kv_written_bytes"] == 0 and stats["running"] == stats["swapped"] == 0
+
+
+def test_elastic_fraction_follows_the_pools_pressure_and_sheds_instead_of_swapping(serve_app, http, images):
+    """Elastic trimming through Serve (docs/elastic.md): 16 elastic requests trimmed while the pool is empty keep
+    every visual token (the ceiling); as their answers grow the pool's pressure rises, and requests trimmed then keep
+    less (the fraction the trimmer chose, read from each response's `trim`); when the pool runs out the decoder sheds
+    running sequences' tail cross pages to their floor instead of preempting them (16 answers of 700 tokens about
+    a two-tile picture fit only below the ceiling: 41 self pages and 5 cross pages each at the ceiling, 1 at the
+    floor, 727 pages in the pool of configs/local.yaml)."""
+    trim = serve_app.config["applications"][0]["args"]["trim"]
+    before = decoder_stats(http)
+    urls = [data_url(images[k]) for k in ("batch", "exact")]  # 100 x 40: two tiles, 130 visual tokens
+
+    def body(i: int, max_tokens: int) -> dict:
+        return {**chat("where is the yellow square?", urls[i % 2], max_tokens=max_tokens), "ignore_eos": True,
+                "trim": "elastic"}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=httpx.Timeout(60, read=None)) as c:
+            growing = asyncio.gather(*(c.post("/v1/chat/completions", json=body(i, 700)) for i in range(16)))
+            work = asyncio.ensure_future(while_decoding(growing, http))
+            pressed = await asyncio.to_thread(wait_for, lambda: decoder_stats(http)["kv_pressure"] >= 0.65, 600,
+                                              "the pool's KV pressure above 0.65")
+            assert pressed and not work.done()
+            later = await asyncio.gather(*(c.post("/v1/chat/completions", json=body(i, 4)) for i in range(4)))
+            return await work, later
+
+    growing, later = asyncio.run(run())
+    assert [r.status_code for r in growing + later] == [200] * 20, [r.text for r in growing + later]
+    first, second = [r.json()["trim"] for r in growing], [r.json()["trim"] for r in later]
+    assert all(t["chosen_fraction"] == trim["ceiling_fraction"] and t["pressure"] <= trim["pressure_low"]
+               for t in first), first
+    assert all(t["pressure"] >= 0.65 and trim["floor_fraction"] <= t["chosen_fraction"] < trim["ceiling_fraction"]
+               and t["kept_tokens"] < t["visual_tokens"] for t in second), second
+    shed = [t for t in first if t.get("shed_at") is not None]
+    assert shed and all(t["kept_tokens_end"] == t["floor_tokens"] < t["kept_tokens"] for t in shed), first
+    after = decoder_stats(http)
+    assert after["sheds"] - before["sheds"] == len(shed)
+    assert after["preemptions"] == before["preemptions"], (before, after)  # shed, never swapped
+    assert after["kv_used_bytes"] == 0 and after["running"] == after["swapped"] == 0
 
 
 # ---------------------------------------------------------------- errors: a clear 4xx/503, nothing lost

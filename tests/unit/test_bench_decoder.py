@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from pipeline.bench.decoder import hf_batches_that_fit, hf_summary
 from pipeline.cli import main as cli_main
 
@@ -15,6 +17,7 @@ def test_hf_batches_that_fit_and_summary():
     assert none["tokens_per_s_hf_generate"] is None and none["trimmed_vs_hf_generate"] is None
 
 
+@pytest.mark.slow  # docs/testing.md: its command
 def test_bench_decoder_runs_with_any_hf_batches(tmp_path):
     """One run (a bench model build each; what none fitting gives is hf_summary's, checked above): batch 64 does not
     fit the budget and is left out, batch 2 runs, batch 1 is not asked for, so exactness is not claimed."""

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.bench.pipeline import _merged
 from pipeline.cli import main as cli_main
 from pipeline.model.encoder import VisionEncoder
@@ -11,6 +13,7 @@ from pipeline.model.trimmer import Trimmer
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # docs/testing.md: its command
 def test_bench_pipeline_json_is_consistent_and_runs_a_baseline_tree(tmp_path):
     out = tmp_path / "p.json"
     requests, max_tokens = 5, 4
