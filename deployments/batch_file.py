@@ -50,8 +50,8 @@ class Line:
     acc: Accumulator | None = None
     render: ChatRenderer | TextRenderer | None = None
 
-    def fail(self, status: int, message: str) -> None:
-        self.status, self.body = status, api.error_body(status, message)
+    def fail(self, status: int, message: str, param: str | None = None) -> None:
+        self.status, self.body = status, api.error_body(status, message, param)
 
     @property
     def open(self) -> bool:
@@ -87,10 +87,13 @@ def parse_line(text: str) -> Line:
     try:
         line.req = model.model_validate(obj["body"])
     except ValidationError as exc:
-        line.fail(400, api.validation_message([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
+        errors = exc.errors()
+        line.fail(400, api.validation_message([{**e, "loc": ("body", *e["loc"])} for e in errors]),
+                  api.field_path(errors[0]["loc"]) or None if errors else None)  # as the endpoint names it
         return line
     if line.req.stream:
-        line.fail(400, "stream: a batch file's responses are whole bodies; send stream: false or leave it out")
+        line.fail(400, "stream: a batch file's responses are whole bodies; send stream: false or leave it out",
+                  "stream")
     return line
 
 
@@ -145,7 +148,7 @@ class BatchFileRunner:
             line.params = api.fit_max_tokens(req, params, len(prepared.input_ids), self.cfg.engine.max_model_len)
             line.request = await asyncio.to_thread(self._stages, prepared, trim_cfg)
         except InvalidRequest as exc:
-            line.fail(400, str(exc))
+            line.fail(400, str(exc), exc.param)
 
     def _stages(self, prepared: PreparedPrompt, trim_cfg):
         return self.pipeline.trim(prepared, trim_cfg, self.cfg.ship)
@@ -159,7 +162,7 @@ class BatchFileRunner:
             try:
                 seq = engine.make_sequence(request, line.params, request_id=line.rid)
             except InvalidRequest as exc:
-                line.fail(400, str(exc))
+                line.fail(400, str(exc), exc.param)
                 continue
             trim = Handoff.of(request).summary(request, received_at=0.0) if request.image is not None else None
             line.acc, line.render = Accumulator(line.req.n), self._renderer(line, trim)

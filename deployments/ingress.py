@@ -125,7 +125,8 @@ class Ingress:
     async def reset_prefix_cache(self) -> dict:
         """vLLM's: every decoder replica forgets its prefix cache (pages running requests hold stay theirs)."""
         app = serve.get_replica_context().app_name
-        answers = await each_replica(app, "DecoderPool", "reset_prefix_cache", self.cfg.health_timeout_s)
+        answers = await each_replica(app, "DecoderPool", "reset_prefix_cache", self.cfg.health_timeout_s,
+                                     user=True)
         pages = [n for n in answers.values() if n is not None]
         return {"status": "ok", "replicas": len(pages), "pages": sum(pages)}
 

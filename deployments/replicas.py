@@ -2,9 +2,11 @@
 for the whole pool."""
 
 import asyncio
+import pickle
+import uuid
 
 import ray
-from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
+from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX, RequestMetadata
 
 # Summed over replicas; the rest are per-replica gauges for which the pool's worst (max) is the useful figure.
 SUMMED = ("running", "waiting", "kv_used_bytes", "kv_budget_bytes", "tokens_generated", "steps", "decode_steps",
@@ -18,15 +20,22 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-async def each_replica(app: str, deployment: str, method: str, timeout_s: float = 2.0) -> dict:
+async def each_replica(app: str, deployment: str, method: str, timeout_s: float = 2.0, user: bool = False) -> dict:
     """Each live replica's answer to `method()` (no arguments) by actor name; None for one that does not answer in
-    time."""
+    time. `user`: a method of the deployment's class, called through the replica actor's request entry point (as Ray
+    Serve LLM's broadcast does; the replica actor's own methods, such as record_routing_stats, are called directly)."""
     names = await asyncio.to_thread(replica_actor_names, app, deployment)
+
+    def call(actor):
+        if not user:
+            return getattr(actor, method).remote()
+        rid = f"each-replica-{uuid.uuid4()}"
+        return actor.handle_request.remote(pickle.dumps(RequestMetadata(request_id=rid, internal_request_id=rid,
+                                                                        call_method=method)))
 
     async def one(name: str):
         try:
-            actor = ray.get_actor(name, namespace="serve")
-            return await asyncio.wait_for(getattr(actor, method).remote(), timeout_s)
+            return await asyncio.wait_for(call(ray.get_actor(name, namespace="serve")), timeout_s)
         except Exception:  # starting, stopping or dead: not part of the pool's figures now
             return None
 

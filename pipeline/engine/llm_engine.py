@@ -135,8 +135,7 @@ class LLMEngine:
     # ---- admission and KV, for callers (nothing outside the engine reads its scheduler or KV cache)
 
     def has_room(self, pending: int = 0) -> bool:
-        """The one admission rule: may another request queue now? `pending`: requests a caller has accepted but
-        not yet added (the async engine's inbox)."""
+        """May another request queue now? `pending`: accepted by a caller, not yet added (the async inbox)."""
         return self.scheduler.has_room(pending)
 
     def queue_room(self, pending: int = 0) -> int:
@@ -187,6 +186,7 @@ class LLMEngine:
                 self.finish_completion(seq.request_id, seq.index)
             if out.finished:
                 seq.finish_reason = out.finish_reason  # a stop string at the length limit says "stop", as before
+                out.kept_tokens_end, out.shed_at = (seq.cross_tokens, seq.shed_at) if seq.image else (None, None)  # elastic
             outputs.append(out)
         return outputs
 

@@ -4,6 +4,7 @@ images, tools, /v1/completions, /v1/models/{id}, /tokenize, /detokenize, /metric
 
 import asyncio
 import json
+import uuid
 
 import httpx
 import jsonschema
@@ -287,3 +288,29 @@ def test_echo_streams_and_image_prompt_logprobs(client, images):
     assert len(pl) == r.usage.prompt_tokens and pl[0] is None
     assert sum(e is None for e in pl) == 2  # the first token and the image token
     assert r.model_extra["trim"]["kept_tokens"] < r.model_extra["trim"]["visual_tokens"]
+
+
+def test_prefix_cache_through_the_api_cached_tokens_salt_and_reset(client, http):
+    """docs/prefix_caching.md through the openai SDK: a repeated system prompt's full pages are reused (OpenAI's
+    usage.prompt_tokens_details.cached_tokens, the same greedy answer), vLLM's cache_salt keeps requests of different
+    salts apart, /stats counts the pages, and POST /reset_prefix_cache empties the cache."""
+    system = f"session {uuid.uuid4().hex}: answer in one word. " * 8  # its own prompt: nothing cached yet
+
+    def ask(salt: str | None = None):
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": "say hi"}],
+            max_tokens=3, temperature=0, extra_body={"cache_salt": salt} if salt else None)
+        details = r.usage.prompt_tokens_details
+        return r.choices[0].message.content, r.usage.prompt_tokens, details.cached_tokens if details else 0
+
+    text, prompt_tokens, cached = ask()
+    assert cached == 0 and prompt_tokens > 100
+    again = ask()
+    assert again[0] == text and 0 < again[2] < prompt_tokens, again  # full pages, never the last row
+    pages = http.get("/stats").json()["decoder"]["prefix_cached_pages"]
+    assert pages >= 1, pages
+    assert ask("tenant-a")[2] == 0  # another salt shares nothing ...
+    assert ask("tenant-a")[2] == again[2]  # ... with its own requests it does
+    reset = http.post("/reset_prefix_cache")
+    assert reset.status_code == 200 and reset.json()["replicas"] >= 1, reset.text
+    assert ask() == (text, prompt_tokens, 0)
