@@ -234,6 +234,7 @@ def test_equals_crosstrim_generate_command(local_run, tmp_path):
     assert json.loads(stdout)["token_ids"] == out[row["id"]]["token_ids"]
 
 
+@pytest.mark.slow  # docs/testing.md: its command
 def test_rerun_untrimmed_replaces_output(local_run, oracle):
     """Re-running into the same output leaves exactly one row per input row, all from the new run."""
     root, rows, image, _, _ = local_run

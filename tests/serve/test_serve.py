@@ -513,6 +513,7 @@ def test_ship_features_matches_in_process(serve_app, http, oracle, images):
     assert t["shipped_cross_bytes"] < t["cross_kv_bytes"]  # what kv mode ships for the same tokens
 
 
+@pytest.mark.slow  # docs/testing.md (it also costs the next default-config test a redeploy: ~70 s in all)
 @pytest.mark.serve_in_place
 def test_decoder_router_spreads_over_two_replicas(serve_app, http):
     """Scale DecoderPool to 2 replicas in place; a burst of long requests lands on both, each replica reporting
