@@ -329,6 +329,13 @@ def validation_message(errors: list[dict]) -> str:
     return f"invalid request: {problems}"
 
 
+def schema_error_body(errors: list[dict]) -> dict:
+    """A schema violation's 400 body (pydantic's errors at FastAPI's `body.` locations): the message names the
+    fields, `param` the first one, as OpenAI's does."""
+    loc = [p for p in errors[0]["loc"] if p != "body"] if errors else []
+    return error_body(400, validation_message(errors), field_path(loc) or None)
+
+
 def to_trim_config(override: TrimOverride | str | None, default: TrimConfig) -> TrimConfig:
     """Merge the request's `trim` over the deployment's default."""
     if override is None:

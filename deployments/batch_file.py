@@ -87,9 +87,7 @@ def parse_line(text: str) -> Line:
     try:
         line.req = model.model_validate(obj["body"])
     except ValidationError as exc:
-        errors = exc.errors()
-        line.fail(400, api.validation_message([{**e, "loc": ("body", *e["loc"])} for e in errors]),
-                  api.field_path(errors[0]["loc"]) or None if errors else None)  # as the endpoint names it
+        line.status, line.body = 400, api.schema_error_body([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
         return line
     if line.req.stream:
         line.fail(400, "stream: a batch file's responses are whole bodies; send stream: false or leave it out",

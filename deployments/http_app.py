@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 
 from pipeline.errors import InvalidRequest
 
-from .api import error_body, field_path, validation_message
+from .api import error_body, schema_error_body
 from .faults import log
 from .limits import Guard, GuardMiddleware
 from .stream import StageError
@@ -72,9 +72,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Malformed JSON or a schema violation: 400 naming the field, as OpenAI answers."""
-    errors = exc.errors()
-    loc = [p for p in errors[0]["loc"] if p != "body"] if errors else []
-    return JSONResponse(error_body(400, validation_message(errors), field_path(loc) or None), status_code=400)
+    return JSONResponse(schema_error_body(exc.errors()), status_code=400)
 
 
 def make_app(description: str) -> FastAPI:
