@@ -21,6 +21,7 @@ def build_app(args: dict) -> serve.Application:
     encoder = VisionEncoderDeployment.options(user_config=settings.encoder_settings(cfg), **stage).bind(
         cfg.model, cfg.feature_cache_mib)
     trimmer = TrimmerDeployment.options(user_config=settings.trimmer_settings(cfg), **stage).bind(
-        cfg.model, cfg.trim, cfg.ship)
+        cfg.model, cfg.trim, cfg.ship, cfg.trimmer_prefix_cache_mib if cfg.engine.prefix_caching else 0,
+        cfg.engine.block_size)
     decoder = DecoderPool.options(user_config=settings.decoder_settings(cfg), **stream).bind(cfg.model, cfg.engine)
     return Ingress.options(user_config=settings.ingress_settings(cfg), **stream).bind(cfg, encoder, trimmer, decoder)

@@ -39,6 +39,10 @@ class AppConfig(BaseModel):
     http_allowlist: list[str] = Field(default_factory=list)  # URL prefixes; empty refuses http(s) images
     image_fetch_timeout_s: float = Field(10.0, gt=0)
     feature_cache_mib: int = Field(256, ge=0)  # encoder features of recent images kept (LRU, MiB); 0 disables
+    # The trimmer's prefix cache (docs/prefix_caching.md): its layers' K/V of blind-prefix pages (LRU, MiB), so a
+    # shared system prompt runs through the trimmer once; on only with engine.prefix_caching (the decoder would
+    # otherwise compute the rows the trimmer leaves out). 0 disables.
+    trimmer_prefix_cache_mib: int = Field(64, ge=0)
     encoder_batching: StageBatching = Field(default_factory=StageBatching)  # VisionEncoder calls per tower forward
     trimmer_batching: StageBatching = Field(default_factory=StageBatching)  # Trimmer calls per forward
     retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 503 or 429

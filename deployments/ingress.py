@@ -3,6 +3,7 @@ processor alone, sends the prompt through VisionEncoder -> Trimmer -> DecoderPoo
 streams the tokens back."""
 
 import asyncio
+import dataclasses
 import time
 
 from fastapi import Request
@@ -117,18 +118,22 @@ class Ingress:
             routing_stats(app, "VisionEncoder"), routing_stats(app, "Trimmer"))
         replicas = [s["engine"] for s in pool]
         return {"decoder": aggregate(replicas), "decoder_replicas": replicas, "admission": self.admission.report(),
-                "encoder_cache": encoder,
+                "encoder_cache": encoder, "trimmer_prefix_cache": [s.get("prefix_cache") for s in trimmers],
                 "stage_batches": {"encoder": [s["batches"] for s in encoders],
                                   "trimmer": [s["batches"] for s in trimmers]}}
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache(self) -> dict:
-        """vLLM's: every decoder replica forgets its prefix cache (pages running requests hold stay theirs)."""
+        """vLLM's: every decoder replica forgets its prefix cache (pages running requests hold stay theirs), and every
+        trimmer replica its own."""
         app = serve.get_replica_context().app_name
-        answers = await each_replica(app, "DecoderPool", "reset_prefix_cache", self.cfg.health_timeout_s,
-                                     user=True)
-        pages = [n for n in answers.values() if n is not None]
-        return {"status": "ok", "replicas": len(pages), "pages": sum(pages)}
+        decoders, trimmers = await asyncio.gather(*(
+            each_replica(app, name, "reset_prefix_cache", self.cfg.health_timeout_s, user=True)
+            for name in ("DecoderPool", "Trimmer")))
+        pages = [n for n in decoders.values() if n is not None]
+        trimmer_pages = [n for n in trimmers.values() if n is not None]
+        return {"status": "ok", "replicas": len(pages), "pages": sum(pages), "trimmer_replicas": len(trimmer_pages),
+                "trimmer_pages": sum(trimmer_pages)}
 
     @app.get("/v1/models/{model_id}", responses=api.error_responses(401, 404))
     async def model(self, model_id: str) -> dict:
@@ -358,6 +363,7 @@ class Ingress:
     def _send(self, prepared: PreparedPrompt, keys: list[str], params: SamplingParams, trim_cfg, rid: str):
         """Chain the stages by handle: each stage's result goes to the next through the object store,
         never through this replica."""
+        prepared = dataclasses.replace(prepared, cache_salt=params.cache_salt)  # the trimmer's prefix cache reads it
         handoff = run_stages(prepared, lambda p: self.encoder.encode.remote(p, keys),
                              lambda p, visual: self.trimmer.trim.remote(p, visual, trim_cfg), Handoff.of)
         return self.decoder.generate.remote(handoff, params, rid)

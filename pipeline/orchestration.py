@@ -8,8 +8,9 @@ from pipeline.types import DecodeRequest, PreparedPrompt
 
 
 def trimmer_input(prepared: PreparedPrompt) -> PreparedPrompt:
-    """What the trimmer reads of a prompt: its ids and cross-attention mask, not the pixels."""
-    return PreparedPrompt(input_ids=prepared.input_ids, cross_attention_mask=prepared.cross_attention_mask)
+    """What the trimmer reads of a prompt: its ids, cross-attention mask and cache salt, not the pixels."""
+    return PreparedPrompt(input_ids=prepared.input_ids, cross_attention_mask=prepared.cross_attention_mask,
+                          cache_salt=prepared.cache_salt)
 
 
 def text_request(prepared: PreparedPrompt) -> DecodeRequest:

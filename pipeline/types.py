@@ -16,6 +16,8 @@ class PreparedPrompt:
     aspect_ratio_ids: torch.Tensor | None = None  # (1, images)
     aspect_ratio_mask: torch.Tensor | None = None  # (1, images, tiles)
     cross_attention_mask: torch.Tensor | None = None  # (S, images, tiles), 1 where a row sees a tile
+    # vLLM's cache_salt: which prefix-cached rows the prompt may share (only with prompts of the same salt)
+    cache_salt: str | None = None
 
     @property
     def num_images(self) -> int:
@@ -173,9 +175,13 @@ CROSS_KINDS = {"kv": CrossKV, "features": KeptFeatures}  # TrimmerConfig's `ship
 class ResumeState:
     """What the decoder's prefill consumes once to resume right after the first cross-attention layer."""
 
-    hidden: torch.Tensor  # (S, hidden): the first cross-attention layer's output, every prompt row
-    self_kv: torch.Tensor  # (first_cross, 2, KVH, S, hd): self-attention K/V of the layers before it
+    hidden: torch.Tensor  # (S - start, hidden): the first cross-attention layer's output, prompt rows start..S
+    self_kv: torch.Tensor  # (first_cross, 2, KVH, S - start, hd): self-attention K/V of the layers before it
     cross: CrossKV | KeptFeatures  # the kept tokens, as K/V or as features
+    # Rows before `start` are not here: the trimmer took them from its prefix cache (pipeline/model/trimmer_cache.py).
+    # They are blind-prefix rows (their K/V depends on their tokens alone): the decoder has them in its own prefix
+    # cache or computes them from the tokens, as it does a text-only prompt's.
+    start: int = 0
 
     @property
     def ship(self) -> str:
@@ -217,6 +223,12 @@ class DecodeRequest:
     def __post_init__(self):
         if (self.image is None) != (self.resume is None):
             raise ValueError("a decode request carries an image state and a resume state together, or neither")
+        if self.resume is not None and not 0 <= self.resume.start <= self.image.prefix_len:
+            raise ValueError(f"resume state starts at row {self.resume.start}: only blind-prefix rows "
+                             f"(before row {self.image.prefix_len}) may be left out")
+        if self.resume is not None and len(self.resume.hidden) != self.prompt_len - self.resume.start:
+            raise ValueError(f"resume state has {len(self.resume.hidden)} rows; the prompt has "
+                             f"{self.prompt_len} from row {self.resume.start}")
 
     @property
     def prompt_len(self) -> int:
@@ -237,11 +249,12 @@ class DecodeRequest:
         tensors, fields = {}, {"prompt_token_ids": list(self.prompt_token_ids)}
         if self.image is not None:
             image_tensors, fields["image"] = _tensor_fields(self.image)
-            resume_tensors, _ = _tensor_fields(self.resume)  # its one plain field is `cross`, named below
+            resume_tensors, _ = _tensor_fields(self.resume)  # its plain fields: `cross`, named below, and `start`
             tensors |= {f"image.{k}": v for k, v in image_tensors.items()}
             tensors |= {f"resume.{k}": v for k, v in resume_tensors.items()}
             tensors["resume.cross"] = self.resume.cross.tensor
             fields["ship"] = self.resume.ship
+            fields["resume_start"] = self.resume.start
         return Payload(tensors, fields)
 
     @classmethod
@@ -255,7 +268,8 @@ class DecodeRequest:
             parts[owner][field_name] = t
         cross = CROSS_KINDS[fields["ship"]](parts["resume"].pop("cross"))
         image = ImageState(**fields["image"], **parts["image"])
-        return cls(list(fields["prompt_token_ids"]), image, ResumeState(cross=cross, **parts["resume"]))
+        resume = ResumeState(cross=cross, start=int(fields.get("resume_start", 0)), **parts["resume"])
+        return cls(list(fields["prompt_token_ids"]), image, resume)
 
     def to(self, device) -> "DecodeRequest":
         return map_tensors(self, lambda t: t.to(device))

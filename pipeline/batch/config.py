@@ -56,6 +56,9 @@ class BatchConfig(_Strict):
     io_num_cpus: float = Field(0.25, ge=0)  # Parquet read and write tasks (I/O bound)
     image_fetch_threads: int = Field(8, ge=1)  # per encoder actor: image_uri objects read concurrently
     write_token_ids: bool = False  # also write each row's generated token ids (a final EOS included)
+    # Per trimmer actor: its layers' K/V of repeated blind prefixes (rows before a row's image; LRU, MiB), with
+    # engine.prefix_caching only (docs/prefix_caching.md). 0 disables.
+    trimmer_prefix_cache_mib: int = Field(64, ge=0)
 
     @property
     def output_schema(self) -> pa.Schema:

@@ -18,6 +18,7 @@ from pipeline.model.encoder import VisionEncoder
 from pipeline.model.inputs import decode_image, prepare_prompt, user_message
 from pipeline.model.loader import load_model
 from pipeline.model.trimmer import Trimmer
+from pipeline.model.trimmer_cache import TrimmerPrefixCache
 from pipeline.orchestration import each_or_error, run_stages_batched
 from pipeline.storage import S3Settings
 from pipeline.types import DecodeRequest, Payload, PreparedPrompt, VisualFeatures
@@ -136,7 +137,9 @@ class TrimStage:
     def __init__(self, cfg: BatchConfig):
         _threads_for(cfg.trimmer)
         self.loaded = load_model(cfg.model, parts=("trim",))
-        self.trimmer = Trimmer(self.loaded, cfg.trim)
+        mib = cfg.trimmer_prefix_cache_mib if cfg.engine.prefix_caching else 0
+        self.trimmer = Trimmer(self.loaded, cfg.trim, TrimmerPrefixCache.sized(mib, cfg.engine.block_size,
+                                                                               self.loaded.cache_id))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = [batch.column(c).to_pylist() for c in ("id", "error", "state")]

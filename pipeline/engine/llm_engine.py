@@ -45,7 +45,7 @@ class LLMEngine:
             self.cfg.kv_budget_bytes, tc.num_hidden_layers, loaded.cross_layers, tc.num_key_value_heads,
             tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device, block_size, layout,
             placement=loaded.placement, devices=loaded.devices,  # a layer's K/V on its layer's device
-            prefix_model=f"{loaded.cfg.source}|{loaded.dtype}" if self.cfg.prefix_caching else None,
+            prefix_model=loaded.cache_id if self.cfg.prefix_caching else None,
         )
         self.scheduler = Scheduler(self.cfg, self.kv)
         self.runner = ModelRunner(loaded, self.kv)

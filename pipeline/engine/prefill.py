@@ -3,9 +3,11 @@ stopped) in one forward over the engine's KV pages; the next-token logits of the
 
 A sequence with an image resumes after the first cross-attention layer from its ResumeState (hidden rows, the
 earlier layers' self K/V, the kept tokens' cross K/V or features); a text-only prompt runs from layer 0 and skips
-cross layers. The two start at different layers, so a step runs in two phases: the text-only rows alone through
+cross layers, and so do an image prompt's blind rows that its resume state does not carry (the trimmer took them
+from its prefix cache and the decoder's cache lacks them: they see no image, so they compute what a text-only
+prompt's rows do). The two start at different layers, so a step runs in two phases: the text rows alone through
 layers 0 .. first_cross (the image rows have nothing to compute there, their K/V is copied from the resume
-state), then every row together from first_cross + 1 on. Rows are laid out text-only chunks first, so the image
+state), then every row together from first_cross + 1 on. Rows are laid out text chunks first, so the image
 rows a cross layer reads are one slice. Projections and MLPs run on all rows at once; attention runs per chunk
 (SDPA over the sequence's own pages): on CPU one block-diagonal SDPA over every chunk's keys measured 3.3x
 slower at 4 prompts of 128 rows and 8x at 8 chunks of 32 over histories to 2,000 (it computes and masks T x sum(K)
@@ -103,17 +105,18 @@ class Prefiller:
         A sequence's progress (`prefilled`) moves only once the whole forward succeeded."""
         for c in chunks:
             self._on_device(c.seq)
-        text = [c for c in chunks if c.seq.image is None]
-        image = [c for c in chunks if c.seq.image is not None]
+        text = [c for c in chunks if c.seq.runs_as_text(c.end)]
+        image = [c for c in chunks if not c.seq.runs_as_text(c.end)]
         layers = len(self.text.layers)
-        parts = []  # (1, rows, hidden) each, in row order: text-only chunks first
-        if text:  # phase 1: the text-only rows alone through layers 0 .. first_cross (the cross layer skipped)
+        parts = []  # (1, rows, hidden) each, in row order: text chunks first
+        if text:  # phase 1: the text rows alone through layers 0 .. first_cross (the cross layer skipped)
             ids = torch.tensor([t for c in text for t in c.seq.prompt_token_ids[c.start : c.end]], device=self.device)
             parts.append(self._layers(self.text.embed_tokens(ids)[None], RowBatch.of(text, self.device), 0,
                                       self.first + 1, None, 0))
         for c in image:
             self._write_resumed(c)
-            parts.append(c.seq.resume.hidden[c.start : c.end][None])
+            off = c.seq.resume_start
+            parts.append(c.seq.resume.hidden[c.start - off : c.end - off][None])
         ordered = text + image
         rows = RowBatch.of(ordered, self.device)
         dev = self.layer_devices[min(self.first + 1, layers - 1)]
@@ -157,16 +160,15 @@ class Prefiller:
             seq.image, seq.resume = map_tensors(seq.image, to), map_tensors(seq.resume, to)
 
     def _write_resumed(self, c: PrefillChunk) -> None:
-        """An image chunk's K/V from its resume state: the earlier layers' self K/V of its rows, and, with its
-        first chunk (which starts after the rows the prefix cache gave it), every cross layer's K/V of the kept
-        tokens."""
+        """An image chunk's K/V from its resume state (which starts at prompt row resume_start): the earlier layers'
+        self K/V of its rows, and, with its first resumed chunk (which starts after the rows the prefix cache gave
+        it, or the blind rows run as text), every cross layer's K/V of the kept tokens."""
         cache, resume, table = self.kv, c.seq.resume, c.seq.pages
-        slots = table.self_slots(c.start, c.end)
+        slots, a, b = table.self_slots(c.start, c.end), c.start - c.seq.resume_start, c.end - c.seq.resume_start
         for i in range(self.first):  # (layers, 2, KVH, S, hd) -> each layer's pages (rows, 2, KVH, hd)
             view = cache.self_layer(cache.kv_layer[i])
-            view[slots.to(view.device)] = resume.self_kv[i][:, :, c.start : c.end].permute(2, 0, 1, 3).to(
-                view.device, view.dtype)
-        if c.start == c.seq.cached_tokens:
+            view[slots.to(view.device)] = resume.self_kv[i][:, :, a:b].permute(2, 0, 1, 3).to(view.device, view.dtype)
+        if c.start == max(c.seq.cached_tokens, c.seq.resume_start):
             if isinstance(resume.cross, CrossKV):
                 kv = resume.cross.kv
             else:  # the kept tokens' features: project every cross-attention layer's K/V here

@@ -3,35 +3,14 @@ the page's token ids, the model and the cache salt), shared by every sequence wh
 after their holders end (free, but evictable least recently used first) until the pool needs the page.
 
 Only rows whose K/V in every layer depends on their tokens alone are cacheable: a text-only prompt's, and an image
-prompt's rows before its first image token (Meta's reference gives them no cross-attention output). The hashes are
-deterministic across processes (sha256), so the decoder pool's router computes the same ones (deployments/router.py).
+prompt's rows before its first image token (Meta's reference gives them no cross-attention output). The hashes
+(pipeline/prefix_hash.py) are deterministic across processes, so the decoder pool's router computes the same ones
+(deployments/router.py).
 """
 
-import hashlib
-import json
 from collections import OrderedDict
 
-import numpy as np
-
-
-def namespace(model_id: str, salt: str | None) -> bytes:
-    """The chain's root: requests of different models or different cache salts never share a page."""
-    return hashlib.sha256(json.dumps([model_id, salt]).encode()).digest()
-
-
-def page_hashes(token_ids: list[int], block_size: int, root: bytes, rows: int) -> list[bytes]:
-    """Hashes of the full pages among the first `rows` tokens, each chained on its parent's."""
-    out, parent = [], root
-    tokens = np.asarray(token_ids[: rows - rows % block_size], dtype=np.int64)
-    for p in range(len(tokens) // block_size):
-        parent = hashlib.sha256(parent + tokens[p * block_size : (p + 1) * block_size].tobytes()).digest()
-        out.append(parent)
-    return out
-
-
-def route_key(page_hash: bytes) -> int:
-    """A page hash's first 8 bytes: what replicas report to the router (a false match only misroutes)."""
-    return int.from_bytes(page_hash[:8], "little")
+from pipeline.prefix_hash import namespace, page_hashes, route_key
 
 
 def cached_prefix_pages(digest: dict, token_ids: list[int], salt: str | None) -> int:

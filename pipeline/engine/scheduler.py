@@ -122,7 +122,12 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, budget: int) -> PrefillChunk:
-        return PrefillChunk(seq, seq.prefilled, min(seq.prompt_len, seq.prefilled + budget))
+        """The next rows of its prompt within the budget; a chunk runs from the first layer or resumes after the
+        first cross-attention layer (Sequence.runs_as_text), never both."""
+        end = min(seq.prompt_len, seq.prefilled + budget)
+        if seq.prefilled < seq.resume_start:
+            end = min(end, seq.resume_start)
+        return PrefillChunk(seq, seq.prefilled, end)
 
     def resume_swapped(self) -> list[Sequence]:
         """Preempted sequences back into fresh pages, in the swapped queue's order, while they fit."""

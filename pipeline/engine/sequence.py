@@ -30,6 +30,9 @@ class Sequence:
         self.cross_mask = None if image is None else image.row_visibility[-1][image.kept_image]  # (kept,) bool
         self.cross_sees_all = image is None or bool(self.cross_mask.all())
         self.resume: ResumeState | None = None  # the prefill's input, read chunk by chunk, dropped after the last
+        # Its first row in the resume state: the rows before it (blind prefix rows the trimmer's prefix cache held)
+        # come from the decoder's prefix cache, or are prefilled from the first layer like a text-only prompt's.
+        self.resume_start = 0
         self.prefilled = 0  # prompt rows whose K/V is in its pages: the (chunked) prefill's progress
         # Prefix caching: hashes of its cacheable full pages (its text-only prompt's, or its rows before the first
         # image token), and the prompt rows it took from the cache at admission (its prefill starts after them).
@@ -56,6 +59,7 @@ class Sequence:
     def from_request(cls, request_id: str, request: DecodeRequest, params: SamplingParams) -> "Sequence":
         seq = cls(request_id, request.prompt_token_ids, params, request.image)
         seq.resume = request.resume
+        seq.resume_start = 0 if request.resume is None else request.resume.start
         return seq
 
     @property
@@ -67,6 +71,11 @@ class Sequence:
         """Prompt rows whose K/V depends on their tokens alone: all of a text-only prompt, the blind prefix of an
         image prompt (after the first image token the K/V depends on the image, and on the trimming)."""
         return self.prompt_len if self.image is None else self.image.prefix_len
+
+    def runs_as_text(self, end: int) -> bool:
+        """Prompt rows ending at `end` run from the first layer, skipping cross-attention (a text-only prompt's, or
+        blind rows the resume state does not carry), rather than resume after the first cross-attention layer."""
+        return self.image is None or end <= self.resume_start
 
     @property
     def prefilling(self) -> bool:

@@ -89,6 +89,11 @@ class LoadedModel:
         return self.cross_layers[0]
 
     @property
+    def cache_id(self) -> str:
+        """What prefix caches key this model's K/V by (pipeline/prefix_hash.py): its weights and dtype."""
+        return f"{self.cfg.source}|{self.dtype}"
+
+    @property
     def eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]

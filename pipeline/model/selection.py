@@ -21,10 +21,12 @@ def head_scores(probs: torch.Tensor, token_visible: torch.Tensor) -> torch.Tenso
 
     A token's score in a head is the attention it gets summed over the rows that can see it, so rows before
     an image (which HF lets attend uniformly) do not vote. Returns (H, V) in float32. Summed ROW_CHUNK rows at a
-    time, in the order the trimmer's chunked scoring adds them, so both give bit-identical scores.
+    time from the first row that sees a token, in the order the trimmer's chunked scoring adds them, so both give
+    bit-identical scores.
     """
     scores = None
-    for r in range(0, probs.shape[1], ROW_CHUNK):
+    first = int(token_visible.any(dim=1).long().argmax())
+    for r in range(first, probs.shape[1], ROW_CHUNK):
         part = chunk_scores(probs[:, r : r + ROW_CHUNK], token_visible[r : r + ROW_CHUNK])
         scores = part if scores is None else scores + part
     return scores

@@ -19,6 +19,7 @@ from pipeline.model.layers import (
 from pipeline.model.loaded import LoadedModel
 from pipeline.model.placement import module_device, moved
 from pipeline.model.selection import ROW_CHUNK, chunk_scores, importance_order, select_tokens, topk_count
+from pipeline.model.trimmer_cache import TrimmerPrefixCache
 from pipeline.types import (
     CROSS_KINDS,
     CrossKV,
@@ -33,22 +34,28 @@ from pipeline.types import (
 
 @dataclass
 class _Slot:
-    """One request of a batch: where its rows sit among the batch's concatenated rows, and who sees what (as HF
-    expands the processor's (S, images, tiles) mask)."""
+    """One request of a batch: where its computed rows sit among the batch's concatenated rows, and who sees what (as
+    HF expands the processor's (S, images, tiles) mask)."""
 
-    rows: slice  # its prompt rows among the batch's
-    tokens_per_image: int
-    token_visible: torch.Tensor  # (S, images * tokens_per_image) bool
-    row_visibility: torch.Tensor  # (S, images) bool: which images each row sees
-    row_sees_image: torch.Tensor  # (S,) bool
+    rows: slice  # its computed prompt rows (start .. S) among the batch's
+    start: int  # prompt rows before it are the prefix cache's (full pages of its blind prefix): not computed here
     prefix: int  # rows before the first image token (they see no image, so they get no cross-attention output)
+    tokens_per_image: int
+    token_visible: torch.Tensor  # (S - prefix, images * tokens_per_image) bool: which tokens each seeing row sees
+    row_visibility: torch.Tensor  # (S, images) bool: which images each row sees
     valid: torch.Tensor  # (valid,) positions of its non-padding visual tokens, ascending: the only ones anyone reads
 
+    @property
+    def seeing(self) -> slice:
+        """Its rows from the first image token on, among the batch's: the only ones the first cross-attention layer
+        computes (a blind row gets no output, and its votes are zero)."""
+        return slice(self.rows.start + self.prefix - self.start, self.rows.stop)
 
-def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) -> list[_Slot]:
-    """Each prompt's slot, its rows following the previous prompt's."""
+
+def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], starts: list[int], dev) -> list[_Slot]:
+    """Each prompt's slot, its computed rows following the previous prompt's."""
     slots, row = [], 0
-    for prompt, visual in zip(prompts, visuals):
+    for prompt, visual, start in zip(prompts, visuals, starts):
         images, tokens_per_image, _ = visual.features.shape
         if tuple(visual.token_valid.shape) != (images, tokens_per_image):
             raise ValueError(f"visual features {tuple(visual.features.shape)} do not match token_valid "
@@ -58,20 +65,26 @@ def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], dev) ->
         sees = row_visibility.any(dim=1)
         prefix = int(sees.long().argmax())  # rows after the first image token all see an image
         assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
+        assert start <= prefix, "only blind-prefix rows are cached"
         s = len(prompt.input_ids)
         valid = visual.token_valid.to(dev).reshape(-1).nonzero().squeeze(1)
-        slots.append(_Slot(slice(row, row + s), tokens_per_image, prompt.token_visible(tokens_per_image // tiles).to(dev),
-                           row_visibility, sees, prefix, valid))
-        row += s
+        visible = prompt.token_visible(tokens_per_image // tiles)[prefix:].to(dev)
+        slots.append(_Slot(slice(row, row + s - start), start, prefix, tokens_per_image, visible, row_visibility,
+                           valid))
+        row += s - start
     return slots
 
 
 class Trimmer:
-    def __init__(self, loaded: LoadedModel, cfg: TrimConfig | None = None):
+    def __init__(self, loaded: LoadedModel, cfg: TrimConfig | None = None,
+                 prefix_cache: TrimmerPrefixCache | None = None):
+        """prefix_cache: the K/V of blind-prefix pages already run (None: every row is computed)."""
         self.loaded = loaded
         self.cfg = cfg or TrimConfig()
         self.text = loaded.text
         self.first = loaded.first_cross
+        self.prefix_cache = prefix_cache if self.first else None  # no layer before the first cross layer: no K/V
+        self.rows_computed = 0  # prompt rows run through the layers up to the first cross-attention layer
 
     def trim(self, prompt: PreparedPrompt, visual: VisualFeatures, cfg: TrimConfig | None = None,
              ship: str = "kv") -> DecodeRequest:
@@ -86,15 +99,18 @@ class Trimmer:
         (the rows' projections and MLPs over all rows at once; attention within each prompt's own rows), so no
         padding is computed and no mask differs from a batch of one; the per-visual-token work (K/V, attention,
         scores, selection) runs per prompt, scores summed in the same chunks. Each prompt's result is bitwise its
-        batch-1 result (tests/unit/test_batched_stages.py)."""
+        batch-1 result (tests/unit/test_batched_stages.py). A prompt's blind-prefix pages in the prefix cache are
+        not computed: its rows start after them, and so does its resume state (ResumeState.start)."""
         if ship not in CROSS_KINDS:
             raise ValueError(f"ship is one of {sorted(CROSS_KINDS)}, not {ship!r}")
         cfgs = [c or self.cfg for c in (cfgs or [None] * len(prompts))]
         dev = self.loaded.device
         ids = [p.input_ids.to(dev) for p in prompts]
-        slots = _slots(prompts, visuals, dev)
+        hashes, past = self._cached(prompts)
+        slots = _slots(prompts, visuals, [0 if kv is None else kv.shape[-2] for kv in past], dev)
         feats = [v.features.reshape(-1, v.features.shape[-1]).to(dev) for v in visuals]  # (images * tokens, hidden)
-        h, self_kv = self._run_to_first_cross(ids, slots)
+        h, self_kv = self._run_to_first_cross([i[s.start :] for i, s in zip(ids, slots)], slots, past)
+        self._cache(slots, hashes, self_kv)
         h_in = h
         h, scores, k, v = self._first_cross_layer(h, feats, slots, [s.token_visible for s in slots])
 
@@ -128,6 +144,7 @@ class Trimmer:
                 hidden=h[0, slot.rows] if alone else h[0, slot.rows].clone(),  # a batch's rows would pin all of h
                 self_kv=self_kv[..., slot.rows, :] if alone else self_kv[..., slot.rows, :].clone(),
                 cross=cross,
+                start=slot.start,
             )
             out.append(DecodeRequest(ids[j].tolist(), self._image_state(visual, slot, kj, k[j], cfgs[j]), resume))
         return out
@@ -174,68 +191,111 @@ class Trimmer:
             pressure=cfg.pressure if elastic else None,
         )
 
-    def _run_to_first_cross(self, ids: list[torch.Tensor], slots: list[_Slot]):
-        """The layers before the first cross-attention layer over the batch's rows (1, rows, hidden); causal
-        attention within each prompt. Returns (h, self K/V (first, 2, KVH, rows, hd))."""
+    def _cached(self, prompts: list[PreparedPrompt]) -> tuple[list[list[bytes]], list[torch.Tensor | None]]:
+        """Per prompt: the hash chain of its blind prefix's full pages, and the cached K/V of the longest run of them
+        (layers before the first cross-attention layer, 2, KVH, cached rows, hd), or None."""
+        cache, dev = self.prefix_cache, self.loaded.device
+        if cache is None:
+            return [[] for _ in prompts], [None for _ in prompts]
+        hashes, past = [], []
+        for p in prompts:
+            sees = p.cross_attention_mask.bool().flatten(1).any(dim=1)
+            chain = cache.hashes(p.input_ids.tolist(), int(sees.long().argmax()), p.cache_salt)
+            pages = cache.match(chain)
+            cache.count(len(chain) * cache.block_size, len(pages) * cache.block_size)
+            hashes.append(chain)
+            past.append(torch.cat(pages, dim=-2).to(dev) if pages else None)
+        return hashes, past
+
+    def _cache(self, slots: list[_Slot], hashes: list[list[bytes]], self_kv: torch.Tensor) -> None:
+        """The blind-prefix pages just computed, into the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        b = self.prefix_cache.block_size
+        for slot, chain in zip(slots, hashes):
+            new = chain[slot.start // b :]
+            if new:
+                self.prefix_cache.put(new, self_kv[..., slot.rows.start : slot.rows.start + len(new) * b, :])
+
+    def _run_to_first_cross(self, ids: list[torch.Tensor], slots: list[_Slot], past: list[torch.Tensor | None]):
+        """The layers before the first cross-attention layer over the batch's computed rows (1, rows, hidden); causal
+        attention within each prompt, over its cached rows' K/V (`past`) too. Returns (h, self K/V of the computed
+        rows (first, 2, KVH, rows, hd))."""
+        self.rows_computed += sum(len(i) for i in ids)
         flat = torch.cat(ids)
         h = self.text.embed_tokens(flat)[None]
-        positions = torch.cat([torch.arange(len(i), device=flat.device) for i in ids])[None]
+        positions = torch.cat([torch.arange(s.start, s.start + len(i), device=flat.device)
+                               for i, s in zip(ids, slots)])[None]
         cos, sin = self.text.rotary_emb(h, positions)
+        # A prompt after cached rows: row r (at position start + r) sees keys 0 .. start + r.
+        masks = [None if kv is None else torch.arange(len(i), device=flat.device)[:, None] + s.start
+                 >= torch.arange(s.start + len(i), device=flat.device)[None] for i, s, kv in zip(ids, slots, past)]
         self_kv, on = [], {}
-        for layer in self.text.layers[: self.first]:
+        for n, layer in enumerate(self.text.layers[: self.first]):
             dev = module_device(layer)  # layers split over devices: run each where its weights are
             h = h.to(dev)
             q, k, v = self_qkv(layer, h, *moved((cos, sin), dev, on))
             scale = layer.self_attn.scaling
-            out = torch.cat([attend(q[:, :, s.rows], k[:, :, s.rows], v[:, :, s.rows], scale, causal=True)
-                             for s in slots], dim=2) if len(slots) > 1 else attend(q, k, v, scale, causal=True)
+            out = []
+            for s, kv, mask in zip(slots, past, masks):
+                if kv is None:
+                    out.append(attend(q[:, :, s.rows], k[:, :, s.rows], v[:, :, s.rows], scale, causal=True))
+                else:
+                    keys = torch.cat([kv[n, 0][None].to(dev), k[:, :, s.rows]], dim=2)
+                    values = torch.cat([kv[n, 1][None].to(dev), v[:, :, s.rows]], dim=2)
+                    out.append(attend(q[:, :, s.rows], keys, values, scale, mask=mask.to(dev)))
             self_kv.append(torch.stack([k[0], v[0]]).to(flat.device))
-            h = self_finish(layer, h, out)
+            h = self_finish(layer, h, torch.cat(out, dim=2) if len(out) > 1 else out[0])
         if not self_kv:  # the first cross-attention layer is layer 0: empty but shaped
             attn = self.text.layers[self.first].cross_attn
             return h, h.new_zeros((0, 2, attn.num_key_value_heads, len(flat), attn.head_dim))
         return h.to(flat.device), torch.stack(self_kv)
 
     def _first_cross_layer(self, h, feats, slots: list[_Slot], token_visible: list[torch.Tensor]):
-        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring: the rows'
-        projections and MLP over the whole batch (their weights read once); each prompt's visual K/V, attention and
-        scores on its own (thousands of tokens already keep a GEMM busy, and the batch's K/V in one tensor only
-        grows the working set), ROW_CHUNK rows at a time (a long prompt never holds (heads x rows x visual tokens)
-        probabilities). Padding tiles' tokens are left out: every row that sees an image masks them and a row that
-        sees none gets no output (Meta's reference), so they change nothing. Returns (h, and per prompt: per-head
-        scores (H, its tokens; 0 at padding), k, v (KVH, its valid tokens, hd))."""
+        """HF's cross-attention layer with eager attention, so the softmax is at hand for scoring, over the rows that
+        see an image (a blind row gets neither branch (Meta's reference) and casts no vote, so it passes unchanged):
+        the rows' projections and MLP over the whole batch (their weights read once); each prompt's visual K/V,
+        attention and scores on its own (thousands of tokens already keep a GEMM busy, and the batch's K/V in one
+        tensor only grows the working set), ROW_CHUNK rows at a time from its first image token (a long prompt never
+        holds (heads x rows x visual tokens) probabilities; the chunks, and so the scores' sums, do not depend on how
+        much of the prefix was cached). Padding tiles' tokens are left out: every row that sees an image masks them,
+        so they change nothing. Returns (h, and per prompt: per-head scores (H, its tokens; 0 at padding), k, v
+        (KVH, its valid tokens, hd))."""
         layer = self.text.layers[self.first]
         home, dev = h.device, module_device(layer)
         h = h.to(dev)
         attn = layer.cross_attn
-        q = cross_q(layer, h)[0]  # (H, rows, hd)
-        out, scores, ks, vs = torch.empty_like(q), [], [], []
+        seeing = torch.cat([torch.arange(s.seeing.start, s.seeing.stop) for s in slots]).to(dev)
+        x = h[:, seeing]
+        q = cross_q(layer, x)[0]  # (H, seeing rows, hd)
+        out, scores, ks, vs, a = torch.empty_like(q), [], [], [], 0
         for slot, f, visible in zip(slots, feats, token_visible):
+            rows = slice(a, a + slot.seeing.stop - slot.seeing.start)
+            a = rows.stop
             valid = slot.valid.to(f.device)
             k, v = cross_kv(layer, f[valid].to(dev))  # (KVH, its valid tokens, hd)
-            o, s = _attend_and_score(q[:, slot.rows], k, v, visible[:, valid].to(dev), slot.row_sees_image.to(dev),
-                                     attn.num_key_value_groups, attn.scaling)
-            out[:, slot.rows] = o
+            o, s = _attend_and_score(q[:, rows], k, v, visible[:, valid].to(dev), attn.num_key_value_groups,
+                                     attn.scaling)
+            out[:, rows] = o
             full = s.new_zeros((s.shape[0], visible.shape[1]))
             full[:, valid.to(s.device)] = s
             scores.append(full)
             ks.append(k.to(home))
             vs.append(v.to(home))
-        sees = torch.cat([s.row_sees_image for s in slots]).to(dev)
-        h = cross_finish(layer, h, out[None], sees[None])
+        h = h.clone()
+        h[:, seeing] = cross_finish(layer, x, out[None], torch.ones(len(seeing), dtype=torch.bool, device=dev)[None])
         return h.to(home), scores, ks, vs
 
 
-def _attend_and_score(q, k, v, token_visible, row_sees_image, groups: int, scaling: float):
-    """One prompt: q (H, S, hd) over k, v (KVH, V, hd) -> (attention output (H, S, hd), scores (H, V) float32)."""
+def _attend_and_score(q, k, v, token_visible, groups: int, scaling: float):
+    """One prompt's rows that see an image: q (H, S, hd) over k, v (KVH, V, hd) -> (attention output (H, S, hd),
+    scores (H, V) float32)."""
     kt, vg = k.repeat_interleave(groups, dim=0).transpose(1, 2), v.repeat_interleave(groups, dim=0)
-    # Rows that see no image attend to everything (their output is zeroed after: cross_finish), as in HF.
-    allowed = token_visible | ~row_sees_image[:, None]
     out, scores = torch.empty_like(q), None
     for r in range(0, q.shape[1], ROW_CHUNK):
         rows = slice(r, r + ROW_CHUNK)
-        bias = torch.zeros(allowed[rows].shape, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~allowed[rows], torch.finfo(q.dtype).min)
+        bias = torch.zeros(token_visible[rows].shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~token_visible[rows], torch.finfo(q.dtype).min)
         logits = q[:, rows] @ kt * scaling + bias  # (H, rows, V)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
         out[:, rows] = probs @ vg

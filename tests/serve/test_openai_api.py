@@ -311,6 +311,26 @@ def test_prefix_cache_through_the_api_cached_tokens_salt_and_reset(client, http)
     assert pages >= 1, pages
     assert ask("tenant-a")[2] == 0  # another salt shares nothing ...
     assert ask("tenant-a")[2] == again[2]  # ... with its own requests it does
+
+    # An image prompt behind the system prompt: the trimmer takes the system prompt's rows from its own cache and
+    # ships only the rest; the decoder, which holds them, gives the same answer.
+    def look(pixels: bytes, salt: str | None = None):
+        before = trimmer_hits()
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": system}, *user("which colour?", pixels)],
+            max_tokens=3, temperature=0, extra_body={"cache_salt": salt} if salt else None)
+        return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens, trimmer_hits() - before
+
+    def trimmer_hits() -> int:
+        return sum(c["hit_rows"] for c in http.get("/stats").json()["trimmer_prefix_cache"])
+
+    pixels = png(image(64, 64, 7))
+    first = look(pixels)
+    seen = look(pixels)
+    assert seen[0] == first[0] and seen[1] > 0 and seen[2] > 0, (first, seen)
+    assert look(pixels, "tenant-b")[1:] == (0, 0)  # another salt: neither stage shares
     reset = http.post("/reset_prefix_cache")
     assert reset.status_code == 200 and reset.json()["replicas"] >= 1, reset.text
+    assert reset.json()["trimmer_replicas"] >= 1 and reset.json()["trimmer_pages"] >= 1, reset.text
     assert ask() == (text, prompt_tokens, 0)
+    assert look(pixels)[::2] == (first[0], 0)  # the trimmer's cache was emptied (the decoder's holds ask()'s again)

@@ -2,6 +2,8 @@
 tokens with the cache equal its tokens without it, with chunked prefill, preemption and swap, n > 1, trimming on
 and off, two images and evictions forced by a small pool; cache salts separate."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from pipeline.engine.llm_engine import LLMEngine
 from pipeline.engine.prefix_cache import PrefixCache, page_hashes
 from pipeline.engine.sampling import SamplingParams
 from pipeline.model.inputs import prepare_prompt
+from pipeline.model.trimmer import Trimmer
+from pipeline.model.trimmer_cache import TrimmerPrefixCache
+from pipeline.orchestration import trimmer_input
 from pipeline.types import DecodeRequest
 
 SYSTEM = "You answer questions about pictures. Be brief, be exact, and say when you are unsure. " * 3
@@ -147,3 +152,101 @@ def test_cache_salt_separates(tiny_pipeline, requests):
     assert engine.kv.prefix.hit_tokens > 0
     engine.reset_prefix_cache()
     assert cached("alice") == 0
+
+
+# ---- the trimmer's prefix cache: it computes and ships only the rows after its cached pages
+
+
+@pytest.fixture(scope="module")
+def trimmer_inputs(tiny_pipeline, imgs):
+    """Trimmer inputs (prompt, features, trim config) behind the shared system prompt: one image untrimmed, two
+    images trimmed, another image elastic; and each one's decode request from a trimmer with no cache."""
+    pipe, cfg = tiny_pipeline, tiny_pipeline.loaded.cfg
+    out = []
+    for question, names, trim in (("what colour is it", ["1tile"], TrimConfig(policy="none")),
+                                  ("which is larger", ["1tile", "2tile"], TrimConfig(k_ratio=0.15)),
+                                  ("where is it", ["4tile"], TrimConfig(policy="elastic", pressure=0.7))):
+        prepared = prepare_prompt(pipe.loaded.processor, _messages(question, len(names)), [imgs[n] for n in names],
+                                  cfg.max_images, cfg.max_prompt_tokens)
+        out.append((trimmer_input(prepared), pipe.encoder.encode(prepared), trim))
+    return out, [Trimmer(pipe.loaded).trim(p, v, t) for p, v, t in out]
+
+
+def _cached_trimmer(loaded, max_bytes: int = 2**30) -> Trimmer:
+    return Trimmer(loaded, prefix_cache=TrimmerPrefixCache(max_bytes, block_size=4, model_id="tiny"))
+
+
+def test_trimmer_cache_ships_only_the_new_rows_and_keeps_the_same_tokens(tiny_pipeline, trimmer_inputs):
+    """The second prompt behind a cached system prompt: the trimmer computes only the rows after the cached pages
+    (in one batch and alone), keeps exactly the tokens an uncached trimmer keeps, and its hidden rows and K/V are
+    the uncached ones' from `start` on; the hand-off carries `start`."""
+    inputs, expected = trimmer_inputs
+    trimmer = _cached_trimmer(tiny_pipeline.loaded)
+    first = trimmer.trim(*inputs[0])
+    assert first.resume.start == 0 and trimmer.rows_computed == first.prompt_len
+    rows = trimmer.rows_computed
+    later = trimmer.trim_batch(*map(list, zip(*inputs[1:])))
+    for got, want in zip([first, *later], expected):
+        start = got.resume.start
+        assert start == (0 if got is first else want.image.prefix_len // 4 * 4)
+        assert torch.equal(got.image.kept_positions, want.image.kept_positions)
+        torch.testing.assert_close(got.resume.hidden, want.resume.hidden[start:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.resume.self_kv, want.resume.self_kv[..., start:, :], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.resume.cross.kv, want.resume.cross.kv, atol=1e-5, rtol=0)
+        assert DecodeRequest.from_payload(got.to_payload()).resume.start == start
+    assert trimmer.rows_computed - rows == sum(r.prompt_len - r.resume.start for r in later)
+    assert trimmer.prefix_cache.stats()["hit_rows"] == sum(r.resume.start for r in later)
+    # Another salt shares nothing.
+    salted = dataclasses.replace(inputs[1][0], cache_salt="tenant-b")
+    assert trimmer.trim(salted, *inputs[1][1:]).resume.start == 0
+
+
+def test_trimmer_cache_evicts_least_recently_used_tail_first():
+    cache = TrimmerPrefixCache(max_bytes=3 * 2 * 4, block_size=1, model_id="m")  # three pages of 2 floats
+    kv = torch.arange(8.0).reshape(1, 1, 1, 4, 2)  # (layers, 2 -> 1 here, KVH, rows, hd)
+    chain = cache.hashes([1, 2, 3, 4], 4, None)
+    cache.put(chain, kv)
+    assert len(cache.pages) == 3 and cache.evictions == 1
+    assert len(cache.match(chain)) == 3  # the chain's tail went, its head stays
+    cache.put(cache.hashes([9, 9], 2, None), kv[..., :2, :])  # two new pages: the old chain's least recent go
+    assert len(cache.match(chain)) == 1 and cache.bytes <= cache.max_bytes
+
+
+def test_decoder_fills_rows_the_trimmer_left_out_exactly(tiny_pipeline, trimmer_inputs):
+    """Requests whose resume state starts after the trimmer's cached rows, against the same requests trimmed without
+    a cache, all on a cache-off engine: equal tokens (greedy, seeded n = 2, with chunked prefill) when the decoder
+    has no cached page (it runs the missing blind rows from the first layer, as text), when it has them, and in a
+    pool small enough to preempt and swap; prompt log-probabilities too."""
+    inputs, expected_requests = trimmer_inputs
+    loaded = tiny_pipeline.loaded
+    trimmer = _cached_trimmer(loaded)
+    trimmer.trim(*inputs[0])
+    requests = [expected_requests[0]] + trimmer.trim_batch(*map(list, zip(*inputs[1:])))
+    assert [r.resume.start > 0 for r in requests] == [False, True, True]
+    params = [SamplingParams(max_tokens=6), SEEDED, SamplingParams(max_tokens=6, ignore_eos=True)]
+    cfg = EngineConfig(block_size=4, step_token_budget=16)
+    (expected,) = _run(LLMEngine(loaded, cfg.model_copy(update={"prefix_caching": False})), expected_requests,
+                       params, rounds=1)
+    cold = LLMEngine(loaded, cfg.model_copy(update={"prefix_caching": False}))
+    assert _tokens(cold.generate(requests, params)) == _tokens(expected)
+    assert cold.stats().prompt_rows_computed == sum(r.prompt_len for r in requests)  # every row, some as text
+    warm = LLMEngine(loaded, cfg)
+    for seqs in _run(warm, requests[::-1], params[::-1]):  # the last request first: its rows run as text, then cached
+        assert _tokens(seqs) == _tokens(expected)[::-1]
+    assert warm.kv.prefix.hit_tokens > 0
+    # A pool holding the prompts and half their growth: preemption and swap while the text-run rows are in pages.
+    probe = LLMEngine(loaded, EngineConfig(block_size=4, kv_budget_bytes=2**20)).kv
+    prompts = sum(probe.pages_needed(r.prompt_len, r.num_kept) for r in requests)
+    growth = sum(probe.pages_needed(r.prompt_len + 12, r.num_kept) for r in requests) - prompts
+    small = LLMEngine(loaded, cfg.model_copy(update={
+        "kv_budget_bytes": (prompts + growth // 4) * probe.blocks.page_bytes, "kv_watermark": 0.0}))
+    greedy = [SamplingParams(max_tokens=12, ignore_eos=True)] * 3
+    (expected,) = _run(LLMEngine(loaded, cfg), expected_requests, greedy, rounds=1)
+    assert _tokens(small.generate(requests, greedy)) == _tokens(expected)
+    assert small.scheduler.preemptions > 0, f"sheds {small.scheduler.sheds}"
+    # Prompt log-probabilities: every row scored, the text-run ones too.
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    (want,), (got,) = (LLMEngine(loaded, cfg).generate([r], scored) for r in (expected_requests[1], requests[1]))
+    assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == requests[1].prompt_len - 1
+    for a, b in zip(got.prompt_logprobs, want.prompt_logprobs):
+        assert (a is None) == (b is None) and (a is None or abs(a.logprob - b.logprob) < 1e-4)
