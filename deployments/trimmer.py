@@ -25,10 +25,10 @@ from .settings import TrimmerSettings
 class TrimmerDeployment:
     def __init__(self, model: ModelConfig, trim: TrimConfig, ship: str = "kv", prefix_cache_mib: int = 0,
                  block_size: int = 16):
-        """prefix_cache_mib: the trimmer's prefix cache (0: none), in pages of block_size rows (the decoder's, so
+        """prefix_cache_mib: the trimmer's prefix cache (0: none), paged as a decoder engine of block_size pages (so
         both name a page alike)."""
         loaded = load_model(model, parts=("trim",))
-        self.stage = Trimmer(loaded, trim, TrimmerPrefixCache.sized(prefix_cache_mib, block_size, loaded.cache_id))
+        self.stage = Trimmer(loaded, trim, TrimmerPrefixCache.sized(prefix_cache_mib, block_size, loaded))
         self.ship = ship
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.visual_tokens = Counter("crosstrim_visual_tokens", description="Visual tokens seen by the trimmer")

@@ -138,8 +138,7 @@ class TrimStage:
         _threads_for(cfg.trimmer)
         self.loaded = load_model(cfg.model, parts=("trim",))
         mib = cfg.trimmer_prefix_cache_mib if cfg.engine.prefix_caching else 0
-        self.trimmer = Trimmer(self.loaded, cfg.trim, TrimmerPrefixCache.sized(mib, cfg.engine.block_size,
-                                                                               self.loaded.cache_id))
+        self.trimmer = Trimmer(self.loaded, cfg.trim, TrimmerPrefixCache.sized(mib, cfg.engine.block_size, self.loaded))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = [batch.column(c).to_pylist() for c in ("id", "error", "state")]

@@ -153,7 +153,7 @@ def run(args) -> int:
         for side in ("off", "on"):
             engine = LLMEngine(pipe.loaded, cfg.model_copy(update={"prefix_caching": side == "on"}))
             cache = TrimmerPrefixCache.sized(args.trimmer_cache_mib if side == "on" else 0, cfg.block_size,
-                                             pipe.loaded.cache_id)
+                                             pipe.loaded)
             sides[side] = drive(engine, Trimmer(pipe.loaded, TrimConfig(), cache), items, params, concurrency)
         result["workloads"][name] = compare(items, info, sides)
     shared = result["workloads"]["shared_system"]

@@ -38,6 +38,31 @@ class Arena:
     self_view: torch.Tensor  # (slots, self_rows, 2, KVH, hd)
 
 
+# Flash attention 2's paged path (what varlen_attn calls with a block table) takes pages of a multiple of 256
+# tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
+CUDA_PAGE = 256
+
+
+def page_layout(block_size: int, device) -> tuple[int, str]:
+    """The configured page size and cross layout for a device: CUDA's "page" layout rounds to CUDA_PAGE."""
+    if torch.device(device).type == "cuda":
+        return -(-block_size // CUDA_PAGE) * CUDA_PAGE, "page"
+    return block_size, "run"
+
+
+def whole_cross_tokens(block_size: int, num_layers: int, cross_layers: list[int]) -> int:
+    """block_size rounded up so that a page holds a whole number of cross tokens (n_self / n_cross as many)."""
+    ns, nc = max(num_layers - len(cross_layers), 1), max(len(cross_layers), 1)
+    step = nc // gcd(ns, nc)
+    return -(-block_size // step) * step
+
+
+def self_page_tokens(block_size: int, num_layers: int, cross_layers: list[int], device) -> int:
+    """Self-attention tokens an engine's page holds for a configured block_size on a device. The prefix caches
+    page by it, so the trimmer's cached rows end where the decoder's do."""
+    return whole_cross_tokens(page_layout(block_size, device)[0], num_layers, cross_layers)
+
+
 class ArenaLayout:
     def __init__(self, budget_bytes: int, num_layers: int, cross_layers: list[int], kv_heads: int, head_dim: int,
                  dtype: torch.dtype, devices: list, block_size: int, cross_layout: str, placement: list[int]):
@@ -51,8 +76,7 @@ class ArenaLayout:
             self.kv_layer.update({layer: n for n, layer in enumerate(idx)})
         self.kv_heads, self.head_dim, self.itemsize = kv_heads, head_dim, dtype.itemsize
         ns, nc = max(self.num_self, 1), max(self.num_cross, 1)
-        step = nc // gcd(ns, nc)  # the page holds a whole number of cross tokens
-        self.block_size = -(-block_size // step) * step  # self tokens a page
+        self.block_size = whole_cross_tokens(block_size, num_layers, cross_layers)  # self tokens a page
         self.cross_block_size = self.block_size * ns // nc  # cross tokens a page
         self.token_elems = 2 * kv_heads * head_dim  # one token's K and V in one layer
         # Per arena: token-rows P a page, a multiple of both page sizes covering its self and its cross layers.

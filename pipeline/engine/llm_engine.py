@@ -13,6 +13,7 @@ import uuid
 import torch
 
 from pipeline.config import EngineConfig
+from pipeline.engine.arena import page_layout
 from pipeline.engine.cuda_graphs import DecodeGraphs, image_tokens
 from pipeline.engine.kv_cache import KVCache
 from pipeline.engine.model_runner import ModelRunner
@@ -27,9 +28,6 @@ from pipeline.engine.token_mask import allocate_bitmask
 from pipeline.model.loaded import LoadedModel
 from pipeline.types import DecodeRequest, RequestOutput
 
-# Flash attention 2's paged path (what varlen_attn calls with a block table) takes pages of a multiple of 256
-# tokens; on CUDA the self page is rounded up to it (the cross page is n_self / n_cross times as large).
-CUDA_PAGE = 256
 log = logging.getLogger(__name__)
 
 
@@ -38,9 +36,7 @@ class LLMEngine:
         self.loaded = loaded
         self.cfg = cfg or EngineConfig()
         tc = loaded.text_config
-        block_size, layout = self.cfg.block_size, "run"
-        if torch.device(loaded.device).type == "cuda":
-            block_size, layout = -(-block_size // CUDA_PAGE) * CUDA_PAGE, "page"
+        block_size, layout = page_layout(self.cfg.block_size, loaded.device)
         self.kv = KVCache(
             self.cfg.kv_budget_bytes, tc.num_hidden_layers, loaded.cross_layers, tc.num_key_value_heads,
             tc.hidden_size // tc.num_attention_heads, loaded.dtype, loaded.device, block_size, layout,

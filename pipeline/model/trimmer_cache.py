@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 import torch
 
+from pipeline.engine.arena import self_page_tokens
 from pipeline.prefix_hash import namespace, page_hashes
 
 
@@ -71,9 +72,14 @@ class TrimmerPrefixCache:
         return n
 
     @classmethod
-    def sized(cls, mib: int, block_size: int, cache_id: str) -> "TrimmerPrefixCache | None":
-        """A cache of `mib` MiB keyed like the decoder's (its page size, LoadedModel.cache_id); None for 0."""
-        return cls(mib * 2**20, block_size, cache_id) if mib else None
+    def sized(cls, mib: int, block_size: int, loaded) -> "TrimmerPrefixCache | None":
+        """A cache of `mib` MiB paged and keyed as a decoder engine over the same model pages and keys its own
+        (the configured block_size as its layout rounds it, LoadedModel.cache_id); None for 0."""
+        if not mib:
+            return None
+        tokens = self_page_tokens(block_size, loaded.text_config.num_hidden_layers, loaded.cross_layers,
+                                  loaded.device)
+        return cls(mib * 2**20, tokens, loaded.cache_id)
 
     def stats(self) -> dict:
         return {"cached_pages": len(self.pages), "cached_bytes": self.bytes, "queried_rows": self.queried_rows,

@@ -173,6 +173,9 @@ def trimmer_inputs(tiny_pipeline, imgs):
 
 
 def _cached_trimmer(loaded, max_bytes: int = 2**30) -> Trimmer:
+    """Pages of 4 rows where the engines below page by 6 (EngineConfig(block_size=4) as this model's layout rounds
+    it; TrimmerPrefixCache.sized would match them): a decoder's cached rows may end before the trimmer's start, and
+    it runs the rows between as text."""
     return Trimmer(loaded, prefix_cache=TrimmerPrefixCache(max_bytes, block_size=4, model_id="tiny"))
 
 
@@ -250,3 +253,13 @@ def test_decoder_fills_rows_the_trimmer_left_out_exactly(tiny_pipeline, trimmer_
     assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == requests[1].prompt_len - 1
     for a, b in zip(got.prompt_logprobs, want.prompt_logprobs):
         assert (a is None) == (b is None) and (a is None or abs(a.logprob - b.logprob) < 1e-4)
+
+
+def test_trimmer_cache_pages_as_the_decoder_does(tiny_pipeline):
+    """Serve's and the batch job's trimmer cache pages by the decoder engine's page (its layout rounds the configured
+    block_size), so its cached rows end where the decoder's do and the decoder never runs a gap as text."""
+    loaded = tiny_pipeline.loaded
+    for block_size in (4, 16, 17):
+        engine = LLMEngine(loaded, EngineConfig(block_size=block_size, kv_budget_bytes=2**20))
+        assert TrimmerPrefixCache.sized(1, block_size, loaded).block_size == engine.kv.block_size
+    assert TrimmerPrefixCache.sized(0, 16, loaded) is None
