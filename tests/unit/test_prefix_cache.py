@@ -202,6 +202,14 @@ def test_trimmer_cache_ships_only_the_new_rows_and_keeps_the_same_tokens(tiny_pi
     # Another salt shares nothing.
     salted = dataclasses.replace(inputs[1][0], cache_salt="tenant-b")
     assert trimmer.trim(salted, *inputs[1][1:]).resume.start == 0
+    # A cache of three pages keeps the chain's head (its tail is evicted first): the next trim starts after it.
+    page = trimmer.prefix_cache.bytes // len(trimmer.prefix_cache.pages)
+    small = _cached_trimmer(tiny_pipeline.loaded, max_bytes=3 * page)
+    small.trim(*inputs[0])
+    got = small.trim(*inputs[1])
+    assert small.prefix_cache.evictions > 0 and got.resume.start == 12
+    assert torch.equal(got.image.kept_positions, expected[1].image.kept_positions)
+    torch.testing.assert_close(got.resume.hidden, expected[1].resume.hidden[12:], atol=1e-5, rtol=0)
 
 
 def test_trimmer_cache_evicts_least_recently_used_tail_first():
