@@ -65,7 +65,8 @@ def tile_tokens(loaded) -> int:
 
 # Fits of scripts/calibrate_step_cost.py on the development machine (1 thread, fp32); the command and its output
 # are in BENCHMARKS.md "Elastic trimming". demo: the demo model's own steps (what `bench elastic` runs); bench:
-# preset:bench's (142 M text parameters, 1,025-token tiles), a demo request's tiles standing for as many of its.
+# preset:bench's (142 M text parameters, 1,025-token tiles), a demo request's tiles standing for as many of its;
+# the default of `bench elastic`, since the demo's step is host work that its kept tokens barely change.
 CALIBRATED = {
     "demo": (StepCost(5.79564, 0.04341, 0.11075, 0.00317, 0.02578), "bundled:tiny-mllama-vqa, 2026-12-07"),
     "bench": (StepCost(60.98726, 3.31694, 10.99853, 0.54196, 4.46384), "preset:bench (2x2 tiles), 2026-12-07"),
