@@ -37,7 +37,7 @@ class TrimConfig(_Strict):
     # elastic (docs/elastic.md): per image exactly ceil(f * tokens), as `target`, with f following the decoder pool's
     # KV pressure p: ceiling_fraction while p <= pressure_low, floor_fraction once p >= pressure_high, linear between;
     # a running sequence may later be shed down to its floor when the engine runs out of pages.
-    floor_fraction: float = Field(0.21, gt=0.0, le=1.0)
+    floor_fraction: float = Field(0.3, gt=0.0, le=1.0)  # where the demo model's accuracy curve bends (BENCHMARKS)
     ceiling_fraction: float = Field(1.0, gt=0.0, le=1.0)
     pressure_low: float = Field(0.5, ge=0.0, le=1.0)
     pressure_high: float = Field(0.9, ge=0.0, le=1.0)

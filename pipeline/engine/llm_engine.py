@@ -2,8 +2,7 @@
 
 `step_tokens()` only schedules, runs the model and samples; text (detokenizing, stop strings, deltas) is the output
 processor's (output_processor.py), which `step()` runs after it for synchronous callers and which
-`pipeline.engine.async_engine.AsyncLLMEngine` runs per stream, off its step thread. Neither knows Ray Serve.
-"""
+`pipeline.engine.async_engine.AsyncLLMEngine` runs per stream, off its step thread. Neither knows Ray Serve."""
 
 import logging
 import threading
@@ -23,6 +22,7 @@ from pipeline.engine.sampling import SamplingParams
 from pipeline.engine.scheduler import PrefillChunk, Scheduler
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.stats import EngineStats, kv_pressure
+from pipeline.engine.step_work import StepWork
 from pipeline.engine.structured import GrammarCache, apply_bitmask
 from pipeline.engine.token_mask import allocate_bitmask
 from pipeline.model.loaded import LoadedModel
@@ -61,7 +61,7 @@ class LLMEngine:
         self._grammars_lock = threading.Lock()
         self.tokens_generated = self.steps = self.last_batch_size = self.decode_steps = self.decode_rows = 0
         self.prompt_rows = 0  # prompt rows prefilled (computed, not taken from the prefix cache)
-        self.last_step_ms = 0.0
+        self.last_step_ms, self.last_work = 0.0, StepWork()  # the last step's time; its rows and kept-token reads
 
     def set_limits(self, max_running: int, max_waiting: int) -> None:
         """New admission limits from the next step on (the step thread reads one config object or the other);
@@ -197,7 +197,7 @@ class LLMEngine:
         finish_reason "error")."""
         t0 = time.perf_counter()
         outputs, rows, logits = [], [], []  # rows to sample, and their logits in parts (rows_i, V)
-        plan = self.scheduler.schedule()
+        self.last_work = StepWork.of(plan := self.scheduler.schedule())  # what a simulated clock charges
         if plan.prefill:
             self.prompt_rows += sum(c.end - c.start for c in plan.prefill)
             outputs += self._prefill(plan.prefill, rows, logits)

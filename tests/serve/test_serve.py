@@ -305,10 +305,10 @@ def test_elastic_fraction_follows_the_pools_pressure_and_sheds_instead_of_swappi
     """Elastic trimming through Serve (docs/elastic.md): 16 elastic requests trimmed while the pool is empty keep
     every visual token (the ceiling); as their answers grow the pool's pressure rises, and requests trimmed then keep
     less (the fraction the trimmer chose, read from each response's `trim`); when the pool runs out the decoder sheds
-    running sequences' tail cross pages to their floor instead of preempting them (16 answers of 480 tokens about
-    a two-tile picture fit only below the ceiling: 29 self pages and 5 cross pages each at the ceiling, 1 at the
-    floor, 485 pages in the pool of configs/local.yaml's model and budget; arrivals spread over the first ~100
-    steps still need sheds)."""
+    running sequences' tail cross pages to their floor instead of preempting them (16 answers of 464 tokens about
+    a two-tile picture fit only below the ceiling: 28 self pages and 5 cross pages each at the ceiling, 2 at the
+    floor of 0.3, 485 pages in the pool of configs/local.yaml's model and budget; arrivals spread over the first
+    ~100 steps still need sheds)."""
     trim = serve_app.config["applications"][0]["args"]["trim"]
     before = decoder_stats(http)
     urls = [data_url(images[k]) for k in ("batch", "exact")]  # 100 x 40: two tiles, 130 visual tokens
@@ -319,7 +319,7 @@ def test_elastic_fraction_follows_the_pools_pressure_and_sheds_instead_of_swappi
 
     async def run():
         async with httpx.AsyncClient(base_url=serve_app.url, timeout=httpx.Timeout(60, read=None)) as c:
-            growing = asyncio.gather(*(c.post("/v1/chat/completions", json=body(i, 480)) for i in range(16)))
+            growing = asyncio.gather(*(c.post("/v1/chat/completions", json=body(i, 464)) for i in range(16)))
             work = asyncio.ensure_future(while_decoding(growing, http))
             pressed = await asyncio.to_thread(wait_for, lambda: decoder_stats(http)["kv_pressure"] >= 0.65, 600,
                                               "the pool's KV pressure above 0.65")

@@ -255,4 +255,6 @@ def test_bench_elastic_writes_its_results(tmp_path):
                                                                           "elastic") for ld in (1.0, 4.0)}
     for r in rows:
         assert {"setting", "load", "accuracy", "goodput", "ttft_p99_s", "refused", "preempted", "shed"} <= set(r)
-    assert fig.stat().st_size > 0 and set(result["verdict"]) >= {"not_dominated_at_load"}
+    assert fig.stat().st_size > 0 and set(result["verdict"]) >= {"not_dominated_at_load", "elastic_minus_fixed",
+                                                                   "coincides_with_at_load"}
+    assert result["step_cost"]["base_ms"] > 0 and str(result["slo_ttft_s"]) in result["verdict_at_slo"]
