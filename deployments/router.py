@@ -36,19 +36,30 @@ def rank_by_free_kv(candidates: list, ongoing: dict, prompt: tuple[list[int], st
     return sorted(candidates, key=score, reverse=True)
 
 
-class KVBudgetRouter(FIFOMixin, RequestRouter):
-    """Replicas report {"kv_free_bytes", "requests", "capacity", "avg_request_kv_bytes"} from
-    `record_routing_stats` every `request_routing_stats_period_s`; between reports a replica is discounted by the
-    requests it holds beyond the reported ones (Serve's queue-length cache), so a burst spreads instead of piling
-    onto the replica that looked emptiest at the last report."""
+class RankingRouter(FIFOMixin, RequestRouter):
+    """A request router that ranks the candidates (`rank`), given each one's requests in flight (Serve's
+    queue-length cache), and offers them one per rank: Serve tries them in order, skipping any at
+    max_ongoing_requests."""
+
+    def rank(self, candidates: list[RunningReplica], ongoing: dict, pending: PendingRequest | None) -> list:
+        raise NotImplementedError
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         cache = self.replica_queue_len_cache
         ongoing = {r.replica_id: cache.get(r.replica_id) or 0 for r in candidate_replicas}
-        # One replica per rank: Serve tries them in order, skipping any at max_ongoing_requests.
-        return [[r] for r in rank_by_free_kv(candidate_replicas, ongoing, prompt_of(pending_request))]
+        return [[r] for r in self.rank(candidate_replicas, ongoing, pending_request)]
+
+
+class KVBudgetRouter(RankingRouter):
+    """Replicas report {"kv_free_bytes", "requests", "capacity", "avg_request_kv_bytes"} from
+    `record_routing_stats` every `request_routing_stats_period_s`; between reports a replica is discounted by the
+    requests it holds beyond the reported ones (Serve's queue-length cache), so a burst spreads instead of piling
+    onto the replica that looked emptiest at the last report."""
+
+    def rank(self, candidates, ongoing, pending):
+        return rank_by_free_kv(candidates, ongoing, prompt_of(pending))
 
 
 def prompt_of(pending: PendingRequest | None) -> tuple[list[int], str | None] | None:

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.metrics import Counter
 
 from pipeline.config import ModelConfig, TrimConfig
@@ -21,7 +22,15 @@ from .handoff import Handoff
 from .settings import TrimmerSettings
 
 
-@serve.deployment(name="Trimmer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+@serve.deployment(
+    name="Trimmer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16,
+    # A request goes to the replica holding its system prompt's rows (deployments/trimmer_router.py).
+    request_router_config=RequestRouterConfig(
+        request_router_class="deployments.trimmer_router:TrimmerPrefixRouter",
+        request_routing_stats_period_s=1.0,
+        request_routing_stats_timeout_s=1.0,
+    ),
+)
 class TrimmerDeployment:
     def __init__(self, model: ModelConfig, trim: TrimConfig, ship: str = "kv", prefix_cache_mib: int = 0,
                  block_size: int = 16):
@@ -62,7 +71,8 @@ class TrimmerDeployment:
         """What /stats reads from every replica (Serve's per-replica hook, as the decoder pool uses it)."""
         cache = self.stage.prefix_cache
         return {"batches": self.batch_stats(),
-                "prefix_cache": None if cache is None else cache.stats() | {"rows_computed": self.stage.rows_computed}}
+                "prefix_cache": None if cache is None else cache.stats() | {"rows_computed": self.stage.rows_computed},
+                "prefix": None if cache is None else cache.digest()}  # read by TrimmerPrefixRouter
 
     async def reset_prefix_cache(self) -> int:
         """Forget the prefix cache (POST /reset_prefix_cache fans this out), between trims: its pages."""

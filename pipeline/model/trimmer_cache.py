@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 
 from pipeline.engine.arena import self_page_tokens
-from pipeline.prefix_hash import namespace, page_hashes
+from pipeline.prefix_hash import namespace, page_hashes, route_key
 
 
 class TrimmerPrefixCache:
@@ -80,6 +80,13 @@ class TrimmerPrefixCache:
         tokens = self_page_tokens(block_size, loaded.text_config.num_hidden_layers, loaded.cross_layers,
                                   loaded.device)
         return cls(mib * 2**20, tokens, loaded.cache_id)
+
+    def digest(self) -> dict:
+        """What the trimmer pool's router needs to tell whether this cache holds a request's prefix, in the decoder
+        cache's form (PrefixCache.digest): the page size, the model, each cached page's route key (list() of the
+        dict's bytes keys runs without a switch of threads: safe beside a trim in another thread)."""
+        return {"block_size": self.block_size, "model_id": self.model_id,
+                "pages": [route_key(h) for h in list(self.pages)]}
 
     def stats(self) -> dict:
         return {"cached_pages": len(self.pages), "cached_bytes": self.bytes, "queried_rows": self.queried_rows,

@@ -5,6 +5,7 @@ import asyncio
 import io
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -511,6 +512,42 @@ def test_ship_features_matches_in_process(serve_app, http, oracle, images):
     hidden = oracle.loaded.text_config.hidden_size
     assert t["shipped_cross_bytes"] == t["kept_tokens"] * hidden * 4  # float32 features
     assert t["shipped_cross_bytes"] < t["cross_kv_bytes"]  # what kv mode ships for the same tokens
+
+
+@pytest.mark.slow  # docs/testing.md (it also costs the next default-config test a redeploy)
+@pytest.mark.serve_in_place
+def test_trimmer_router_sends_a_shared_system_prompt_to_the_replica_holding_it(serve_app, http):
+    """Scale the Trimmer to 2 replicas in place; image requests behind one system prompt: after the first, 6 at once
+    all go to the replica whose prefix cache holds the prompt (TrimmerPrefixRouter: within a batch of the least busy)
+    and hit it; the other replica trims nothing (Serve's power-of-two router spreads such a burst)."""
+    from ray import serve
+
+    config = serve_app.session.config(deployments={"Trimmer": {"num_replicas": 2,
+                                                                "ray_actor_options": {"num_cpus": 0.25}}})
+    serve_app.session.deploy_in_place(config)
+
+    def both_running():
+        pool = serve.status().applications[APP].deployments["Trimmer"]
+        caches = http.get("/stats").json()["trimmer_prefix_cache"]
+        return pool.replica_states.get("RUNNING", 0) == 2 and pool.status == "HEALTHY" and len(caches) == 2
+
+    wait_for(both_running, 600, "two Trimmer replicas running and reporting", interval=1.0)
+    http.post("/reset_prefix_cache").raise_for_status()
+    system = {"role": "system", "content": "You describe pictures of shapes, one cell at a time. " * 12}
+
+    def ask(i: int) -> None:
+        body = chat("which colour?", data_url(png(image(64, 64, 40 + i))), max_tokens=2)
+        r = http.post("/v1/chat/completions", json=body | {"messages": [system, *body["messages"]]})
+        assert r.status_code == 200, r.text
+
+    ask(0)
+    time.sleep(2.5)  # two routing-stats periods: the router has the holder's digest
+    with ThreadPoolExecutor(6) as pool:  # at once: a router by queue length alone would spread them
+        list(pool.map(ask, range(1, 7)))
+    caches = sorted(http.get("/stats").json()["trimmer_prefix_cache"], key=lambda c: c["rows_computed"])
+    idle, holder = caches
+    assert idle["rows_computed"] == 0 and idle["queried_rows"] == 0, caches
+    assert holder["hit_rows"] >= 6 * 16 and holder["cached_pages"] > 0, caches
 
 
 @pytest.mark.slow  # docs/testing.md (it also costs the next default-config test a redeploy: ~70 s in all)

@@ -304,3 +304,24 @@ def test_the_ingress_hands_the_place_over_at_queued():
         assert [p.handed_at is not None for p in places] == [True, True, False]
 
     asyncio.run(run())
+
+
+def test_trimmer_router_prefers_the_replica_holding_the_prefix_within_a_batch_of_the_least_busy():
+    from deployments.trimmer_router import SLACK, rank_by_prefix
+    from pipeline.model.trimmer_cache import TrimmerPrefixCache
+
+    system, question = list(range(100, 164)), [7, 8, 9]
+    cache = TrimmerPrefixCache(2**20, block_size=16, model_id="m")
+    cache.put(cache.hashes(system, len(system), None), torch.zeros(1, 2, 1, len(system), 4))  # a holds it
+    assert len(cache.digest()["pages"]) == 4
+
+    def replica(rid, digest=None):
+        return SimpleNamespace(replica_id=rid, routing_stats={"prefix": digest} if digest else {})
+
+    a, b = replica("a", cache.digest()), replica("b", TrimmerPrefixCache(2**20, 16, "m").digest())
+    order = lambda prompt, ongoing, *rs: [r.replica_id for r in rank_by_prefix(list(rs), ongoing, prompt)]  # noqa: E731
+    assert order((system + question, None), {"a": 3, "b": 0}, b, a) == ["a", "b"]  # a holds it, busier
+    assert order((system + question, None), {"a": SLACK + 1, "b": 0}, b, a) == ["b", "a"]  # too much busier
+    assert order((system + question, "salted"), {"a": 1, "b": 0}, b, a) == ["b", "a"]  # another salt: least busy
+    assert order(([1] * 67, None), {"a": 0, "b": 2}, b, a) == ["a", "b"]  # another prefix: least busy
+    assert order(None, {"a": 2, "b": 0}, replica("a"), b) == ["b", "a"]  # not a trim call (no report yet)
