@@ -301,6 +301,7 @@ def test_48_long_requests_all_succeed_and_run_16_at_once(serve_app, http, images
     assert stats["kv_used_bytes"] == stats["kv_written_bytes"] == 0 and stats["running"] == stats["swapped"] == 0
 
 
+@pytest.mark.slow  # docs/testing.md: ~45 s of the default suite's 12-minute budget
 def test_elastic_fraction_follows_the_pools_pressure_and_sheds_instead_of_swapping(serve_app, http, images):
     """Elastic trimming through Serve (docs/elastic.md): 16 elastic requests trimmed while the pool is empty keep
     every visual token (the ceiling); as their answers grow the pool's pressure rises, and requests trimmed then keep
