@@ -23,6 +23,11 @@ class PreparedPrompt:
     def num_images(self) -> int:
         return 0 if self.pixel_values is None else self.pixel_values.shape[1]
 
+    @property
+    def blind_prefix(self) -> int:
+        """Rows before the first image token (they see no image): what the prefix caches may hold of the prompt."""
+        return int(self.cross_attention_mask.bool().flatten(1).any(dim=1).long().argmax())
+
     def token_valid(self, tokens_per_tile: int) -> torch.Tensor:
         """(images, tiles * tokens_per_tile) bool: False for the tokens of padding tiles."""
         return self.aspect_ratio_mask[0].bool().repeat_interleave(tokens_per_tile, dim=1)

@@ -64,8 +64,7 @@ def shared_system(pipe, args) -> tuple[list, dict]:
         t0 = time.perf_counter()
         items.append((trimmer_input(prepared), pipe.encoder.encode(prepared)))
         encode_s += time.perf_counter() - t0
-        sees = prepared.cross_attention_mask.bool().flatten(1).any(dim=1)
-        shared.append(int(sees.long().argmax()))  # its blind prefix: the rows before the image
+        shared.append(prepared.blind_prefix)  # the rows before the image
     return items, {"stage_s": encode_s, "shared_rows": shared}
 
 

@@ -62,9 +62,8 @@ def _slots(prompts: list[PreparedPrompt], visuals: list[VisualFeatures], starts:
                              f"{tuple(visual.token_valid.shape)}: (images, tokens) must be the same")
         tiles = prompt.cross_attention_mask.shape[-1]
         row_visibility = prompt.cross_attention_mask.to(dev).bool().any(dim=2)
-        sees = row_visibility.any(dim=1)
-        prefix = int(sees.long().argmax())  # rows after the first image token all see an image
-        assert bool(sees[prefix:].all()), "a row after the first image token sees no image"
+        prefix = prompt.blind_prefix
+        assert bool(row_visibility.any(dim=1)[prefix:].all()), "a row after the first image token sees no image"
         assert start <= prefix, "only blind-prefix rows are cached"
         s = len(prompt.input_ids)
         valid = visual.token_valid.to(dev).reshape(-1).nonzero().squeeze(1)
@@ -199,8 +198,7 @@ class Trimmer:
             return [[] for _ in prompts], [None for _ in prompts]
         hashes, past = [], []
         for p in prompts:
-            sees = p.cross_attention_mask.bool().flatten(1).any(dim=1)
-            chain = cache.hashes(p.input_ids.tolist(), int(sees.long().argmax()), p.cache_salt)
+            chain = cache.hashes(p.input_ids.tolist(), p.blind_prefix, p.cache_salt)
             pages = cache.match(chain)
             cache.count(len(chain) * cache.block_size, len(pages) * cache.block_size)
             hashes.append(chain)
